@@ -1,0 +1,145 @@
+"""Command line: `seriatim generate`, `seriatim chat`, `seriatim models`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Iterator
+
+from .outputs import Delta, RequestMetrics
+from .registry import DEFAULT_MODEL, REGISTRY, installed_path
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, .gguf file or HF directory")
+    p.add_argument("--dtype", default="float32", help="float32 (exact reference), bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    # Defaults follow llama.cpp's CLI; `--temperature 0` is greedy.
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--show-probs", action="store_true", help="print each token's probability and alternatives")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seriatim", description="Generate text one token at a time.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="stream a completion of PROMPT")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+    chat = sub.add_parser("chat", help="interactive chat")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+    sub.add_parser("models", help="list the known model names")
+    return parser
+
+
+def _sampling_params(args: argparse.Namespace):
+    from .sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+        max_tokens=args.max_tokens, logprobs=5 if args.show_probs else None,
+    )
+
+
+def _load(args: argparse.Namespace):
+    from .llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads, progress=True)
+
+
+def _print_stream(llm, deltas: Iterator[Delta], show_probs: bool) -> tuple[str, RequestMetrics | None]:
+    """Write deltas to stdout as they come; return the full text and the request's metrics."""
+    text, metrics = [], None
+    for delta in deltas:
+        metrics = delta.metrics or metrics
+        if show_probs:
+            for lp in delta.logprobs or []:
+                alts = ", ".join(f"{llm.tokenizer.decode([t])!r} {math.exp(p):.3f}" for t, p in lp.top)
+                print(f"{llm.tokenizer.decode([lp.token_id])!r:>16} p={math.exp(lp.logprob):.3f}  | {alts}")
+        else:
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        text.append(delta.text)
+    if not show_probs:
+        sys.stdout.write("\n")
+    return "".join(text), metrics
+
+
+def _print_stats(m: RequestMetrics | None) -> None:
+    if m is None or m.time_to_first_token is None:
+        return
+    ttft = m.time_to_first_token
+    decode = m.decode_tokens_per_s
+    print(
+        f"[{m.prompt_tokens} prompt tokens, time to first token {ttft * 1000:.0f} ms, "
+        f"prefill {m.prompt_tokens / ttft:.0f} tok/s, {m.output_tokens} generated, "
+        f"decode {decode:.1f} tok/s]" if decode else f"[{m.prompt_tokens} prompt tokens, "
+        f"time to first token {ttft * 1000:.0f} ms, {m.output_tokens} generated]",
+        file=sys.stderr,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    params = _sampling_params(args)
+    llm = _load(args)
+    prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    _, metrics = _print_stream(llm, llm.stream(prompt, params), args.show_probs)
+    _print_stats(metrics)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    params = _sampling_params(args)
+    llm = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("Type a message; an empty line or Ctrl-D ends the chat.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        reply, metrics = _print_stream(llm, llm.stream(llm.chat_prompt(messages), params), args.show_probs)
+        messages.append({"role": "assistant", "content": reply})
+        _print_stats(metrics)
+
+
+def cmd_models(_: argparse.Namespace) -> None:
+    for entry in REGISTRY.values():
+        path = installed_path(entry)
+        state = f"installed ({path.stat().st_size / 1e6:.0f} MB)" if path else f"not installed: {entry.install_command}"
+        print(f"{entry.name:16} {entry.description}; {entry.license}; {state}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models}[args.command]
+    try:
+        handler(args)
+    except ValueError as e:
+        print(f"seriatim: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

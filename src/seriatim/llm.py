@@ -1,0 +1,130 @@
+"""The user-facing Python API: `LLM(...).generate / stream / chat`."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence as Seq
+from pathlib import Path
+
+import torch
+
+from .chat_template import render_chat
+from .checkpoint import load_gguf, load_hf_dir, to_state_dict
+from .engine import Engine
+from .model import Transformer
+from .outputs import CompletionOutput, Delta
+from .registry import DEFAULT_MODEL, resolve_model
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+Prompt = str | Seq[int]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _progress_printer(label: str):
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=label, unit="tensor", file=sys.stderr, leave=False)
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return update
+
+
+class LLM:
+    """Load a model once, then generate from it.
+
+    `model` is a registry name (see `seriatim models`), a `.gguf` file, or a
+    Hugging Face directory (config.json, *.safetensors, tokenizer.json).
+    `dtype="float32"` dequantizes every weight: the exact reference path.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        threads: int | None = None,
+        progress: bool = False,
+    ):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; choose one of: {', '.join(_DTYPES)}")
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.dtype = _DTYPES[dtype]
+        path = resolve_model(model)
+        report = _progress_printer(f"loading {path.name}") if progress else None
+        if path.is_dir():
+            ckpt = load_hf_dir(path, report)
+            self.tokenizer = Tokenizer.from_pretrained_dir(path)
+        else:
+            ckpt = load_gguf(path, report)
+            self.tokenizer = Tokenizer.from_gguf_metadata(ckpt.gguf_metadata)
+        self.config = ckpt.config
+        with torch.device("meta"):
+            net = Transformer(ckpt.config)
+        net.load_state_dict(to_state_dict(ckpt, self.dtype), assign=True)
+        self.model = net.to(self.device).eval()
+        self.engine = Engine(self.model, self.tokenizer, self.device, self.dtype)
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def generate(
+        self, prompts: Prompt | Seq[Prompt], params: SamplingParams | None = None
+    ) -> list[CompletionOutput]:
+        """Generate for one prompt or many (strings or token-id lists); one result per prompt, in order."""
+        params = params or SamplingParams()
+        batch = [prompts] if _is_single_prompt(prompts) else list(prompts)
+        ids = [self.add_request(p, params) for p in batch]
+        finished = {}
+        while self.engine.has_unfinished():
+            for delta, seq in self.engine.step():
+                if delta.finish_reason is not None:
+                    finished[delta.request_id] = seq.result()
+        return [finished[i] for i in ids]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[Delta]:
+        """Yield text deltas as tokens are generated; they concatenate to the final text."""
+        rid = self.add_request(prompt, params or SamplingParams())
+        try:
+            while True:
+                for delta, _ in self.engine.step():
+                    if delta.request_id == rid:
+                        yield delta
+                        if delta.finish_reason is not None:
+                            return
+        finally:
+            self.engine.abort(rid)
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> CompletionOutput:
+        """Apply the model's chat template (with the generation prompt) and generate a reply."""
+        return self.generate(self.chat_prompt(messages), params)[0]
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        tok = self.tokenizer
+        if tok.chat_template is None:
+            raise ValueError("this model has no chat template; use generate() with a plain prompt")
+        text = render_chat(tok.chat_template, messages, add_generation_prompt=True,
+                           bos_token=tok.bos_token, eos_token=tok.eos_token)
+        # The template writes any BOS itself, so the tokenizer must not add another.
+        return tok.encode(text, add_special_tokens=False)
+
+    def add_request(self, prompt: Prompt, params: SamplingParams) -> int:
+        return self.engine.add_request(self.encode_prompt(prompt), params)
+
+
+def _is_single_prompt(prompts: object) -> bool:
+    return isinstance(prompts, str) or (
+        isinstance(prompts, Seq) and len(prompts) > 0 and all(isinstance(t, int) for t in prompts)
+    )

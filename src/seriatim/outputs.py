@@ -1,0 +1,56 @@
+"""What a generation returns: whole results and streamed deltas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .sampling import TokenLogprobs
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass
+class RequestMetrics:
+    """Wall-clock times (time.perf_counter) of one request's milestones."""
+
+    arrival: float
+    first_token: float | None = None
+    finished: float | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Rate of the tokens after the first (those produced by decode steps)."""
+        if self.finished is None or self.first_token is None or self.output_tokens < 2:
+            return None
+        return (self.output_tokens - 1) / max(self.finished - self.first_token, 1e-9)
+
+
+@dataclass
+class Delta:
+    """Newly generated tokens of one request and the text they released."""
+
+    request_id: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: FinishReason | None = None
+    metrics: RequestMetrics | None = None  # set on the last delta of a request
+
+
+@dataclass
+class CompletionOutput:
+    """A finished generation."""
+
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: FinishReason | None
+    logprobs: list[TokenLogprobs] | None = None
+    metrics: RequestMetrics | None = field(default=None, repr=False)
