@@ -8,24 +8,13 @@ import torch
 from seriatim import LLM, SamplingParams
 from seriatim.kv_cache import BatchAttention, SequenceCache, Span
 
-from tiny_models import make_hf_llama, train_tokenizer, write_gguf_llama
+from tiny_models import GGUF_TYPES
 
 REL_TOL = 1e-4
-GGUF_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_llama")
-    hf = make_hf_llama(root / "hf")
-    tok = train_tokenizer()
-    for q in GGUF_TYPES:
-        write_gguf_llama(root / f"{q}.gguf", hf, tok, q)
-    return root, hf
 
 
 def reference(root, source: str):
@@ -52,8 +41,8 @@ def run_chunks(llm: LLM, ids: list[int], chunks: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("source", ["hf"] + GGUF_TYPES)
-def test_logits_match_transformers(tiny, source):
-    root, _ = tiny
+def test_logits_match_transformers(tiny_llama, source):
+    root, _ = tiny_llama
     llm = LLM(str(root / "hf") if source == "hf" else str(root / f"{source}.gguf"), dtype="float32")
     ref = reference(root, source)
     ids = torch.randint(0, llm.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -65,8 +54,8 @@ def test_logits_match_transformers(tiny, source):
         assert rel_err(got[pos], expected[pos]) <= REL_TOL, f"position {pos}"
 
 
-def test_greedy_matches_transformers_generate(tiny):
-    root, ref = tiny
+def test_greedy_matches_transformers_generate(tiny_llama):
+    root, _ = tiny_llama
     llm = LLM(str(root / "Q8_0.gguf"), dtype="float32")
     ref = reference(root, "Q8_0")
     for seed in range(3):
@@ -79,9 +68,8 @@ def test_greedy_matches_transformers_generate(tiny):
         assert out.finish_reason == "length"
 
 
-def test_batched_greedy_equals_alone(tiny):
-    root, _ = tiny
-    llm = LLM(str(root / "hf"), dtype="float32")
+def test_batched_greedy_equals_alone(tiny_llm):
+    llm = tiny_llm
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, llm.config.vocab_size, (n,), generator=gen).tolist() for n in (3, 17, 9, 30)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -1,0 +1,321 @@
+"""Token sampling: request parameters, per-sequence state, and the batched sampler.
+
+Processing order, applied to each row's logits (computed in float32):
+
+1. ``logit_bias``: added to the listed token ids.
+2. Repetition penalty (CTRL), over tokens present in the prompt *or* the output:
+   positive logits are divided by the penalty, negative ones multiplied by it.
+3. Presence and frequency penalties (OpenAI), over output tokens only:
+   ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``.
+4. ``temperature == 0``: greedy, the argmax (ties go to the lowest token id). Stop here.
+5. Divide by ``temperature``.
+6. Top-k: keep the ``top_k`` highest logits (0 disables).
+7. Top-p (nucleus): keep the smallest set of most probable tokens whose
+   cumulative probability reaches ``top_p``; the most probable token is always kept.
+8. Min-p: keep tokens whose probability is at least ``min_p`` times the largest.
+9. Draw from the softmax of what is left with the row's own generator.
+
+The draw is an exponential race (Gumbel-max): ``argmax(logits + Gumbel noise)``,
+with exactly one uniform number per vocabulary entry per step whatever the
+parameters, so a seeded request is reproducible. Every row depends only on its own
+logits, parameters and generator, so a request yields the same tokens whatever
+else shares its batch.
+
+Returned logprobs are the RAW model log-probabilities, ``log_softmax`` of the
+unprocessed logits, not of the processed distribution.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_LOGPROBS = 20
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request (vLLM-like names and defaults)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+    max_tokens: int = 16
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top alternatives per token; 0 = the chosen token only
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        for name, optional in (("top_k", False), ("max_tokens", False), ("seed", True), ("logprobs", True)):
+            v = getattr(self, name)
+            if not (_is_int(v) or (optional and v is None)):
+                raise ValueError(f"{name} must be an int{' or None' if optional else ''}, got {v!r}")
+        self._check(self.temperature >= 0, "temperature", "must be >= 0")
+        self._check(self.top_k >= 0, "top_k", "must be >= 0 (0 disables)")
+        self._check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self._check(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        self._check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
+        self._check(-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
+        self._check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
+        self._check(self.max_tokens >= 1, "max_tokens", "must be >= 1")
+        if self.seed is not None:
+            # torch.Generator.manual_seed takes a 64-bit unsigned seed.
+            self._check(0 <= self.seed < 2**64, "seed", "must be in [0, 2**64)")
+        if self.logprobs is not None:
+            self._check(0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        self._normalise_logit_bias()
+        self._normalise_stop()
+
+    def _check(self, ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+
+    def _normalise_logit_bias(self) -> None:
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
+        for k, v in self.logit_bias.items():
+            if not _is_int(k):
+                raise ValueError(f"logit_bias keys must be int token ids, got {k!r}")
+            if not _is_real(v) or not -100 <= v <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {v!r} for token {k}")
+        # A private copy, so later edits to the caller's dict cannot change a frozen request.
+        object.__setattr__(self, "logit_bias", {int(k): float(v) for k, v in self.logit_bias.items()})
+
+    def _normalise_stop(self) -> None:
+        stop = self.stop
+        if stop is None:
+            return
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, (list, tuple)):
+            raise ValueError(f"stop must be a str or a list of str, got {stop!r}")
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty str, got {s!r}")
+        object.__setattr__(self, "stop", tuple(stop) or None)
+
+    def validate_for_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError if a logit_bias key is not a token id of this vocabulary."""
+        for k in self.logit_bias or {}:
+            if not 0 <= k < vocab_size:
+                raise ValueError(f"logit_bias token id {k} is outside the vocabulary [0, {vocab_size})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether any repetition, presence or frequency penalty is active."""
+        return (self.repetition_penalty != 1 or self.presence_penalty != 0
+                or self.frequency_penalty != 0)
+
+
+class SamplingState:
+    """One sequence's sampling state: its generator and the token history penalties need.
+
+    ``sample`` does not record the chosen token; call ``append`` once it is accepted.
+    ``counts`` and ``prompt_mask`` are None when no penalty needs them, to keep steps cheap.
+    """
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int,
+                 device: torch.device | str) -> None:
+        params.validate_for_vocab(vocab_size)
+        self.params = params
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        # An unseeded request still gets its own stream, independent of global RNG state.
+        self.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(64))
+        self.counts: torch.Tensor | None = None
+        self.prompt_mask: torch.Tensor | None = None
+        if params.penalised:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=self.device)
+            self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
+            self.prompt_mask[torch.as_tensor(list(prompt_ids), dtype=torch.long, device=self.device)] = True
+        self.bias_ids: torch.Tensor | None = None
+        self.bias_values: torch.Tensor | None = None
+        if params.logit_bias:
+            self.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=self.device)
+            self.bias_values = torch.tensor(list(params.logit_bias.values()), device=self.device)
+
+    def append(self, token_id: int) -> None:
+        """Record a chosen output token."""
+        if self.counts is not None:
+            self.counts[token_id] += 1
+
+
+@dataclass
+class TokenLogprobs:
+    """Raw model log-probability of a chosen token, and the top alternatives (descending)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class SampleOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+def _column(states: list[SamplingState], name: str, device: torch.device) -> torch.Tensor:
+    """One parameter of every row, as a [B, 1] float32 tensor."""
+    return torch.tensor([[float(getattr(s.params, name))] for s in states], device=device)
+
+
+def _apply_bias(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    rows = [i for i, s in enumerate(states) if s.bias_ids is not None]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:  # only biased rows; each touches just its listed ids
+        logits[i].index_add_(0, states[i].bias_ids, states[i].bias_values)
+    return logits
+
+
+def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    rows = [i for i, s in enumerate(states) if s.params.penalised]
+    if not rows:
+        return logits
+    sub = [states[i] for i in rows]
+    dev = logits.device
+    x = logits[rows]
+    counts = torch.stack([s.counts for s in sub])
+    in_output = counts > 0
+    seen = in_output | torch.stack([s.prompt_mask for s in sub])
+    rep = _column(sub, "repetition_penalty", dev)
+    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    x = x - _column(sub, "frequency_penalty", dev) * counts - _column(sub, "presence_penalty", dev) * in_output
+    logits = logits.clone()
+    logits[rows] = x
+    return logits
+
+
+def _truncate(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Top-k, then top-p, then min-p, on temperature-scaled logits; cut tokens become -inf."""
+    dev, vocab = logits.device, logits.shape[-1]
+    top_k = torch.tensor([[s.params.top_k or vocab] for s in states], device=dev)
+    top_p = _column(states, "top_p", dev)
+    min_p = _column(states, "min_p", dev)
+    # Stable sort: among equal logits the lower id ranks first, so cuts are deterministic.
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+    drop = torch.arange(vocab, device=dev) >= top_k
+    sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    # top_p == 1 must keep everything, even where float32 cumsum rounds up to 1 early.
+    drop |= (mass_before >= top_p) & (top_p < 1)
+    # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p); renormalising does not change it.
+    # The top token always survives: top_k >= 1, no mass precedes it, and it is the max.
+    drop |= sorted_logits < sorted_logits[:, :1] + torch.log(min_p)
+    sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def _truncates(params: SamplingParams, vocab: int) -> bool:
+    return not params.greedy and (0 < params.top_k < vocab or params.top_p < 1 or params.min_p > 0)
+
+
+def _process(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Processed [B, V] float32 logits; -inf marks tokens that cannot be drawn.
+
+    A greedy row keeps only its argmax, so drawing from it is deterministic.
+    """
+    x = _apply_penalties(_apply_bias(logits, states), states)
+    if any(s.params.greedy for s in states):
+        greedy = torch.tensor([[s.params.greedy] for s in states], device=x.device)
+        is_max = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.argmax(-1, keepdim=True), True)
+        x = x.masked_fill(greedy & ~is_max, -math.inf)
+    # Greedy rows divide by 1: their single finite logit survives every cut below.
+    temperature = torch.tensor([[s.params.temperature or 1.0] for s in states], device=x.device)
+    x = x / temperature
+    if any(_truncates(s.params, x.shape[-1]) for s in states):
+        x = _truncate(x, states)
+    return x
+
+
+def process_logits(logits_row: torch.Tensor, state: SamplingState) -> torch.Tensor:
+    """Log-probabilities [V] of the distribution ``sample`` draws from; -inf for cut tokens.
+
+    Does not advance the generator. A greedy row gives 0 at its argmax, -inf elsewhere.
+    """
+    return _process(logits_row.float()[None], [state])[0].log_softmax(dim=-1)
+
+
+def _gumbel(states: list[SamplingState], shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Gumbel noise; row i comes from states[i]'s generator, zero for greedy rows.
+
+    Exactly vocab_size float64 uniforms per sampled row per step, whatever the parameters.
+    """
+    noise = torch.zeros(shape, device=device)
+    rows = [i for i, s in enumerate(states) if not s.params.greedy]
+    if not rows:
+        return noise
+    u = torch.empty(len(rows), shape[1], dtype=torch.float64, device=device)
+    for j, i in enumerate(rows):
+        u[j].uniform_(generator=states[i].generator)
+    # u == 0 would give -inf noise and could wipe out a row's only surviving token.
+    u.clamp_(min=torch.finfo(torch.float64).tiny)
+    noise[rows] = (-torch.log(-torch.log(u))).float()
+    return noise
+
+
+def _logprobs(logits: torch.Tensor, states: list[SamplingState], token_ids: list[int]) -> list[TokenLogprobs | None]:
+    """Raw (unprocessed) log-probabilities for the rows that asked for them."""
+    out: list[TokenLogprobs | None] = [None] * len(states)
+    rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+    if not rows:
+        return out
+    raw = logits[rows].log_softmax(dim=-1)
+    chosen_ids = torch.tensor([[token_ids[i]] for i in rows], device=logits.device)
+    chosen = raw.gather(-1, chosen_ids)[:, 0].tolist()
+    n_top = min(max(states[i].params.logprobs for i in rows), raw.shape[-1])
+    top_lp, top_ids = (t.tolist() for t in raw.topk(n_top, dim=-1))
+    for j, i in enumerate(rows):
+        n = states[i].params.logprobs
+        out[i] = TokenLogprobs(token_ids[i], chosen[j], list(zip(top_ids[j][:n], top_lp[j][:n])))
+    return out
+
+
+def sample(logits: torch.Tensor, states: list[SamplingState]) -> SampleOutput:
+    """Pick one token per row of ``logits`` [B, V]; does not ``append`` it to the states."""
+    if logits.dim() != 2 or logits.shape[0] != len(states):
+        raise ValueError(f"logits must be [{len(states)}, V], got {tuple(logits.shape)}")
+    if any(s.vocab_size != logits.shape[1] for s in states):
+        raise ValueError(f"logits have {logits.shape[1]} columns but a state expects another vocab size")
+    x = logits.float()
+    if all(s.params.greedy and not s.params.penalised and s.bias_ids is None for s in states):
+        tokens = x.argmax(dim=-1)  # fast path: nothing to process, nothing to draw
+    else:
+        tokens = (_process(x, states) + _gumbel(states, tuple(x.shape), x.device)).argmax(dim=-1)
+    token_ids = tokens.tolist()
+    return SampleOutput(token_ids, _logprobs(x, states, token_ids))
