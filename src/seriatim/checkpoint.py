@@ -1,14 +1,14 @@
 """Model weights from a GGUF file or a Hugging Face directory, under one naming scheme.
 
-Both loaders yield tensors named per projection (`layers.3.q`, `embed`, ...);
-`to_state_dict` then fuses them into the modules of `model.Transformer`.
+Both loaders yield tensors named per projection (`layers.3.q`, `embed`, ...),
+as float32 tensors or, when asked to keep them compact, as GGUF blocks.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +17,11 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, config_from_gguf, config_from_hf
+from .quant import BlockWeight
 
 # Tensor types whose dequantization we support and test; names as gguf spells them.
 SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+_BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # kept as blocks when loading compact weights
 
 _GGUF_NAMES = {
     "token_embd": "embed",
@@ -51,12 +53,13 @@ _HF_NAMES = {
 }
 
 Progress = Callable[[int, int], None]
+Weight = torch.Tensor | BlockWeight
 
 
 @dataclass
 class Checkpoint:
     config: ModelConfig
-    tensors: dict[str, torch.Tensor]  # canonical name -> float32 weight
+    tensors: dict[str, Weight]  # canonical name -> float32 tensor or GGUF blocks
     gguf_metadata: dict[str, Any] | None  # the GGUF key/value store, None for HF directories
 
 
@@ -78,9 +81,19 @@ def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: Path, progress: Progress | None = None) -> Checkpoint:
+def _gguf_tensor(t, name: str, cfg: ModelConfig, keep_blocks: bool) -> Weight:
+    # Copy out of the mapped file so that it can be closed and its pages dropped.
+    w = BlockWeight(t.tensor_type, np.array(t.data), int(t.shape[0]))
+    if w.data.ndim == 1:  # norms and biases
+        return w.dequantize()
+    if cfg.arch == "llama" and name.endswith((".q", ".k")):
+        w = w.take_rows(_unpermute_rope(np.arange(w.rows), cfg.num_heads if name.endswith(".q") else cfg.num_kv_heads))
+    return w if keep_blocks and t.tensor_type.name in _BLOCK_TYPES else w.dequantize()
+
+
+def load_gguf(path: Path, progress: Progress | None = None, keep_blocks: bool = False) -> Checkpoint:
+    """Read a GGUF file; with `keep_blocks`, quantized matrices stay as blocks (see quant.py)."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     from .gguf_metadata import read_gguf_metadata
 
@@ -97,11 +110,7 @@ def load_gguf(path: Path, progress: Progress | None = None) -> Checkpoint:
     for i, t in enumerate(reader.tensors):
         name = _canonical(t.name, _GGUF_NAMES, "blk.")
         if name is not None:
-            # F32 tensors come back as read-only views of the mapped file: always copy.
-            w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
-            if cfg.arch == "llama" and name.endswith((".q", ".k")):
-                w = _unpermute_rope(w, cfg.num_heads if name.endswith(".q") else cfg.num_kv_heads)
-            tensors[name] = torch.from_numpy(w)
+            tensors[name] = _gguf_tensor(t, name, cfg, keep_blocks)
         if progress:
             progress(i + 1, len(reader.tensors))
     return Checkpoint(cfg, tensors, meta)
@@ -124,27 +133,3 @@ def load_hf_dir(path: Path, progress: Progress | None = None) -> Checkpoint:
         if progress:
             progress(i + 1, len(files))
     return Checkpoint(cfg, tensors, None)
-
-
-def _layer_items(cfg: ModelConfig, t: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}"
-        yield f"{p}.attn_norm.weight", t[f"{p}.attn_norm"]
-        yield f"{p}.attn.qkv.weight", torch.cat([t[f"{p}.q"], t[f"{p}.k"], t[f"{p}.v"]])
-        yield f"{p}.attn.o.weight", t[f"{p}.o"]
-        yield f"{p}.ffn_norm.weight", t[f"{p}.ffn_norm"]
-        yield f"{p}.mlp.gate_up.weight", torch.cat([t[f"{p}.gate"], t[f"{p}.up"]])
-        yield f"{p}.mlp.down.weight", t[f"{p}.down"]
-
-
-def to_state_dict(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Canonical per-projection tensors -> `Transformer.state_dict()` layout (fused QKV, gate/up)."""
-    cfg, t = ckpt.config, ckpt.tensors
-    try:
-        items = dict(_layer_items(cfg, t))
-        items["embed.weight"] = t["embed"]
-        items["norm.weight"] = t["norm"]
-        items["lm_head.weight"] = t["embed"] if cfg.tie_word_embeddings else t["lm_head"]
-    except KeyError as e:
-        raise ValueError(f"checkpoint is missing tensor {e.args[0]!r}") from None
-    return {k: v.to(dtype) for k, v in items.items()}

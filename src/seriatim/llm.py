@@ -9,16 +9,13 @@ from pathlib import Path
 import torch
 
 from .chat_template import render_chat
-from .checkpoint import load_gguf, load_hf_dir, to_state_dict
 from .engine import Engine
-from .model import Transformer
+from .loader import build_model, choose_precision, load
 from .outputs import CompletionOutput, Delta
 from .registry import DEFAULT_MODEL, resolve_model
 from .sampling import SamplingParams
-from .tokenizer import Tokenizer
 
 Prompt = str | Seq[int]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _progress_printer(label: str):
@@ -42,40 +39,32 @@ class LLM:
 
     `model` is a registry name (see `seriatim models`), a `.gguf` file, or a
     Hugging Face directory (config.json, *.safetensors, tokenizer.json).
-    `dtype="float32"` dequantizes every weight: the exact reference path.
+    `dtype="auto"` is the fast mode (compact quantized weights, bfloat16
+    activations where the CPU supports them); `dtype="float32"` dequantizes
+    every weight: the exact reference path. See loader.py.
     """
 
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
         *,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str = "cpu",
         threads: int | None = None,
         progress: bool = False,
     ):
-        if dtype not in _DTYPES:
-            raise ValueError(f"unsupported dtype {dtype!r}; choose one of: {', '.join(_DTYPES)}")
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        self.dtype = _DTYPES[dtype]
+        self.precision = choose_precision(dtype, self.device)
         path = resolve_model(model)
         report = _progress_printer(f"loading {path.name}") if progress else None
-        if path.is_dir():
-            ckpt = load_hf_dir(path, report)
-            self.tokenizer = Tokenizer.from_pretrained_dir(path)
-        else:
-            ckpt = load_gguf(path, report)
-            self.tokenizer = Tokenizer.from_gguf_metadata(ckpt.gguf_metadata)
+        ckpt, self.tokenizer = load(path, self.precision, report)
         self.config = ckpt.config
-        with torch.device("meta"):
-            net = Transformer(ckpt.config)
-        net.load_state_dict(to_state_dict(ckpt, self.dtype), assign=True)
-        self.model = net.to(self.device).eval()
-        self.engine = Engine(self.model, self.tokenizer, self.device, self.dtype)
+        self.model = build_model(ckpt, self.precision, self.device)
+        self.engine = Engine(self.model, self.tokenizer, self.device, self.precision.activations)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
