@@ -55,15 +55,9 @@ class BatchAttention:
             sl = slice(offset, offset + span.length)
             span.cache.k[layer, :, span.start : end] = k[sl].transpose(0, 1)
             span.cache.v[layer, :, span.start : end] = v[sl].transpose(0, 1)
-            out = F.scaled_dot_product_attention(
-                q[sl].transpose(0, 1),  # [H, n, Dh]
-                span.cache.k[layer, :, :end],  # [Hkv, end, Dh]
-                span.cache.v[layer, :, :end],
-                attn_mask=mask,
-                is_causal=mask is None and span.start == 0 and span.length > 1,
-                enable_gqa=True,
-            )
-            outs.append(out.transpose(0, 1))
+            keys, values = span.cache.k[layer, :, :end], span.cache.v[layer, :, :end]  # [Hkv, end, Dh]
+            out = _attention(q[sl], keys, values, mask, causal=span.start == 0)
+            outs.append(out)
             offset += span.length
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -71,6 +65,21 @@ class BatchAttention:
         """Record that the spans' tokens are now cached (call after the forward pass)."""
         for span in self.spans:
             span.cache.length = span.start + span.length
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """q: [n, H, Dh] over k/v: [Hkv, L, Dh] -> [n, H, Dh]. Inputs are 4-D: CPU SDPA's fast kernels want them."""
+    n, heads, dim = q.shape
+    k, v = k.unsqueeze(0), v.unsqueeze(0)
+    if n == 1:
+        # One query sees every cached key: fold the query heads sharing a KV head into the
+        # query axis ([1, Hkv, H/Hkv, Dh]), a plain attention with no mask and no KV repetition.
+        out = F.scaled_dot_product_attention(q.view(1, k.shape[1], -1, dim), k, v)
+        return out.view(1, heads, dim)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), k, v, attn_mask=mask, is_causal=mask is None and causal, enable_gqa=True
+    )
+    return out[0].transpose(0, 1)
 
 
 def _causal_mask(start: int, length: int, device: torch.device) -> torch.Tensor | None:

@@ -86,6 +86,7 @@ def build_model(ckpt: Checkpoint, precision: Precision, device: torch.device) ->
         model.embed = _embedding(t["embed"], model.lm_head if cfg.tie_word_embeddings else None, dtype)
     except KeyError as e:
         raise ValueError(f"checkpoint is missing tensor {e.args[0]!r}") from None
+    model.rotary.to(dtype)  # tables in the activation dtype, as the reference computes them
     return model.to(device).eval()
 
 

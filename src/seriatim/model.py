@@ -53,13 +53,15 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, Dh], positions: [T]"""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [T, 1, Dh]
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] -> cos, sin: [T, 1, Dh], looked up once per pass and shared by all layers."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, Dh]"""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -72,14 +74,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=False)
         self.o = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, backend: AttentionBackend
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend) -> torch.Tensor:
         """x: [T, D] -> [T, D]"""
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotary(q.view(-1, self.num_heads, self.head_dim), positions)  # [T, H, Dh]
-        k = rotary(k.view(-1, self.num_kv_heads, self.head_dim), positions)  # [T, Hkv, Dh]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv(x)  # [T, (H + 2 Hkv) Dh]
+        heads = self.num_heads + self.num_kv_heads
+        # Rotate queries and keys in one go: they sit side by side in the fused output.
+        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(-1, heads, self.head_dim), *rope)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, Dh], [T, Hkv, Dh]
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         out = backend.attend(self.layer, q, k, v)  # [T, H, Dh]
         return self.o(out.reshape(-1, self.q_size))
 
@@ -105,10 +107,8 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, backend: AttentionBackend
-    ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, rotary, backend)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, backend)
         return x + self.mlp(self.ffn_norm(x))
 
 
@@ -125,8 +125,9 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
         """tokens, positions: [T] -> final hidden states [T, D]"""
         x = self.embed(tokens)
+        rope = self.rotary(positions)
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, backend)
+            x = layer(x, rope, backend)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
