@@ -7,6 +7,7 @@ import math
 import sys
 from collections.abc import Iterator
 
+from .bench import ENGINES
 from .outputs import Delta, RequestMetrics
 from .registry import DEFAULT_MODEL, REGISTRY, installed_path
 
@@ -15,7 +16,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, .gguf file or HF directory")
     p.add_argument("--dtype", default="auto", help="auto (fast), float32 (exact reference), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat)
     sub.add_parser("models", help="list the known model names")
+    bench = sub.add_parser("bench", help="benchmark seriatim against llama.cpp and transformers")
+    bench.add_argument("--model", default=DEFAULT_MODEL)
+    bench.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    bench.add_argument("--runs", type=int, default=3, help="repetitions of each measurement")
+    bench.add_argument("--engines", default="all", help=f"comma-separated subset of: {', '.join(ENGINES)}")
+    bench.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -128,9 +135,20 @@ def cmd_models(_: argparse.Namespace) -> None:
         print(f"{entry.name:16} {entry.description}; {entry.license}; {state}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import run_bench
+    from .hardware import physical_cores
+
+    engines = list(ENGINES) if args.engines == "all" else args.engines.split(",")
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown or args.runs < 1:
+        raise ValueError(f"unknown engine(s) {', '.join(unknown)}" if unknown else "--runs must be >= 1")
+    run_bench(args.model, args.threads or physical_cores(), args.runs, engines, args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models}[args.command]
+    handler = {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models, "bench": cmd_bench}[args.command]
     try:
         handler(args)
     except ValueError as e:

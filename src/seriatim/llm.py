@@ -10,6 +10,7 @@ import torch
 
 from .chat_template import render_chat
 from .engine import Engine
+from .hardware import physical_cores
 from .loader import build_model, choose_precision, load
 from .outputs import CompletionOutput, Delta
 from .registry import DEFAULT_MODEL, resolve_model
@@ -53,10 +54,10 @@ class LLM:
         threads: int | None = None,
         progress: bool = False,
     ):
-        if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
-            torch.set_num_threads(threads)
+        threads = physical_cores() if threads is None else threads
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.precision = choose_precision(dtype, self.device)
         path = resolve_model(model)

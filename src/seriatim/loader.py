@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, Weight, load_gguf, load_hf_dir
+from .hardware import cpu_has_bf16
 from .model import Transformer
 from .quant import BlockWeight, Int8Embedding, Int8Linear, compact_linear
 from .tokenizer import Tokenizer
@@ -36,15 +37,6 @@ class Precision:
     def name(self) -> str:
         dtype = str(self.activations).removeprefix("torch.")
         return f"{dtype}, compact quantized weights" if self.compact else dtype
-
-
-def cpu_has_bf16() -> bool:
-    """True where bfloat16 matrix arithmetic is native (AVX-512 BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def choose_precision(mode: str, device: torch.device) -> Precision:

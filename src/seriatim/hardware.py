@@ -1,0 +1,27 @@
+"""What the machine offers: physical cores and native bfloat16 arithmetic."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def physical_cores() -> int:
+    """Cores, not hyper-threads: two threads of one core share the vector units matmuls saturate."""
+    siblings = set()
+    for path in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology/thread_siblings_list"):
+        try:
+            siblings.add(path.read_text().strip())
+        except OSError:
+            continue
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(len(siblings) or usable, usable))
+
+
+def cpu_has_bf16() -> bool:
+    """True where bfloat16 matrix arithmetic is native (AVX-512 BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
