@@ -1,14 +1,16 @@
 """The generation loop: admit requests, run one forward pass per step, sample, emit deltas.
 
-Every step feeds each running sequence its tokens that are not yet cached
-(the whole prompt on its first step: prefill; one token afterwards: decode)
-in one flat batch, then samples one token per sequence.
+Every step feeds the scheduled sequences their tokens that are not yet cached
+(prompt chunks: prefill; one token: decode) in one flat batch, and samples a
+new token for each sequence whose tokens are now all cached.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import torch
 
@@ -17,36 +19,58 @@ from .kv_cache import BatchAttention, SequenceCache, Span
 from .model import Transformer
 from .outputs import Delta
 from .sampling import SamplingParams, SamplingState, sample
+from .scheduler import Chunk, Scheduler, SchedulerConfig
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 
 
+@dataclass
+class EngineStats:
+    """Counters kept for export (the server's /metrics)."""
+
+    steps: int = 0
+    step_tokens: int = 0  # tokens fed in the last step
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    aborted: int = 0
+
+
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, device: torch.device, kv_dtype: torch.dtype):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        device: torch.device,
+        kv_dtype: torch.dtype,
+        config: SchedulerConfig | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.kv_dtype = kv_dtype
         self.context_length = model.cfg.context_length
-        self.running: dict[int, Sequence] = {}
+        self.scheduler = Scheduler(config or SchedulerConfig(), self._allocate, self._release)
+        self.stats = EngineStats()
+        self.requests: dict[int, Sequence] = {}  # waiting or running
         self._ids = itertools.count()
 
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams) -> int:
         """Validate and queue a tokenized prompt; returns the request id."""
         prompt = self.validate_prompt(prompt_ids)
         params.validate_for_vocab(self.model.cfg.vocab_size)
-        max_length = min(self.context_length, len(prompt) + params.max_tokens)
         rid = next(self._ids)
-        self.running[rid] = Sequence(
+        seq = Sequence(
             request_id=rid,
             prompt_ids=prompt,
             params=params,
             sampling=SamplingState(params, prompt, self.model.cfg.vocab_size, self.device),
             detokenizer=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
-            cache=SequenceCache(self.model.cfg, max_length, self.kv_dtype, self.device),
             eos_ids=self.tokenizer.eos_token_ids,
-            max_length=max_length,
+            max_length=min(self.context_length, len(prompt) + params.max_tokens),
         )
+        self.scheduler.add(seq)
+        self.requests[rid] = seq
         return rid
 
     def validate_prompt(self, prompt_ids: Seq[int]) -> list[int]:
@@ -65,45 +89,66 @@ class Engine:
         return prompt
 
     def abort(self, request_id: int) -> Delta | None:
-        seq = self.running.pop(request_id, None)
+        """Cancel a waiting or running request; its cache is freed at once."""
+        seq = self.requests.pop(request_id, None)
         if seq is None:
             return None
         seq.abort()
-        return Delta(request_id, "", [], None, "abort")
+        self.scheduler.finish(seq)
+        self.stats.aborted += 1
+        return Delta(request_id, "", [], None, "abort", seq.metrics)
 
     def has_unfinished(self) -> bool:
-        return bool(self.running)
-
-    def sequence(self, request_id: int) -> Sequence:
-        return self.running[request_id]
+        return self.scheduler.has_work()
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Delta, Sequence]]:
-        """One forward pass over all running sequences; one new token each."""
-        seqs = list(self.running.values())
-        if not seqs:
+        """One forward pass over the scheduled chunks; one new token per completed sequence."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
             return []
+        hidden = self._forward(chunks)
+        ends = list(itertools.accumulate(c.length for c in chunks))
+        ready = [(c.seq, end - 1) for c, end in zip(chunks, ends) if c.seq.num_cached == c.seq.length]
+        if not ready:
+            return []
+        logits = self.model.logits(hidden[self._tensor([i for _, i in ready])])
+        out = sample(logits, [s.sampling for s, _ in ready])
+        results = []
+        for (seq, _), token, lp in zip(ready, out.token_ids, out.logprobs):
+            delta = seq.append(token, lp)
+            self.stats.generated_tokens += 1
+            if seq.finished:
+                self.requests.pop(seq.request_id, None)
+                self.scheduler.finish(seq)
+                self.stats.finished += 1
+            results.append((delta, seq))
+        return results
+
+    def _forward(self, chunks: list[Chunk]) -> torch.Tensor:
         tokens: list[int] = []
         positions: list[int] = []
         spans: list[Span] = []
-        for s in seqs:
-            new = s.pending_tokens()
-            start = s.cache.length
-            spans.append(Span(s.cache, start, len(new)))
-            tokens += new
-            positions += range(start, start + len(new))
+        for c in chunks:
+            start = c.seq.num_cached
+            if start < len(c.seq.prompt_ids):
+                self.stats.prompt_tokens += min(c.length, len(c.seq.prompt_ids) - start)
+            tokens += c.seq.pending_tokens()[: c.length]
+            positions += range(start, start + c.length)
+            spans.append(Span(c.seq.cache, start, c.length))
         backend = BatchAttention(spans)
         hidden = self.model(self._tensor(tokens), self._tensor(positions), backend)
         backend.commit()
-        last = self._tensor(list(itertools.accumulate(sp.length for sp in spans))) - 1
-        out = sample(self.model.logits(hidden[last]), [s.sampling for s in seqs])
-        results = []
-        for s, token, lp in zip(seqs, out.token_ids, out.logprobs):
-            delta = s.append(token, lp)
-            if s.finished:
-                del self.running[s.request_id]
-            results.append((delta, s))
-        return results
+        self.stats.steps += 1
+        self.stats.step_tokens = len(tokens)
+        return hidden
+
+    def _allocate(self, seq: Sequence) -> None:
+        seq.cache = SequenceCache(self.model.cfg, seq.max_length, self.kv_dtype, self.device)
+        seq.metrics.scheduled = time.perf_counter()
+
+    def _release(self, seq: Sequence) -> None:
+        seq.cache = None
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -10,11 +10,12 @@ import torch
 
 from .chat_template import render_chat
 from .engine import Engine
-from .hardware import physical_cores
+from .hardware import available_memory, physical_cores
 from .loader import build_model, choose_precision, load
 from .outputs import CompletionOutput, Delta
 from .registry import DEFAULT_MODEL, resolve_model
 from .sampling import SamplingParams
+from .scheduler import SchedulerConfig
 
 Prompt = str | Seq[int]
 
@@ -43,6 +44,9 @@ class LLM:
     `dtype="auto"` is the fast mode (compact quantized weights, bfloat16
     activations where the CPU supports them); `dtype="float32"` dequantizes
     every weight: the exact reference path. See loader.py.
+    `kv_cache_memory` (bytes; default a quarter of free RAM, at most 4 GiB)
+    bounds the KV cache of all requests together; `max_step_tokens` bounds
+    one forward pass (long prompts are prefilled in chunks of that size).
     """
 
     def __init__(
@@ -53,6 +57,9 @@ class LLM:
         device: str = "cpu",
         threads: int | None = None,
         progress: bool = False,
+        kv_cache_memory: int | None = None,
+        max_step_tokens: int = 512,
+        max_running: int = 64,
     ):
         threads = physical_cores() if threads is None else threads
         if threads < 1:
@@ -65,7 +72,12 @@ class LLM:
         ckpt, self.tokenizer = load(path, self.precision, report)
         self.config = ckpt.config
         self.model = build_model(ckpt, self.precision, self.device)
-        self.engine = Engine(self.model, self.tokenizer, self.device, self.precision.activations)
+        dtype = self.precision.activations
+        if kv_cache_memory is None:  # a quarter of free RAM, at most 4 GiB
+            kv_cache_memory = min(available_memory() // 4, 4 << 30)
+        per_token = 2 * self.config.num_layers * self.config.kv_size * dtype.itemsize
+        scheduling = SchedulerConfig(max_step_tokens, max_running, kv_cache_memory // per_token)
+        self.engine = Engine(self.model, self.tokenizer, self.device, dtype, scheduling)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -15,6 +15,7 @@ class RequestMetrics:
     """Wall-clock times (time.perf_counter) of one request's milestones."""
 
     arrival: float
+    scheduled: float | None = None  # admitted to the running batch
     first_token: float | None = None
     finished: float | None = None
     prompt_tokens: int = 0

@@ -19,9 +19,9 @@ class Sequence:
     params: SamplingParams
     sampling: SamplingState
     detokenizer: IncrementalDetokenizer
-    cache: SequenceCache
     eos_ids: frozenset[int]
     max_length: int  # prompt + output tokens at which generation stops ("length")
+    cache: SequenceCache | None = None  # given when the scheduler admits the sequence
     stops: StopStringFilter = field(init=False)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -43,9 +43,13 @@ class Sequence:
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    @property
+    def num_cached(self) -> int:
+        return 0 if self.cache is None else self.cache.length
+
     def pending_tokens(self) -> list[int]:
         """Tokens not yet in the KV cache: the whole prompt at first, then the last sampled token."""
-        done = self.cache.length
+        done = self.num_cached
         if done < len(self.prompt_ids):
             return self.prompt_ids[done:] + self.output_ids
         return self.output_ids[done - len(self.prompt_ids) :]
