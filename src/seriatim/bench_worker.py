@@ -1,0 +1,124 @@
+"""One engine's measurements, in a process of its own: `python bench_worker.py ENGINE PATH THREADS RUNS`.
+
+Token ids arrive as JSON on stdin; results leave as JSON on stdout. Only the
+measured engine is imported, so peak memory is that engine's alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+PREFILL_TOKENS, TTFT_TOKENS, DECODE_TOKENS = 512, 128, 256
+
+
+@dataclass
+class Runner:
+    """One engine, loaded: `first_token(ids)` and `decode(ids, n)` return seconds."""
+
+    first_token: Callable[[list[int]], float]
+    decode: Callable[[list[int], int], float]
+    bytes_per_token: int | None = None
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _seriatim(path: str, threads: int) -> Runner:
+    from seriatim.llm import LLM
+    from seriatim.sampling import SamplingParams
+
+    llm = LLM(path, threads=threads)
+
+    def decode(ids: list[int], n: int) -> float:
+        out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
+        return out.metrics.finished - out.metrics.first_token
+
+    first = lambda ids: llm.generate(ids, SamplingParams(temperature=0, max_tokens=1))[0].metrics.time_to_first_token
+    return Runner(first, decode, weight_bytes_read_per_token(llm.model))
+
+
+def _llama_cpp(path: str, threads: int, flash: bool) -> Runner:
+    from llama_cpp import Llama
+
+    llm = Llama(path, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
+                flash_attn=flash, verbose=False)
+
+    def run(ids: list[int], n: int) -> tuple[float, float]:
+        llm.reset()  # otherwise llama-cpp-python reuses a cached prompt prefix and skips the prefill
+        start = time.perf_counter()
+        first = 0.0
+        for i, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True)):
+            if i == 0:
+                first = time.perf_counter()
+            if i + 1 == n:
+                break
+        return first - start, time.perf_counter() - first
+
+    return Runner(lambda ids: run(ids, 1)[0], lambda ids, n: run(ids, n)[1])
+
+
+def _transformers(path: str, threads: int, dtype: str) -> Runner:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=getattr(torch, dtype)
+    ).eval()
+    model.generation_config.eos_token_id = None
+
+    def generate(ids: list[int], n: int) -> float:
+        with torch.inference_mode():
+            return _timed(lambda: model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                                 pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long)))
+
+    return Runner(lambda ids: generate(ids, 1), lambda ids, n: generate(ids, n) - generate(ids, 1))
+
+
+def weight_bytes_read_per_token(model) -> int:
+    """Bytes of weights one decode step reads: everything but the embedding table (one row) and rope tables."""
+    skip = {id(t) for t in model.rotary.buffers()}
+    embed = getattr(model.embed, "weight", None)
+    if embed is not None:
+        skip.add(id(embed))
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in skip}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _make_runner(engine: str, path: str, threads: int) -> Runner:
+    if engine == "seriatim":
+        return _seriatim(path, threads)
+    if engine.startswith("llama.cpp"):
+        return _llama_cpp(path, threads, flash=engine.endswith("-fa"))
+    return _transformers(path, threads, "float32" if engine.endswith("f32") else "bfloat16")
+
+
+def measure(engine: str, path: str, threads: int, runs: int, ids: list[int]) -> dict:
+    """Load `engine` and time it on `ids`; returns the raw samples."""
+    start = time.perf_counter()
+    runner = _make_runner(engine, path, threads)
+    load = time.perf_counter() - start
+    load_to_first = load + runner.first_token(ids[:8])
+    result = {"engine": engine, "load_s": load, "load_to_first_token_s": load_to_first,
+              "prefill_tok_s": [], "ttft_ms": [], "decode_tok_s": [], "bytes_per_token": runner.bytes_per_token}
+    runner.decode(ids[:16], 8)  # warm-up
+    for _ in range(runs):
+        result["prefill_tok_s"].append(PREFILL_TOKENS / runner.first_token(ids[:PREFILL_TOKENS]))
+        result["ttft_ms"].append(1000 * runner.first_token(ids[:TTFT_TOKENS]))
+        result["decode_tok_s"].append((DECODE_TOKENS - 1) / runner.decode(ids[:16], DECODE_TOKENS))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+if __name__ == "__main__":
+    engine, path, threads, runs = sys.argv[1:5]
+    print(json.dumps(measure(engine, path, int(threads), int(runs), json.load(sys.stdin))))
