@@ -61,3 +61,14 @@ def test_stream_is_valid_utf8_on_multilingual_output(smollm2):
     deltas = list(smollm2.stream(prompt, params))
     assert "".join(d.text for d in deltas) == smollm2.generate(prompt, params)[0].text
     assert not any("\ufffd" in d.text for d in deltas)
+
+
+def test_fast_mode_quality_within_one_percent_perplexity(smollm2_gguf_path):
+    from seriatim.quality import TEXT
+    from seriatim.scoring import perplexity
+
+    ppl = {}
+    for dtype in ("float32", "auto"):
+        llm = LLM(str(smollm2_gguf_path), dtype=dtype)
+        ppl[dtype] = perplexity(llm.model, llm.tokenizer.encode(TEXT), llm.precision.activations, llm.device)
+    assert abs(ppl["auto"] / ppl["float32"] - 1) < 0.01

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=3, help="repetitions of each measurement")
     bench.add_argument("--engines", default="all", help=f"comma-separated subset of: {', '.join(ENGINES)}")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.add_argument("--quality", action="store_true",
+                       help="instead of speed: perplexity and greedy agreement of the fast mode against float32")
     return parser
 
 
@@ -139,6 +141,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench
     from .hardware import physical_cores
 
+    if args.quality:
+        from .quality import compare
+
+        print(compare(args.model))
+        return
     engines = list(ENGINES) if args.engines == "all" else args.engines.split(",")
     unknown = sorted(set(engines) - set(ENGINES))
     if unknown or args.runs < 1:
