@@ -15,7 +15,7 @@ from .registry import DEFAULT_MODEL, REGISTRY, installed_path
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, .gguf file or HF directory")
     p.add_argument("--dtype", default="auto", help="auto (fast), float32 (exact reference), bfloat16 or float16")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
 
 

@@ -44,6 +44,7 @@ class LLM:
     `dtype="auto"` is the fast mode (compact quantized weights, bfloat16
     activations where the CPU supports them); `dtype="float32"` dequantizes
     every weight: the exact reference path. See loader.py.
+    `device="auto"` picks CUDA when a GPU is present.
     `kv_cache_memory` (bytes; default a quarter of free RAM, at most 4 GiB)
     bounds the KV cache of all requests together; `max_step_tokens` bounds
     one forward pass (long prompts are prefilled in chunks of that size).
@@ -54,7 +55,7 @@ class LLM:
         model: str = DEFAULT_MODEL,
         *,
         dtype: str = "auto",
-        device: str = "cpu",
+        device: str = "auto",
         threads: int | None = None,
         progress: bool = False,
         kv_cache_memory: int | None = None,
@@ -65,6 +66,8 @@ class LLM:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.precision = choose_precision(dtype, self.device)
         path = resolve_model(model)
