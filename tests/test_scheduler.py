@@ -33,8 +33,9 @@ def run_all(engine: Engine, max_steps: int = 1000) -> dict[int, list[int]]:
 
 
 def assert_idle(engine: Engine) -> None:
-    assert not engine.has_unfinished() and not engine.requests
-    assert engine.scheduler.kv_used_tokens == 0 and not engine.scheduler.running
+    assert not engine.has_unfinished() and not engine.requests and not engine.scheduler.running
+    blocks = engine.scheduler.blocks
+    assert blocks.num_available == blocks.num_blocks and not any(blocks.ref_counts)
 
 
 def test_chunked_prefill_keeps_decodes_flowing_and_outputs_exact(tiny_llm):
@@ -89,7 +90,7 @@ def test_abort_in_every_state(tiny_llm):
     prefilling = engine.add_request(prompt(30, 2), GREEDY)
     waiting = engine.add_request(prompt(4, 3), GREEDY)
     engine.step()
-    assert engine.requests[prefilling].num_cached < 30 and engine.requests[waiting].cache is None
+    assert engine.requests[prefilling].num_cached < 30 and not engine.requests[waiting].block_table.blocks
     for rid in (waiting, prefilling, decoding):
         assert engine.abort(rid).finish_reason == "abort"
     assert engine.abort(decoding) is None  # twice is harmless
@@ -111,3 +112,52 @@ def test_random_add_abort_step_leaks_nothing(tiny_llm, ops):
     finished = run_all(engine)
     assert set(finished) <= set(range(len(ops) + 1))
     assert_idle(engine)
+
+
+def test_shared_prefix_is_computed_once_and_outputs_unchanged(tiny_llm):
+    system = prompt(96, 99)
+    users = [system + prompt(5, i) for i in range(8)]
+    alone = [tiny_llm.generate(u, GREEDY)[0].token_ids for u in users]
+    engine = engine_for(tiny_llm, block_size=16)
+    first = engine.add_request(users[0], GREEDY)
+    outputs = run_all(engine)
+    ids = [engine.add_request(u, GREEDY) for u in users[1:]]
+    outputs.update(run_all(engine))
+    assert [outputs[i] for i in [first, *ids]] == alone
+    blocks = engine.scheduler.blocks
+    # 96 shared tokens = 6 full blocks reused by each of the 7 later requests.
+    assert blocks.stats.hit_tokens == 7 * 96
+    assert engine.stats.prompt_tokens == 101 + 7 * 5
+    assert_idle(engine)
+
+
+def test_preemption_recomputes_and_keeps_outputs(tiny_llm):
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    prompts = [prompt(6, i) for i in range(4)]
+    alone = [tiny_llm.generate(p, params)[0].token_ids for p in prompts]
+    # 8 blocks of 4 positions: each request grows to 26 positions (7 blocks), so they cannot all run.
+    engine = engine_for(tiny_llm, block_size=4, kv_capacity_tokens=32)
+    ids = [engine.add_request(p, params) for p in prompts]
+    outputs = run_all(engine)
+    assert engine.scheduler.preemptions > 0
+    assert [outputs[i] for i in ids] == alone
+    assert_idle(engine)
+
+
+def test_seeded_sampling_is_independent_of_batch_and_preemption(tiny_llm):
+    params = [SamplingParams(temperature=1.0, top_k=20, seed=s, max_tokens=12, ignore_eos=True) for s in range(4)]
+    prompts = [prompt(6, 10 + i) for i in range(4)]
+    alone = [tiny_llm.generate(p, sp)[0].token_ids for p, sp in zip(prompts, params)]
+    engine = engine_for(tiny_llm, block_size=4, kv_capacity_tokens=24)
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    outputs = run_all(engine)
+    assert [outputs[i] for i in ids] == alone
+    assert_idle(engine)
+
+
+def test_prefix_caching_can_be_disabled(tiny_llm):
+    engine = engine_for(tiny_llm, block_size=16, prefix_caching=False)
+    for _ in range(2):
+        engine.add_request(prompt(40, 1), GREEDY)
+        run_all(engine)
+    assert engine.scheduler.blocks.stats.hit_tokens == 0 and engine.stats.prompt_tokens == 80

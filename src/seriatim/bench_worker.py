@@ -36,7 +36,7 @@ def _seriatim(path: str, threads: int) -> Runner:
     from seriatim.llm import LLM
     from seriatim.sampling import SamplingParams
 
-    llm = LLM(path, threads=threads)
+    llm = LLM(path, threads=threads, prefix_caching=False)  # every run must compute its prompt
 
     def decode(ids: list[int], n: int) -> float:
         out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]

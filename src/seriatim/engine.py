@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from .detokenizer import IncrementalDetokenizer
-from .kv_cache import BatchAttention, SequenceCache, Span
 from .model import Transformer
 from .outputs import Delta
+from .paged_kv import PagedAttention, PagedKVCache, PagedSpan
 from .sampling import SamplingParams, SamplingState, sample
 from .scheduler import Chunk, Scheduler, SchedulerConfig
 from .sequence import Sequence
@@ -30,10 +30,23 @@ class EngineStats:
 
     steps: int = 0
     step_tokens: int = 0  # tokens fed in the last step
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # prompt tokens computed (prefix-cache hits excluded)
     generated_tokens: int = 0
     finished: int = 0
     aborted: int = 0
+
+
+@dataclass
+class EngineMetrics:
+    """A snapshot of the engine's state."""
+
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    prefix_hit_rate: float
+    preemptions: int
+    stats: EngineStats
 
 
 class Engine:
@@ -50,7 +63,9 @@ class Engine:
         self.device = device
         self.kv_dtype = kv_dtype
         self.context_length = model.cfg.context_length
-        self.scheduler = Scheduler(config or SchedulerConfig(), self._allocate, self._release)
+        config = config or SchedulerConfig()
+        self.scheduler = Scheduler(config)
+        self.cache = PagedKVCache(model.cfg, config.num_blocks, config.block_size, kv_dtype, device)
         self.stats = EngineStats()
         self.requests: dict[int, Sequence] = {}  # waiting or running
         self._ids = itertools.count()
@@ -101,6 +116,19 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    @property
+    def metrics(self) -> EngineMetrics:
+        blocks = self.scheduler.blocks
+        return EngineMetrics(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_used=blocks.num_used,
+            kv_blocks_free=blocks.num_available,
+            prefix_hit_rate=blocks.stats.hit_rate,
+            preemptions=self.scheduler.preemptions,
+            stats=self.stats,
+        )
+
     @torch.inference_mode()
     def step(self) -> list[tuple[Delta, Sequence]]:
         """One forward pass over the scheduled chunks; one new token per completed sequence."""
@@ -128,27 +156,22 @@ class Engine:
     def _forward(self, chunks: list[Chunk]) -> torch.Tensor:
         tokens: list[int] = []
         positions: list[int] = []
-        spans: list[Span] = []
+        spans: list[PagedSpan] = []
         for c in chunks:
-            start = c.seq.num_cached
+            start, end = c.seq.num_cached, c.seq.num_cached + c.length
             if start < len(c.seq.prompt_ids):
-                self.stats.prompt_tokens += min(c.length, len(c.seq.prompt_ids) - start)
+                self.stats.prompt_tokens += min(end, len(c.seq.prompt_ids)) - start
+                c.seq.metrics.scheduled = c.seq.metrics.scheduled or time.perf_counter()
             tokens += c.seq.pending_tokens()[: c.length]
-            positions += range(start, start + c.length)
-            spans.append(Span(c.seq.cache, start, c.length))
-        backend = BatchAttention(spans)
-        hidden = self.model(self._tensor(tokens), self._tensor(positions), backend)
-        backend.commit()
+            positions += range(start, end)
+            blocks = c.seq.block_table.blocks
+            spans.append(PagedSpan(start, c.length, self.cache.slots(blocks, start, end), self.cache.slots(blocks, 0, end)))
+        hidden = self.model(self._tensor(tokens), self._tensor(positions), PagedAttention(self.cache, spans))
+        for c in chunks:
+            self.scheduler.computed(c.seq, c.length)
         self.stats.steps += 1
         self.stats.step_tokens = len(tokens)
         return hidden
-
-    def _allocate(self, seq: Sequence) -> None:
-        seq.cache = SequenceCache(self.model.cfg, seq.max_length, self.kv_dtype, self.device)
-        seq.metrics.scheduled = time.perf_counter()
-
-    def _release(self, seq: Sequence) -> None:
-        seq.cache = None
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -14,6 +14,7 @@ from .hardware import available_memory, physical_cores
 from .loader import build_model, choose_precision, load
 from .outputs import CompletionOutput, Delta
 from .registry import DEFAULT_MODEL, resolve_model
+from .paged_kv import PagedKVCache
 from .sampling import SamplingParams
 from .scheduler import SchedulerConfig
 
@@ -47,7 +48,8 @@ class LLM:
     `device="auto"` picks CUDA when a GPU is present.
     `kv_cache_memory` (bytes; default a quarter of free RAM, at most 4 GiB)
     bounds the KV cache of all requests together; `max_step_tokens` bounds
-    one forward pass (long prompts are prefilled in chunks of that size).
+    one forward pass (long prompts are prefilled in chunks of that size);
+    `prefix_caching` reuses the cache of identical prompt prefixes.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class LLM:
         kv_cache_memory: int | None = None,
         max_step_tokens: int = 512,
         max_running: int = 64,
+        prefix_caching: bool = True,
     ):
         threads = physical_cores() if threads is None else threads
         if threads < 1:
@@ -78,8 +81,8 @@ class LLM:
         dtype = self.precision.activations
         if kv_cache_memory is None:  # a quarter of free RAM, at most 4 GiB
             kv_cache_memory = min(available_memory() // 4, 4 << 30)
-        per_token = 2 * self.config.num_layers * self.config.kv_size * dtype.itemsize
-        scheduling = SchedulerConfig(max_step_tokens, max_running, kv_cache_memory // per_token)
+        capacity = kv_cache_memory // PagedKVCache.bytes_per_token(self.config, dtype)
+        scheduling = SchedulerConfig(max_step_tokens, max_running, capacity, prefix_caching=prefix_caching)
         self.engine = Engine(self.model, self.tokenizer, self.device, dtype, scheduling)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:

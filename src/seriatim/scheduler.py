@@ -3,16 +3,17 @@
 Decodes go first (one token each) so streams keep flowing; the rest of the
 step's token budget goes to prompts, in chunks, so a long prompt never
 stalls the others for more than one budget's worth of compute (chunked
-prefill). A waiting request is admitted only when its whole KV cache fits in
-the pool, so a running sequence never runs out of memory mid-generation.
+prefill). KV blocks are taken as tokens arrive; when the pool runs dry the
+most recently admitted sequence is preempted: its blocks are freed and it
+waits at the head of the queue to be recomputed, keeping what it generated.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
+from .block_manager import BlockManager
 from .sequence import Sequence
 
 
@@ -20,12 +21,18 @@ from .sequence import Sequence
 class SchedulerConfig:
     max_step_tokens: int = 512  # tokens in one forward pass
     max_running: int = 64  # sequences decoding together
-    kv_capacity_tokens: int = 1 << 20  # KV cache positions the pool may hold, all sequences together
+    kv_capacity_tokens: int = 1 << 20  # KV cache positions in the pool, all sequences together
+    block_size: int = 16
+    prefix_caching: bool = True  # reuse the KV blocks of identical prompt prefixes
 
     def __post_init__(self) -> None:
-        for name in ("max_step_tokens", "max_running", "kv_capacity_tokens"):
+        for name in ("max_step_tokens", "max_running", "kv_capacity_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_capacity_tokens // self.block_size
 
 
 @dataclass
@@ -35,58 +42,86 @@ class Chunk:
     seq: Sequence
     length: int
 
-    @property
-    def completes(self) -> bool:
-        """True when the chunk reaches the sequence's last token, so a new token is sampled."""
-        return self.seq.num_cached + self.length == self.seq.length
-
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocate: Callable[[Sequence], None], release: Callable[[Sequence], None]):
+    def __init__(self, config: SchedulerConfig):
         self.config = config
+        self.blocks = BlockManager(config.num_blocks, config.block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.kv_used_tokens = 0
-        self._allocate, self._release = allocate, release
+        self.preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        if seq.max_length > self.config.kv_capacity_tokens:
+        if self.blocks.blocks_for(seq.max_length) > self.blocks.num_blocks:
             raise ValueError(
                 f"request needs {seq.max_length} KV cache positions but the cache holds "
-                f"{self.config.kv_capacity_tokens}; lower max_tokens or the prompt, or raise the KV cache memory"
+                f"{self.blocks.num_blocks * self.blocks.block_size}; lower max_tokens or the prompt, "
+                "or give the KV cache more memory"
             )
         self.waiting.append(seq)
 
     def schedule(self) -> list[Chunk]:
         budget = self.config.max_step_tokens
         chunks = []
-        # Decodes first, then prompts already part-way through, then newcomers.
-        for seq in sorted(self.running, key=lambda s: len(s.pending_tokens()) > 1):
-            n = min(len(seq.pending_tokens()), budget)
-            if n:
+        # Decodes first, then prompts already part-way through.
+        for seq in sorted(self.running, key=lambda s: s.length - s.num_cached > 1):
+            if seq not in self.running:
+                continue  # preempted to make room for another
+            n = min(seq.length - seq.num_cached, budget)
+            if n and self._grow(seq, n, {c.seq.request_id for c in chunks}):
                 chunks.append(Chunk(seq, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
-            seq = self.waiting[0]
-            if self.kv_used_tokens + seq.max_length > self.config.kv_capacity_tokens:
+            n = self._admit(self.waiting[0], budget)
+            if not n:
                 break  # first come, first served: wait for memory rather than let others overtake
-            self.waiting.popleft()
-            self._allocate(seq)
-            self.kv_used_tokens += seq.max_length
-            self.running.append(seq)
-            n = min(len(seq.pending_tokens()), budget)
-            chunks.append(Chunk(seq, n))
+            chunks.append(Chunk(self.waiting.popleft(), n))
             budget -= n
         return chunks
 
+    def _grow(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
+        """Blocks for `n` more tokens of a running sequence, preempting the latest arrivals not yet
+        scheduled in this step (or `seq` itself, last) if the pool is dry."""
+        while not self.blocks.grow(seq.block_table, seq.num_cached + n):
+            victims = [s for s in self.running if s is not seq and s.request_id not in scheduled]
+            victim = victims[-1] if victims else seq
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Start `seq` (reusing a cached prefix) if the pool can hold all its tokens; tokens to run now."""
+        tokens = seq.all_tokens()
+        seq.num_cached = self.blocks.reuse_prefix(seq.block_table, tokens) if self.config.prefix_caching else 0
+        n = min(len(tokens) - seq.num_cached, budget)
+        fits = self.blocks.blocks_for(len(tokens)) - len(seq.block_table.blocks) <= self.blocks.num_available
+        if not fits or not self.blocks.grow(seq.block_table, seq.num_cached + n):
+            self.blocks.free_table(seq.block_table)
+            seq.num_cached = 0
+            return 0
+        self.running.append(seq)
+        return n
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_table(seq.block_table)
+        seq.num_cached = 0
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def computed(self, seq: Sequence, n: int) -> None:
+        """`n` more tokens of `seq` are now cached: make its full blocks shareable."""
+        seq.num_cached += n
+        self.blocks.register_full_blocks(seq.block_table, seq.all_tokens()[: seq.num_cached])
+
     def finish(self, seq: Sequence) -> None:
-        """Drop a finished or aborted sequence, wherever it is, and free its cache."""
+        """Drop a finished or aborted sequence, wherever it is, and free its blocks."""
         if seq in self.running:
             self.running.remove(seq)
-            self.kv_used_tokens -= seq.max_length
-            self._release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.blocks.free_table(seq.block_table)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from .block_manager import BlockTable
 from .detokenizer import IncrementalDetokenizer
-from .kv_cache import SequenceCache
 from .outputs import CompletionOutput, Delta, FinishReason, RequestMetrics
 from .sampling import SamplingParams, SamplingState, TokenLogprobs
 from .stopping import StopStringFilter
@@ -21,7 +21,8 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     eos_ids: frozenset[int]
     max_length: int  # prompt + output tokens at which generation stops ("length")
-    cache: SequenceCache | None = None  # given when the scheduler admits the sequence
+    block_table: BlockTable = field(default_factory=BlockTable)
+    num_cached: int = 0  # leading tokens whose keys and values are in the KV cache
     stops: StopStringFilter = field(init=False)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -43,12 +44,11 @@ class Sequence:
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
-    @property
-    def num_cached(self) -> int:
-        return 0 if self.cache is None else self.cache.length
+    def all_tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
 
     def pending_tokens(self) -> list[int]:
-        """Tokens not yet in the KV cache: the whole prompt at first, then the last sampled token."""
+        """Tokens not yet in the KV cache: the prompt at first, then the last sampled token."""
         done = self.num_cached
         if done < len(self.prompt_ids):
             return self.prompt_ids[done:] + self.output_ids
