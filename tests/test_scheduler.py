@@ -161,3 +161,20 @@ def test_prefix_caching_can_be_disabled(tiny_llm):
         engine.add_request(prompt(40, 1), GREEDY)
         run_all(engine)
     assert engine.scheduler.blocks.stats.hit_tokens == 0 and engine.stats.prompt_tokens == 80
+
+
+def test_truncated_cache_is_recomputed_in_one_multi_token_step(tiny_llm):
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    expected = tiny_llm.generate(prompt(7, 3), params)[0].token_ids
+    engine = engine_for(tiny_llm, block_size=4)
+    rid = engine.add_request(prompt(7, 3), params)
+    outputs = run_all(engine, max_steps=8)
+    seq = engine.requests[rid]
+    engine.scheduler.truncate(seq, seq.num_cached - 5)  # as if 5 speculative tokens were rejected
+    assert seq.pending_tokens() == seq.all_tokens()[-6:]
+    chunks = engine.scheduler.schedule()  # only reserves blocks: step() will schedule the same
+    assert [(c.seq.request_id, c.length) for c in chunks] == [(rid, 6)]
+    for rid_, tokens in run_all(engine).items():
+        outputs.setdefault(rid_, []).extend(tokens)
+    assert outputs[rid] == expected
+    assert_idle(engine)

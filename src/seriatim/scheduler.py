@@ -115,6 +115,12 @@ class Scheduler:
         seq.num_cached += n
         self.blocks.register_full_blocks(seq.block_table, seq.all_tokens()[: seq.num_cached])
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Forget `seq`'s cached positions from `num_tokens` on (e.g. rejected speculative tokens);
+        the tokens after it are fed again, several in one step, without copying any block."""
+        self.blocks.truncate(seq.block_table, num_tokens)
+        seq.num_cached = min(seq.num_cached, num_tokens)
+
     def finish(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence, wherever it is, and free its blocks."""
         if seq in self.running:
