@@ -178,3 +178,16 @@ def test_truncated_cache_is_recomputed_in_one_multi_token_step(tiny_llm):
         outputs.setdefault(rid_, []).extend(tokens)
     assert outputs[rid] == expected
     assert_idle(engine)
+
+
+def test_deterministic_mode_is_batch_invariant_in_the_fast_path(tiny_llama):
+    from seriatim import LLM
+
+    llm = LLM(str(tiny_llama[0] / "Q4_1.gguf"), deterministic=True, max_step_tokens=8)
+    params = [SamplingParams(temperature=0.7, seed=s, max_tokens=10, ignore_eos=True) for s in range(3)]
+    prompts = [prompt(n, n) for n in (5, 19, 11)]
+    alone = [llm.generate(p, sp)[0].token_ids for p, sp in zip(prompts, params)]
+    ids = [llm.add_request(p, sp) for p, sp in zip(prompts, params)]
+    outputs = run_all(llm.engine)
+    assert [outputs[i] for i in ids] == alone
+    assert_idle(llm.engine)

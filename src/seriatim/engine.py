@@ -166,7 +166,14 @@ class Engine:
             positions += range(start, end)
             blocks = c.seq.block_table.blocks
             spans.append(PagedSpan(start, c.length, self.cache.slots(blocks, start, end), self.cache.slots(blocks, 0, end)))
-        hidden = self.model(self._tensor(tokens), self._tensor(positions), PagedAttention(self.cache, spans))
+        if self.scheduler.config.deterministic:  # one pass per sequence: results cannot depend on the batch
+            bounds = [0, *itertools.accumulate(c.length for c in chunks)]
+            hidden = torch.cat([
+                self.model(self._tensor(tokens[a:b]), self._tensor(positions[a:b]), PagedAttention(self.cache, [span]))
+                for a, b, span in zip(bounds, bounds[1:], spans)
+            ])
+        else:
+            hidden = self.model(self._tensor(tokens), self._tensor(positions), PagedAttention(self.cache, spans))
         for c in chunks:
             self.scheduler.computed(c.seq, c.length)
         self.stats.steps += 1

@@ -49,7 +49,9 @@ class LLM:
     `kv_cache_memory` (bytes; default a quarter of free RAM, at most 4 GiB)
     bounds the KV cache of all requests together; `max_step_tokens` bounds
     one forward pass (long prompts are prefilled in chunks of that size);
-    `prefix_caching` reuses the cache of identical prompt prefixes.
+    `prefix_caching` reuses the cache of identical prompt prefixes;
+    `deterministic` makes every request's tokens independent of the batch it
+    runs in, in the fast mode too, at the cost of one forward pass per request.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class LLM:
         max_step_tokens: int = 512,
         max_running: int = 64,
         prefix_caching: bool = True,
+        deterministic: bool = False,
     ):
         threads = physical_cores() if threads is None else threads
         if threads < 1:
@@ -82,7 +85,9 @@ class LLM:
         if kv_cache_memory is None:  # a quarter of free RAM, at most 4 GiB
             kv_cache_memory = min(available_memory() // 4, 4 << 30)
         capacity = kv_cache_memory // PagedKVCache.bytes_per_token(self.config, dtype)
-        scheduling = SchedulerConfig(max_step_tokens, max_running, capacity, prefix_caching=prefix_caching)
+        scheduling = SchedulerConfig(
+            max_step_tokens, max_running, capacity, prefix_caching=prefix_caching, deterministic=deterministic
+        )
         self.engine = Engine(self.model, self.tokenizer, self.device, dtype, scheduling)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:

@@ -24,6 +24,9 @@ class SchedulerConfig:
     kv_capacity_tokens: int = 1 << 20  # KV cache positions in the pool, all sequences together
     block_size: int = 16
     prefix_caching: bool = True  # reuse the KV blocks of identical prompt prefixes
+    # Batch invariance at any precision: every sequence gets its own forward pass and the same
+    # chunking as if it ran alone (no shared budget, no cached prefixes computed elsewhere).
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_step_tokens", "max_running", "kv_capacity_tokens", "block_size"):
@@ -70,13 +73,13 @@ class Scheduler:
             n = min(seq.length - seq.num_cached, budget)
             if n and self._grow(seq, n, {c.seq.request_id for c in chunks}):
                 chunks.append(Chunk(seq, n))
-                budget -= n
+                budget -= 0 if self.config.deterministic else n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             n = self._admit(self.waiting[0], budget)
             if not n:
                 break  # first come, first served: wait for memory rather than let others overtake
             chunks.append(Chunk(self.waiting.popleft(), n))
-            budget -= n
+            budget -= 0 if self.config.deterministic else n
         return chunks
 
     def _grow(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
@@ -93,7 +96,8 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Start `seq` (reusing a cached prefix) if the pool can hold all its tokens; tokens to run now."""
         tokens = seq.all_tokens()
-        seq.num_cached = self.blocks.reuse_prefix(seq.block_table, tokens) if self.config.prefix_caching else 0
+        reuse = self.config.prefix_caching and not self.config.deterministic
+        seq.num_cached = self.blocks.reuse_prefix(seq.block_table, tokens) if reuse else 0
         n = min(len(tokens) - seq.num_cached, budget)
         fits = self.blocks.blocks_for(len(tokens)) - len(seq.block_table.blocks) <= self.blocks.num_available
         if not fits or not self.blocks.grow(seq.block_table, seq.num_cached + n):
