@@ -14,7 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+_CONCURRENT = 64  # new tokens per request in the concurrency benchmark (bench_worker.CONCURRENT_TOKENS)
 ENGINES = ("seriatim", "llama.cpp", "llama.cpp-fa", "transformers-f32", "transformers-bf16")
+CONCURRENCY_ENGINES = ("seriatim", "seriatim-deterministic", "transformers-bf16", "llama.cpp")
 _TEXT = (
     "The history of science is the study of the development of science and scientific knowledge, "
     "including both the natural and social sciences. Science is a body of empirical, theoretical, and "
@@ -42,13 +44,13 @@ def _available(engine: str) -> str | None:
     """None if the engine can run, else why not."""
     import importlib.util
 
-    module = {"seriatim": "torch", "llama.cpp": "llama_cpp", "llama.cpp-fa": "llama_cpp"}.get(engine, "transformers")
+    module = "torch" if engine.startswith("seriatim") else "llama_cpp" if engine.startswith("llama") else "transformers"
     if importlib.util.find_spec(module) is None:
         return f"not installed (pip install -e '.[bench]' provides {module})"
     return None
 
 
-def _run_worker(engine: str, path: str, threads: int, runs: int, ids: list[int]) -> dict:
+def _run_worker(engine: str, path: str, threads: int, runs: int | str, ids: list[int]) -> dict:
     # Run by file path, not as part of the package: a peer's process must not import torch
     # through seriatim, or its memory would be charged with ours.
     cmd = [sys.executable, str(Path(__file__).with_name("bench_worker.py")), engine, path, str(threads), str(runs)]
@@ -112,3 +114,41 @@ def run_bench(model: str, threads: int, runs: int, engines: list[str], as_json: 
         why_not = _available(engine)
         results.append({"engine": engine, "error": why_not} if why_not else _run_worker(engine, path, threads, runs, ids))
     print(json.dumps({"meta": meta, "results": results}, indent=2) if as_json else format_table(results, meta))
+
+
+def format_concurrency(results: list[dict], meta: dict) -> str:
+    ok = [r for r in results if "error" not in r]
+    levels = list(ok[0]["levels"]) if ok else []
+    lines = [f"model {meta['model']}  threads {meta['threads']}  "
+             f"{_CONCURRENT} new tokens per request, all submitted at once (aggregate tok/s | mean TTFT ms)"]
+    lines.append(f"{'requests':>8} " + " ".join(f"{r['engine']:>28}" for r in ok))
+    for level in levels:
+        cells = [f"{r['levels'][level]['tok_s']:13.1f} | {r['levels'][level]['ttft_ms']:9.0f} ms" for r in ok]
+        lines.append(f"{level:>8} " + " ".join(f"{c:>28}" for c in cells))
+    lines += [f"{r['engine']}: skipped: {r['error']}" for r in results if "error" in r]
+    ours = next((r for r in ok if r["engine"] == "seriatim"), None)
+    if ours:
+        one = ours["levels"][levels[0]]
+        for level in levels[1:]:
+            at = ours["levels"][level]
+            lines.append(f"seriatim at {level}: {at['tok_s'] / one['tok_s']:.1f}x the aggregate rate of {levels[0]}, "
+                         f"TTFT {at['ttft_ms'] / one['ttft_ms']:.1f}x")
+        lines.append(f"shared 400-token system prompt, 15 requests after the first: prefix hit rate "
+                     f"{100 * ours['prefix_hit_rate_after_first']:.0f}%")
+    return "\n".join(lines)
+
+
+def run_concurrency_bench(model: str, threads: int, levels: list[int], engines: list[str], as_json: bool) -> None:
+    from .registry import resolve_model
+    from .tokenizer import Tokenizer
+
+    path = str(resolve_model(model))
+    ids = Tokenizer.from_gguf(path).encode(_TEXT * 40, add_special_tokens=False)
+    meta = {"model": path, "threads": threads, "levels": levels}
+    results = []
+    runs = "concurrency=" + ",".join(map(str, levels))
+    for i, engine in enumerate(engines, 1):
+        print(f"[{i}/{len(engines)}] {engine} at {', '.join(map(str, levels))} concurrent ...", file=sys.stderr, flush=True)
+        why_not = _available(engine)
+        results.append({"engine": engine, "error": why_not} if why_not else _run_worker(engine, path, threads, runs, ids))
+    print(json.dumps({"meta": meta, "results": results}, indent=2) if as_json else format_concurrency(results, meta))

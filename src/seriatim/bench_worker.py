@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 PREFILL_TOKENS, TTFT_TOKENS, DECODE_TOKENS = 512, 128, 256
+CONCURRENT_PROMPT, CONCURRENT_TOKENS = 64, 64  # per request, in the concurrency benchmark
 
 
 @dataclass
@@ -24,6 +25,8 @@ class Runner:
     first_token: Callable[[list[int]], float]
     decode: Callable[[list[int], int], float]
     bytes_per_token: int | None = None
+    # All prompts submitted at once, `n` tokens each: (seconds until all are done, mean time to first token).
+    batch: Callable[[list[list[int]], int], tuple[float, float]] | None = None
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -32,18 +35,24 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _seriatim(path: str, threads: int) -> Runner:
+def _seriatim(path: str, threads: int, deterministic: bool = False) -> Runner:
     from seriatim.llm import LLM
     from seriatim.sampling import SamplingParams
 
-    llm = LLM(path, threads=threads, prefix_caching=False)  # every run must compute its prompt
+    # No prefix caching: every run must compute its prompt.
+    llm = LLM(path, threads=threads, prefix_caching=False, deterministic=deterministic)
 
     def decode(ids: list[int], n: int) -> float:
         out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
         return out.metrics.finished - out.metrics.first_token
 
+    def batch(prompts: list[list[int]], n: int) -> tuple[float, float]:
+        start = time.perf_counter()
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        return time.perf_counter() - start, sum(o.metrics.first_token - start for o in outs) / len(outs)
+
     first = lambda ids: llm.generate(ids, SamplingParams(temperature=0, max_tokens=1))[0].metrics.time_to_first_token
-    return Runner(first, decode, weight_bytes_read_per_token(llm.model))
+    return Runner(first, decode, weight_bytes_read_per_token(llm.model), batch)
 
 
 def _llama_cpp(path: str, threads: int, flash: bool) -> Runner:
@@ -63,7 +72,15 @@ def _llama_cpp(path: str, threads: int, flash: bool) -> Runner:
                 break
         return first - start, time.perf_counter() - first
 
-    return Runner(lambda ids: run(ids, 1)[0], lambda ids, n: run(ids, n)[1])
+    def batch(prompts: list[list[int]], n: int) -> tuple[float, float]:
+        """llama-cpp-python serves one request at a time: the queue is worked through in order."""
+        start, firsts = time.perf_counter(), []
+        for ids in prompts:
+            queued = time.perf_counter() - start
+            firsts.append(queued + run(ids, n)[0])
+        return time.perf_counter() - start, sum(firsts) / len(firsts)
+
+    return Runner(lambda ids: run(ids, 1)[0], lambda ids, n: run(ids, n)[1], None, batch)
 
 
 def _transformers(path: str, threads: int, dtype: str) -> Runner:
@@ -81,7 +98,16 @@ def _transformers(path: str, threads: int, dtype: str) -> Runner:
             return _timed(lambda: model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
                                                  pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long)))
 
-    return Runner(lambda ids: generate(ids, 1), lambda ids, n: generate(ids, n) - generate(ids, 1))
+    def batch(prompts: list[list[int]], n: int) -> tuple[float, float]:
+        """One padded batch (left padding), as `generate` serves several prompts."""
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        run = lambda k: _timed(lambda: model.generate(ids, attention_mask=mask, max_new_tokens=k, do_sample=False, pad_token_id=0))
+        with torch.inference_mode():
+            return run(n), run(1)
+
+    return Runner(lambda ids: generate(ids, 1), lambda ids, n: generate(ids, n) - generate(ids, 1), None, batch)
 
 
 def weight_bytes_read_per_token(model) -> int:
@@ -95,8 +121,8 @@ def weight_bytes_read_per_token(model) -> int:
 
 
 def _make_runner(engine: str, path: str, threads: int) -> Runner:
-    if engine == "seriatim":
-        return _seriatim(path, threads)
+    if engine.startswith("seriatim"):
+        return _seriatim(path, threads, deterministic=engine.endswith("-deterministic"))
     if engine.startswith("llama.cpp"):
         return _llama_cpp(path, threads, flash=engine.endswith("-fa"))
     return _transformers(path, threads, "float32" if engine.endswith("f32") else "bfloat16")
@@ -119,6 +145,39 @@ def measure(engine: str, path: str, threads: int, runs: int, ids: list[int]) -> 
     return result
 
 
+def measure_concurrency(engine: str, path: str, threads: int, levels: list[int], ids: list[int]) -> dict:
+    """Aggregate decode rate and mean time to first token with `level` requests submitted at once."""
+    runner = _make_runner(engine, path, threads)
+    prompts = [ids[7 * i : 7 * i + CONCURRENT_PROMPT] for i in range(max(levels))]
+    runner.batch(prompts[:2], 4)  # warm-up
+    result = {"engine": engine, "levels": {}}
+    for level in levels:
+        seconds, ttft = runner.batch(prompts[:level], CONCURRENT_TOKENS)
+        result["levels"][level] = {"tok_s": level * CONCURRENT_TOKENS / seconds, "ttft_ms": 1000 * ttft}
+    if engine == "seriatim":
+        result.update(_shared_prefix(path, threads, ids))
+    return result
+
+
+def _shared_prefix(path: str, threads: int, ids: list[int]) -> dict:
+    """16 requests sharing a 400-token system prompt: how much prefill the prefix cache saves."""
+    from seriatim.llm import LLM
+    from seriatim.sampling import SamplingParams
+
+    llm = LLM(path, threads=threads)
+    system, params = ids[:400], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm.generate(system + ids[1000:1016], params)
+    stats = llm.engine.scheduler.blocks.stats
+    queried, hits = stats.queried_tokens, stats.hit_tokens
+    llm.generate([system + ids[1016 + 16 * i : 1032 + 16 * i] for i in range(15)], params)
+    return {"prefix_hit_rate_after_first": (stats.hit_tokens - hits) / (stats.queried_tokens - queried)}
+
+
 if __name__ == "__main__":
     engine, path, threads, runs = sys.argv[1:5]
-    print(json.dumps(measure(engine, path, int(threads), int(runs), json.load(sys.stdin))))
+    stdin = json.load(sys.stdin)
+    if runs.startswith("concurrency="):
+        levels = [int(x) for x in runs.removeprefix("concurrency=").split(",")]
+        print(json.dumps(measure_concurrency(engine, path, int(threads), levels, stdin)))
+    else:
+        print(json.dumps(measure(engine, path, int(threads), int(runs), stdin)))

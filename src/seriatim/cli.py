@@ -7,7 +7,7 @@ import math
 import sys
 from collections.abc import Iterator
 
-from .bench import ENGINES
+from .bench import CONCURRENCY_ENGINES, ENGINES
 from .outputs import Delta, RequestMetrics
 from .registry import DEFAULT_MODEL, REGISTRY, installed_path
 
@@ -51,8 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=3, help="repetitions of each measurement")
     bench.add_argument("--engines", default="all", help=f"comma-separated subset of: {', '.join(ENGINES)}")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.add_argument("--concurrency", default=None, metavar="N,N,...",
+                       help="instead of batch-1 speed: aggregate throughput with N requests at once, e.g. 1,4,16,64")
     bench.add_argument("--quality", action="store_true",
                        help="instead of speed: perplexity and greedy agreement of the fast mode against float32")
+    _add_serve_parser(sub)
     return parser
 
 
@@ -138,7 +141,7 @@ def cmd_models(_: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import run_bench
+    from .bench import run_bench, run_concurrency_bench
     from .hardware import physical_cores
 
     if args.quality:
@@ -146,16 +149,55 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         print(compare(args.model))
         return
-    engines = list(ENGINES) if args.engines == "all" else args.engines.split(",")
-    unknown = sorted(set(engines) - set(ENGINES))
+    known = CONCURRENCY_ENGINES if args.concurrency else ENGINES
+    engines = list(known) if args.engines == "all" else args.engines.split(",")
+    unknown = sorted(set(engines) - set(known))
     if unknown or args.runs < 1:
         raise ValueError(f"unknown engine(s) {', '.join(unknown)}" if unknown else "--runs must be >= 1")
-    run_bench(args.model, args.threads or physical_cores(), args.runs, engines, args.json)
+    threads = args.threads or physical_cores()
+    if args.concurrency:
+        try:
+            levels = [int(x) for x in args.concurrency.split(",")]
+        except ValueError:
+            levels = []
+        if not levels or min(levels) < 1:
+            raise ValueError(f"--concurrency needs positive integers separated by commas, got {args.concurrency!r}")
+        run_concurrency_bench(args.model, threads, levels, engines, args.json)
+    else:
+        run_bench(args.model, threads, args.runs, engines, args.json)
+
+
+def _add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API routes")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
+    serve.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
+    serve.add_argument("--max-tokens-cap", type=int, default=None, help="upper bound for max_tokens")
+    serve.add_argument("--max-n", type=int, default=16, help="upper bound for n")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    serve.add_argument("--request-timeout", type=float, default=None, help="seconds per request, queueing included")
+    serve.add_argument("--log-level", default="warning", help="uvicorn's log level (info shows each request)")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .server import ServerConfig, serve
+
+    config = ServerConfig(
+        model=args.model, dtype=args.dtype, device=args.device, threads=args.threads,
+        served_model_name=args.served_model_name, api_key=args.api_key, max_queue=args.max_queue,
+        max_tokens_cap=args.max_tokens_cap, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
+        request_timeout=args.request_timeout,
+    )
+    serve(config, args.host, args.port, log_level=args.log_level)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models, "bench": cmd_bench}[args.command]
+    handler = {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models, "bench": cmd_bench,
+               "serve": cmd_serve}[args.command]
     try:
         handler(args)
     except ValueError as e:
