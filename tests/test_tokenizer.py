@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from tokenizers import AddedToken, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
 from seriatim.gguf_metadata import read_gguf_metadata
+from seriatim.registry import REGISTRY, missing_packages, model_file
 from seriatim.tokenizer import Tokenizer
 
 CORPUS = [
@@ -56,86 +59,148 @@ DIGITS_SPLIT_FIRST = {
 }
 
 
-@pytest.fixture(scope="module")
-def ours(smollm2_gguf_path: Path) -> Tokenizer:
-    return Tokenizer.from_gguf(smollm2_gguf_path)
+MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m"]
 
 
-@pytest.fixture(scope="module")
-def reference(smollm2_gguf_path: Path) -> Any:
+@dataclass(frozen=True)
+class Expected:
+    bos: tuple[int, str]
+    eos: tuple[int, str]
+    stop: set[int]  # every id that ends a generation
+    hi: list[int]  # `encode("hi")`: shows whether BOS is added
+    vocab_size: int
+
+
+EXPECTED = {
+    # The file says bos=1, eos=2, which are <|im_start|> and <|im_end|>, as transformers reports; generation
+    # must also stop at <|endoftext|> (0), the base model's end of text. No BOS: add_bos_token is false.
+    "smollm2-135m": Expected((1, "<|im_start|>"), (2, "<|im_end|>"), {0, 2}, [6004], 49152),
+    "qwen2.5-coder-0.5b": Expected(
+        (151643, "<|endoftext|>"), (151645, "<|im_end|>"), {151643, 151645}, [6023], 151936
+    ),
+    # SentencePiece with add_bos_token: BOS first. Chat turns end with <end_of_turn>.
+    "gemma3-270m": Expected((2, "<bos>"), (1, "<eos>"), {1, 106}, [2, 2202], 262144),
+}
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str
+    path: Path
+    ours: Tokenizer
+    reference: Any  # transformers' tokenizer from the same GGUF file
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def pair(request: pytest.FixtureRequest) -> Pair:
+    """Ours and transformers' tokenizer for one registry model. Slow to build, so every test that takes it
+    runs for every model, and pytest groups them to build each pair once."""
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf_path.parent), gguf_file=smollm2_gguf_path.name)
+    entry = REGISTRY[request.param]
+    if missing_packages(entry):
+        pytest.skip(f"needs the model: seriatim pull {entry.name}")
+    path = model_file(entry)
+    reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return Pair(entry.name, path, Tokenizer.from_gguf(path), reference)
 
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("text", CORPUS)
-def test_encode_matches_transformers(ours: Tokenizer, reference: Any, text: str) -> None:
-    assert ours.encode(text) == reference(text)["input_ids"]
-    assert ours.encode(text, add_special_tokens=False) == reference(text, add_special_tokens=False)["input_ids"]
+def test_encode_matches_transformers(pair: Pair, text: str) -> None:
+    assert pair.ours.encode(text) == pair.reference(text)["input_ids"]
+    assert pair.ours.encode(text, add_special_tokens=False) == pair.reference(text, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("text", CORPUS)
-def test_decode_matches_transformers_and_round_trips(ours: Tokenizer, reference: Any, text: str) -> None:
-    ids = ours.encode(text)
-    assert ours.decode(ids) == reference.decode(ids) == text
-    assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
+def test_decode_matches_transformers_and_round_trips(pair: Pair, text: str) -> None:
+    ids = pair.ours.encode(text, add_special_tokens=False)
+    assert pair.ours.decode(ids) == pair.reference.decode(ids) == text
+    ids = pair.ours.encode(text)
+    for skip in (False, True):
+        assert pair.ours.decode(ids, skip_special_tokens=skip) == pair.reference.decode(ids, skip_special_tokens=skip)
 
 
 @pytest.mark.real_model
-def test_decode_arbitrary_ids_matches_transformers(ours: Tokenizer, reference: Any) -> None:
+def test_decode_arbitrary_ids_matches_transformers(pair: Pair) -> None:
     # Random ids cut characters anywhere and mix in special tokens: the U+FFFD placement must agree too.
     rng = random.Random(0)
+    specials = sorted(pair.ours.hf.get_added_tokens_decoder())
     for _ in range(200):
-        ids = [rng.randrange(ours.vocab_size) for _ in range(rng.randrange(1, 12))] + [rng.randrange(17)]
+        ids = [rng.randrange(pair.ours.vocab_size) for _ in range(rng.randrange(1, 12))] + [rng.choice(specials)]
         for skip in (False, True):
-            assert ours.decode(ids, skip_special_tokens=skip) == reference.decode(ids, skip_special_tokens=skip)
+            assert pair.ours.decode(ids, skip_special_tokens=skip) == pair.reference.decode(ids, skip_special_tokens=skip)
 
 
 @pytest.mark.real_model
 @pytest.mark.parametrize(("text", "pieces"), DIGITS_SPLIT_FIRST.items())
-def test_smollm_splits_digits_first_like_llama_cpp(ours: Tokenizer, text: str, pieces: list[str]) -> None:
-    ids = ours.encode(text)
-    assert [ours.id_to_token(i) for i in ids] == pieces
-    assert ours.decode(ids) == text
+def test_digits_after_whitespace(pair: Pair, text: str, pieces: list[str]) -> None:
+    ids = pair.ours.encode(text)
+    if pair.name == "smollm2-135m":  # splits digits first, like llama.cpp and unlike transformers
+        assert [pair.ours.id_to_token(i) for i in ids] == pieces
+    else:
+        assert ids == pair.reference(text)["input_ids"]
+    assert pair.ours.decode(ids, skip_special_tokens=True) == text
 
 
 @pytest.mark.real_model
-def test_special_tokens(ours: Tokenizer, reference: Any) -> None:
-    # The file says bos=1, eos=2, which are <|im_start|> and <|im_end|>, as transformers reports.
-    # Generation must also stop at <|endoftext|> (0), the base model's end of text.
-    assert (ours.bos_token_id, ours.bos_token) == (reference.bos_token_id, reference.bos_token) == (1, "<|im_start|>")
-    assert (ours.eos_token_id, ours.eos_token) == (reference.eos_token_id, reference.eos_token) == (2, "<|im_end|>")
-    assert ours.eos_token_ids == {0, 2}
-    assert ours.encode("hi") == reference("hi")["input_ids"] == [6004]  # no BOS: add_bos_token is false
-    assert ours.vocab_size == len(reference) == 49152
+def test_special_tokens(pair: Pair) -> None:
+    ours, reference, expected = pair.ours, pair.reference, EXPECTED[pair.name]
+    assert (ours.bos_token_id, ours.bos_token) == (reference.bos_token_id, reference.bos_token) == expected.bos
+    assert (ours.eos_token_id, ours.eos_token) == (reference.eos_token_id, reference.eos_token) == expected.eos
+    assert ours.eos_token_ids == expected.stop
+    assert ours.encode("hi") == reference("hi")["input_ids"] == expected.hi
+    assert ours.vocab_size == len(reference) == expected.vocab_size
     assert ours.chat_template == reference.chat_template
-    assert ours.id_to_token(2) == "<|im_end|>"
+    assert ours.id_to_token(expected.eos[0]) == expected.eos[1]
     with pytest.raises(IndexError):
         ours.id_to_token(ours.vocab_size)
 
 
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hi 🦀, what's the weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    ]},
+    {"role": "tool", "content": "18°C, sunny"},
+    {"role": "assistant", "content": "Sunny, 18°C."},
+]
+TOOLS = [{
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}]
+
+
 @pytest.mark.real_model
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_chat_prompt_matches_transformers(ours: Tokenizer, reference: Any, add_generation_prompt: bool) -> None:
-    messages = [{"role": "user", "content": "Hi 🦀"}, {"role": "assistant", "content": "Hello!"}]
-    prompt = ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    assert prompt == reference.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+@pytest.mark.parametrize("tools", [None, TOOLS])
+def test_chat_prompt_matches_transformers(pair: Pair, add_generation_prompt: bool, tools: Any) -> None:
+    options = dict(add_generation_prompt=add_generation_prompt, tools=tools)
+    if pair.reference.chat_template is None:  # Gemma 3 270M is a base model
+        with pytest.raises(ValueError, match="no chat template"):
+            pair.ours.apply_chat_template(CONVERSATION, **options)
+        return
+    prompt = pair.ours.apply_chat_template(CONVERSATION, **options)
+    assert prompt == pair.reference.apply_chat_template(CONVERSATION, tokenize=False, **options)
     # A rendered prompt is encoded without adding special tokens, as transformers does.
-    assert ours.encode(prompt, add_special_tokens=False) == reference(prompt, add_special_tokens=False)["input_ids"]
+    assert pair.ours.encode(prompt, add_special_tokens=False) == pair.reference(prompt, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.real_model
-def test_from_pretrained_dir_matches_saved_reference(ours: Tokenizer, reference: Any, tmp_path: Path) -> None:
-    reference.save_pretrained(tmp_path)
+def test_from_pretrained_dir_matches_saved_reference(pair: Pair, tmp_path: Path) -> None:
+    pair.reference.save_pretrained(tmp_path)
     loaded = Tokenizer.from_pretrained_dir(tmp_path)
     for text in CORPUS:
-        assert loaded.encode(text) == reference(text)["input_ids"]
-        assert loaded.decode(ours.encode(text)) == text
-    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.eos_token_ids) == (1, 2, ours.eos_token_ids)
-    assert loaded.chat_template == ours.chat_template
+        assert loaded.encode(text) == pair.reference(text)["input_ids"]
+        assert loaded.decode(pair.ours.encode(text)) == pair.ours.decode(pair.ours.encode(text))
+    assert (loaded.bos_token_id, loaded.eos_token_id) == (pair.ours.bos_token_id, pair.ours.eos_token_id)
+    assert loaded.eos_token_ids == pair.ours.eos_token_ids
+    assert loaded.chat_template == pair.ours.chat_template
 
 
 @pytest.mark.real_model
@@ -229,3 +294,60 @@ def test_from_pretrained_dir_matches_transformers(tmp_path: Path) -> None:
     assert tok.encode("")[0] == tok.bos_token_id == 259
     assert tok.eos_token_ids == {260, 261, 262}  # </s>, <|im_end|> by its text, <eot> from generation_config
     assert tok.chat_template == template
+
+
+# A tiny Gemma-style SentencePiece vocabulary: specials, whole-matched "\n", a run of spaces stored as real
+# spaces, the 256 byte-fallback tokens, then pieces in merge order. The scores run against that order:
+# Gemma's are meaningless, and both transformers and we must rank merges by position instead.
+_SPM_HEAD = {"<pad>": 3, "<eos>": 3, "<bos>": 3, "<unk>": 3, "<start_of_turn>": 3, "<end_of_turn>": 3,
+             "\n": 4, "  ": 4}
+_SPM_PIECES = ["▁", "h", "e", "l", "o", "ll", "he", "hell", "hello", "▁hello", "▁h", "lo", "▁l"]
+
+
+def write_tiny_gemma_gguf(path: Path, architecture: str = "gemma3", **extra: Any) -> Path:
+    import gguf
+
+    tokens = [*_SPM_HEAD, *(f"<0x{byte:02X}>" for byte in range(256)), *_SPM_PIECES]
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([float(i) for i in range(len(tokens))])  # ascending: the opposite of merge order
+    writer.add_token_types([*_SPM_HEAD.values(), *[6] * 256, *[1] * len(_SPM_PIECES)])
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    for key, value in extra.items():  # e.g. add_add_bos_token=False
+        getattr(writer, key)(value)
+    writer.add_tensor("unused", np.zeros(4, dtype=np.float32))  # transformers wants a tensor to read the file
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_tiny_sentencepiece_gguf_matches_transformers(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    path = write_tiny_gemma_gguf(tmp_path / "spm.gguf")  # no add_bos_token key: SentencePiece adds BOS
+    tok = Tokenizer.from_gguf(path)
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    texts = ["hello hello", " hello  hello\n\n", "héllo<end_of_turn>x", "  lo   ", "hellohello", "▁l", "\ttab 🦀", ""]
+    for text in texts:
+        assert tok.encode(text) == reference(text)["input_ids"]
+        assert tok.encode(text, add_special_tokens=False) == reference(text, add_special_tokens=False)["input_ids"]
+        for skip in (False, True):
+            assert tok.decode(tok.encode(text), skip_special_tokens=skip) == reference.decode(
+                tok.encode(text), skip_special_tokens=skip)
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text.replace("▁", " ")  # ▁ reads as a space
+    assert tok.encode("hello", add_special_tokens=False) == [272]  # ll, he, hell, hello: by position, not score
+    assert [tok.id_to_token(i) for i in tok.encode(" hello  é", add_special_tokens=False)] == [
+        "▁hello", "▁▁", "<0xC3>", "<0xA9>"]  # "  " is reached as ▁▁; é falls back to bytes
+    assert (tok.bos_token, tok.eos_token, tok.eos_token_ids) == ("<bos>", "<eos>", {1, 5})
+
+
+def test_tiny_sentencepiece_gguf_bos_flag_and_unsupported_architecture(tmp_path: Path) -> None:
+    no_bos = Tokenizer.from_gguf(write_tiny_gemma_gguf(tmp_path / "a.gguf", add_add_bos_token=False))
+    assert no_bos.encode("hello") == no_bos.encode("hello", add_special_tokens=False) == [272]
+    # Llama 2-style SentencePiece (prefix space, score-ranked merges) is not built.
+    with pytest.raises(ValueError, match=r"SentencePiece GGUF vocabularies are supported for .*not 'llama'"):
+        Tokenizer.from_gguf(write_tiny_gemma_gguf(tmp_path / "b.gguf", architecture="llama"))

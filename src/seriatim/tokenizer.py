@@ -10,7 +10,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
@@ -74,17 +74,80 @@ def _byte_level_bpe(meta: Mapping[str, Any]) -> HFTokenizer:
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     hf.decoder = decoders.ByteLevel()
-    # Control (<|im_end|>) and user-defined (<think>) tokens are matched whole in the text, as llama.cpp
-    # does; only control ones are special (dropped by skip_special_tokens). A token outside the byte
-    # alphabet marked so is a converter's mislabel: transformers skips those too.
-    typed = [(token, kind) for token, kind in zip(tokens, types) if set(token) <= alphabet]
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, kind in typed if kind == _CONTROL])
-    hf.add_tokens([AddedToken(t, special=False, normalized=False) for t, kind in typed if kind == _USER_DEFINED])
+    # A control or user-defined token outside the byte alphabet is a converter's mislabel: transformers
+    # skips those too.
+    _add_typed_tokens(hf, [(token, kind) for token, kind in zip(tokens, types) if set(token) <= alphabet])
     return hf
 
 
-# Builders per `tokenizer.ggml.model`. SentencePiece ("llama", for Gemma) is still to come.
-_GGUF_BUILDERS: dict[str, Callable[[Mapping[str, Any]], HFTokenizer]] = {"gpt2": _byte_level_bpe}
+# SentencePiece's stand-in for a space.
+_SPACE = "\u2581"
+# Architectures whose "llama" (SentencePiece) vocabularies are read the way transformers reads Gemma's.
+_GEMMA_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3"})
+
+
+def _sentencepiece_bpe(meta: Mapping[str, Any]) -> HFTokenizer:
+    """`tokenizer.ggml.model == "llama"` in a Gemma file: SentencePiece BPE with byte fallback (`<0x0A>`),
+    spaces written as ▁ and no prefix space, built as transformers' GGUF loader builds it."""
+    architecture = meta.get("general.architecture")
+    if architecture not in _GEMMA_ARCHITECTURES:
+        raise ValueError(
+            f"SentencePiece GGUF vocabularies are supported for {sorted(_GEMMA_ARCHITECTURES)} files, "
+            f"not {architecture!r}."
+        )
+    stored: list[str] = meta["tokenizer.ggml.tokens"]
+    # Runs of spaces are stored as real spaces, but BPE only ever sees ▁ (the normalizer below).
+    tokens = [_SPACE * len(token) if token and not token.strip(" ") else token for token in stored]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    hf = HFTokenizer(
+        BPE(
+            vocab=vocab,
+            merges=_merges_by_position(tokens, vocab),
+            unk_token=None if unk_id is None else tokens[unk_id],
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    hf.normalizer = normalizers.Replace(" ", _SPACE)
+    hf.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    # The respelled space runs are reached through BPE, so (as in transformers) they are not matched whole.
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or []
+    typed = [(token, kind) for token, kind, spelled in zip(stored, types, tokens) if token == spelled]
+    _add_typed_tokens(hf, typed)
+    return hf
+
+
+def _merges_by_position(tokens: list[str], vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+    """The file has no merges: every split of a token into two vocabulary entries is one, ranked by the
+    token's position and then longer left part first, as transformers' `generate_merges` ranks them for
+    Gemma. Ranking by score would differ: the scores put user-defined pieces (the space runs) last."""
+    return [
+        (token[:cut], token[cut:])
+        for token in tokens
+        for cut in range(len(token) - 1, 0, -1)
+        if token[:cut] in vocab and token[cut:] in vocab
+    ]
+
+
+def _add_typed_tokens(hf: HFTokenizer, typed: list[tuple[str, int]]) -> None:
+    """Control (<|im_end|>) and user-defined (<think>) tokens are matched whole in the text, as llama.cpp
+    does; only control ones are special (dropped by skip_special_tokens)."""
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, kind in typed if kind == _CONTROL])
+    hf.add_tokens([AddedToken(t, special=False, normalized=False) for t, kind in typed if kind == _USER_DEFINED])
+
+
+@dataclass(frozen=True)
+class _GGUFVocabulary:
+    build: Callable[[Mapping[str, Any]], HFTokenizer]
+    add_bos_default: bool  # for files without `tokenizer.ggml.add_bos_token` (llama.cpp and transformers agree)
+
+
+# Per `tokenizer.ggml.model`.
+_GGUF_VOCABULARIES: dict[str, _GGUFVocabulary] = {
+    "gpt2": _GGUFVocabulary(_byte_level_bpe, add_bos_default=False),
+    "llama": _GGUFVocabulary(_sentencepiece_bpe, add_bos_default=True),
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,12 +168,12 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
         """From GGUF metadata as plain values (see `read_gguf_metadata`)."""
         model = meta.get("tokenizer.ggml.model")
-        if model not in _GGUF_BUILDERS:
-            raise ValueError(f"Unsupported GGUF tokenizer model {model!r}; supported: {sorted(_GGUF_BUILDERS)}.")
-        hf = _GGUF_BUILDERS[model](meta)
+        if model not in _GGUF_VOCABULARIES:
+            raise ValueError(f"Unsupported GGUF tokenizer model {model!r}; supported: {sorted(_GGUF_VOCABULARIES)}.")
+        vocabulary = _GGUF_VOCABULARIES[model]
+        hf = vocabulary.build(meta)
         bos_token_id = meta.get("tokenizer.ggml.bos_token_id")
-        # Absent means no BOS for BPE vocabularies (llama.cpp and transformers agree).
-        if meta.get("tokenizer.ggml.add_bos_token", False):
+        if meta.get("tokenizer.ggml.add_bos_token", vocabulary.add_bos_default):
             if bos_token_id is None:
                 raise ValueError("The GGUF file asks for a BOS token but names none.")
             bos = hf.id_to_token(bos_token_id)
@@ -162,7 +225,7 @@ class Tokenizer:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str:
-        """The vocabulary entry (for byte-level BPE, in GPT-2's byte alphabet: "Ġthe")."""
+        """The vocabulary entry (byte-level BPE: in GPT-2's byte alphabet, "Ġthe"; SentencePiece: "▁the")."""
         token = self.hf.id_to_token(token_id)
         if token is None:
             raise IndexError(f"Token id {token_id} is outside the vocabulary of {self.vocab_size}.")
