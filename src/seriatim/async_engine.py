@@ -63,12 +63,14 @@ class AsyncEngine:
         self.engine = engine
         self.max_requests = max_requests
         self.counts = EngineCounts()
+        self.engine_metrics: Any = None  # the engine's `metrics` snapshot after the last step, if it has one
         self._cond = threading.Condition()
         self._inbox: list[Callable[[], None]] = []
         self._streams: dict[int, _Stream] = {}  # engine-thread only
         self._reserved = 0  # requests submitted and not yet ended; under _cond
         self._stopping = False
         self._exited = False
+        self._running = threading.Event()  # set once the thread has started
         self._thread: threading.Thread | None = None
         self._step_error: BaseException | None = None
 
@@ -79,6 +81,7 @@ class AsyncEngine:
             return
         self._thread = threading.Thread(target=self._run, name="seriatim-engine", daemon=True)
         self._thread.start()
+        self._running.wait()
 
     @property
     def accepting(self) -> bool:
@@ -198,6 +201,7 @@ class AsyncEngine:
         return await asyncio.wrap_future(self._post_call(fn))
 
     def _run(self) -> None:
+        self._running.set()
         try:
             while True:
                 with self._cond:
@@ -296,11 +300,16 @@ class AsyncEngine:
         self._update_counts()
 
     def _update_counts(self) -> None:
-        sched = getattr(self.engine, "scheduler", None)
-        running, waiting = getattr(sched, "running", None), getattr(sched, "waiting", None)
-        if running is not None and waiting is not None:
-            self.counts.running, self.counts.waiting = len(running), len(waiting)
-        else:  # an engine without a visible scheduler: count everything as running
+        """Refresh `counts` and `engine_metrics` (a snapshot taken here, in the engine thread)."""
+        try:
+            self.engine_metrics = getattr(self.engine, "metrics", None)
+        except Exception:  # noqa: BLE001 - metrics are optional
+            self.engine_metrics = None
+        m = self.engine_metrics
+        running, waiting = getattr(m, "running", None), getattr(m, "waiting", None)
+        if isinstance(running, int) and isinstance(waiting, int):
+            self.counts.running, self.counts.waiting = running, waiting
+        else:  # an engine without metrics: count everything in flight as running
             self.counts.running, self.counts.waiting = len(self._streams), 0
 
 
