@@ -1,0 +1,213 @@
+"""The FastAPI application: routes, API-key check, body-size limit, request metrics."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from .chat import chat_prompt_ids, create_chat_completion
+from .completions import check_model, create_completion
+from .errors import APIError, error_body, install_error_handlers, invalid
+from .metrics import CONTENT_TYPE, Metrics
+from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .state import ServerConfig, ServerState
+
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
+          "/metrics", "/openapi.json", "/docs")
+_OPEN = ("/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect")  # no API key needed
+
+
+def create_app(config: ServerConfig, load: Callable[[ServerConfig], Any] | None = None) -> FastAPI:
+    """The app; the model starts loading (in a thread) when the app starts up.
+
+    `load(config) -> LLM` replaces the default loader (tests, embedding).
+    """
+    state = ServerState(config, load)
+    metrics = Metrics(lambda: state.engine)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        state.start_loading()
+        yield
+        await state.close()
+
+    app = FastAPI(title="seriatim", version=_version(), lifespan=lifespan, redoc_url=None,
+                  description="OpenAI-compatible text generation with seriatim")
+    app.state.seriatim = state
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.add_middleware(_Guard, state=state, metrics=metrics)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(body, request, state, metrics)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(body, request, state, metrics)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        llm, _ = state.require()
+        return {"object": "list", "data": [_model_card(state, llm)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict:
+        llm, _ = state.require()
+        check_model(model, state)
+        return _model_card(state, llm)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        llm, _ = state.require()
+        check_model(body.model, state)
+        if (body.prompt is None) == (body.messages is None):
+            raise invalid("give exactly one of prompt or messages", "prompt")
+        if body.prompt is not None:
+            ids = llm.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            if not body.messages:
+                raise invalid("messages must not be empty", "messages")
+            ids = chat_prompt_ids(llm, body.messages)
+        return {"tokens": ids, "count": len(ids), "max_model_len": llm.config.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        llm, _ = state.require()
+        check_model(body.model, state)
+        vocab = llm.config.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise invalid(f"token id {bad} is outside the vocabulary [0, {vocab})", "tokens")
+        return {"prompt": llm.tokenizer.decode(body.tokens)}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.ready:
+            return JSONResponse({"status": "ok", "model": config.model_name})
+        status = "shutting_down" if state.shutting_down else "error" if state.load_error else "loading"
+        body = {"status": status, "model": config.model_name}
+        if state.load_error:
+            body["error"] = state.load_error
+        return JSONResponse(body, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("seriatim")
+    except PackageNotFoundError:
+        return "0"
+
+
+def _model_card(state: ServerState, llm) -> dict:
+    return {"id": state.config.model_name, "object": "model", "created": state.created, "owned_by": "seriatim",
+            "root": state.config.model, "max_model_len": llm.config.context_length}
+
+
+class _Guard:
+    """Pure ASGI middleware: API key (401), body size (413), and request counts by endpoint and status.
+
+    The body is read here, up to the limit, and replayed to the app; later `receive` calls go to
+    the server, so the app can still notice a disconnect.
+    """
+
+    def __init__(self, app, state: ServerState, metrics: Metrics):
+        self.app, self.state, self.metrics = app, state, metrics
+        key = state.config.api_key
+        self.key = None if key is None else key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in ROUTES else "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+        status = [500]
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, counting_send)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+
+    async def _handle(self, scope, receive, send) -> None:
+        path = scope["path"]
+        if self.key is not None and path not in _OPEN and not self._authorized(scope):
+            await _send_error(send, APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                             code="invalid_api_key"))
+            return
+        limit = self.state.config.max_body_bytes
+        length = _header(scope, b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                await _send_error(send, invalid("the Content-Length header is not a number"))
+                return
+            if int(length) > limit:
+                await _send_error(send, _too_large(limit))
+                return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _send_error(send, _too_large(limit))
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _authorized(self, scope) -> bool:
+        value = _header(scope, b"authorization") or ""
+        scheme, _, token = value.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
+                    code="request_too_large")
+
+
+def _header(scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", ()):
+        if k.lower() == name:
+            return v.decode("latin-1").strip()
+    return None
+
+
+async def _send_error(send, err: APIError) -> None:
+    body = json.dumps(error_body(err.message, err.type, err.param, err.code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if err.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,114 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from jinja2 import TemplateError
+
+from ..sampling import MAX_LOGPROBS
+from .completions import check_model
+from .errors import invalid
+from .formatting import TokenTexts, chat_logprobs
+from .generation import Choice, Job, check_n, check_prompt, max_new_tokens, sampling_params
+from .schemas import ChatCompletionRequest, ChatMessage
+from .streaming import event_stream, sse, unless_disconnected
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as the chat template expects them: role and text content."""
+    out = []
+    for m in messages:
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return out
+
+
+def chat_prompt_ids(llm, messages: list[ChatMessage]) -> list[int]:
+    try:
+        return llm.chat_prompt(message_dicts(messages))
+    except (ValueError, TemplateError) as e:
+        raise invalid(f"the chat template could not render these messages: {e}", "messages") from None
+
+
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, state, metrics) -> Response:
+    llm, engine = state.require()
+    config = state.config
+    check_model(body.model, state)
+    if body.response_format is not None and body.response_format.type != "text":
+        raise invalid(f"response_format {body.response_format.type!r}: structured output is not supported yet; "
+                      "only {\"type\": \"text\"} is accepted",
+                      "response_format", "unsupported_response_format")
+    if body.top_logprobs is not None:
+        if not body.logprobs:
+            raise invalid("top_logprobs needs logprobs to be true", "top_logprobs")
+        if not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+            raise invalid(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {body.top_logprobs}", "top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    ids = chat_prompt_ids(llm, body.messages)
+    n = check_n(body.n, 1, config)
+    ctx = llm.config.context_length
+    check_prompt(ids, llm.config.vocab_size, ctx, "messages")
+    requested, name = body.max_completion_tokens, "max_completion_tokens"
+    if requested is None:
+        requested, name = body.max_tokens, "max_tokens"
+    max_tokens = max_new_tokens(requested, None, len(ids), ctx, config, name=name)
+    choices = [Choice(j, ids, sampling_params(body, max_tokens, logprobs, j)) for j in range(n)]
+
+    texts = TokenTexts(llm.tokenizer)
+    rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), config.model_name
+    job = Job(engine, metrics, choices, config.request_timeout)
+    try:
+        await job.start()
+    except BaseException:
+        job.close()
+        raise
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return event_stream(_stream(job, texts, logprobs is not None, len(ids), rid, created, model, include_usage),
+                            job.close)
+
+    async def drain() -> None:
+        async for _ in job.events():
+            pass
+
+    try:
+        await unless_disconnected(request, drain())
+    finally:
+        job.close()
+    out = [{
+        "index": c.index,
+        "message": {"role": "assistant", "content": c.text},
+        "logprobs": {"content": chat_logprobs(texts, c.logprobs), "refusal": None} if logprobs is not None else None,
+        "finish_reason": c.finish_reason,
+    } for c in choices]
+    return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
+                         "choices": out, "usage": job.usage(len(ids)), "system_fingerprint": None})
+
+
+async def _stream(job, texts, with_logprobs, prompt_tokens, rid, created, model, include_usage):
+    def chunk(index, delta, logprobs=None, finish_reason=None):
+        obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+        if include_usage:
+            obj["usage"] = None
+        return sse(obj)
+
+    for c in job.choices:
+        yield chunk(c.index, {"role": "assistant", "content": ""})
+    async for c, delta in job.events():
+        logprobs = None
+        if with_logprobs and delta.token_ids:
+            logprobs = {"content": chat_logprobs(texts, [lp for lp in delta.logprobs or [] if lp is not None]),
+                        "refusal": None}
+        if delta.text or logprobs:
+            yield chunk(c.index, {"content": delta.text}, logprobs)
+        if delta.finish_reason is not None:
+            yield chunk(c.index, {}, None, delta.finish_reason)
+    if include_usage:
+        yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [], "usage": job.usage(prompt_tokens)})

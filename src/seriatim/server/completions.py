@@ -1,0 +1,149 @@
+"""POST /v1/completions."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from ..async_engine import EngineShutDown, prompt_logprobs
+from ..sampling import MAX_LOGPROBS
+from .errors import APIError, invalid
+from .formatting import TokenTexts, completion_logprobs
+from .generation import Choice, Job, check_n, check_prompt, max_new_tokens, sampling_params
+from .schemas import CompletionRequest
+from .streaming import event_stream, sse, unless_disconnected
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+
+
+def parse_prompts(prompt, tokenizer) -> list[tuple[str | None, list[int]]]:
+    """(text as given or None, token ids) for each prompt of the request."""
+    if isinstance(prompt, str):
+        return [(prompt, tokenizer.encode(prompt))]
+    if not prompt:
+        raise invalid("prompt must not be an empty list", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [(None, list(prompt))]
+    if all(isinstance(p, str) for p in prompt):
+        return [(p, tokenizer.encode(p)) for p in prompt]
+    if all(isinstance(p, list) for p in prompt):
+        return [(None, list(p)) for p in prompt]
+    raise invalid("prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists",
+                  "prompt")
+
+
+async def create_completion(body: CompletionRequest, request: Request, state, metrics) -> Response:
+    llm, engine = state.require()
+    config = state.config
+    check_model(body.model, state)
+    if body.suffix:
+        raise invalid("suffix is not supported", "suffix")
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
+        raise invalid(f"logprobs must be in [0, {MAX_LOGPROBS}], got {body.logprobs}", "logprobs")
+    prompts = parse_prompts(body.prompt, llm.tokenizer)
+    n = check_n(body.n, len(prompts), config)
+    if body.best_of is not None and body.best_of != n:
+        raise invalid("best_of is not supported (other than best_of == n)", "best_of")
+    echo = bool(body.echo)
+    ctx, vocab = llm.config.context_length, llm.config.vocab_size
+    choices: list[Choice] = []
+    for i, (_, ids) in enumerate(prompts):
+        check_prompt(ids, vocab, ctx)
+        max_tokens = max_new_tokens(body.max_tokens, DEFAULT_MAX_TOKENS, len(ids), ctx, config, allow_zero=echo)
+        for j in range(n):
+            c = Choice(i * n + j, ids, sampling_params(body, max(max_tokens, 1), body.logprobs, j))
+            if max_tokens == 0:  # echo only: nothing to generate
+                c.finish_reason = "length"
+            choices.append(c)
+
+    texts = TokenTexts(llm.tokenizer)
+    prompt_texts = [text if text is not None else llm.tokenizer.decode(ids) for text, ids in prompts]
+    prompt_lps: list[dict | None] = [None] * len(prompts)
+    if echo and body.logprobs is not None:
+        for i, (_, ids) in enumerate(prompts):
+            try:
+                entries = await engine.run_in_engine_thread(
+                    lambda ids=ids: prompt_logprobs(llm.model, ids, body.logprobs, llm.device))
+            except EngineShutDown:
+                raise APIError(503, "the server is shutting down") from None
+            prompt_lps[i] = completion_logprobs(texts, entries, ids, 0)[0]
+
+    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.config.model_name
+    job = Job(engine, metrics, choices, config.request_timeout)
+    try:
+        await job.start()
+    except BaseException:
+        job.close()
+        raise
+
+    def prompt_of(c: Choice) -> int:
+        return c.index // n
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return event_stream(_stream(job, body, texts, prompts, prompt_texts, prompt_lps, n, rid, created, model,
+                                    include_usage), job.close)
+
+    async def drain() -> None:
+        async for _ in job.events():
+            pass
+
+    try:
+        await unless_disconnected(request, drain())
+    finally:
+        job.close()
+    out = []
+    for c in choices:
+        p = prompt_of(c)
+        text = (prompt_texts[p] if echo else "") + c.text
+        logprobs = None
+        if body.logprobs is not None:
+            generated, _ = completion_logprobs(texts, c.logprobs, c.token_ids, len(prompt_texts[p]) if echo else 0)
+            logprobs = _concat(prompt_lps[p], generated) if echo else generated
+        out.append({"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
+    usage = job.usage(sum(len(ids) for _, ids in prompts))
+    return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                         "choices": out, "usage": usage, "system_fingerprint": None})
+
+
+async def _stream(job, body, texts, prompts, prompt_texts, prompt_lps, n, rid, created, model, include_usage):
+    def chunk(index, text, logprobs=None, finish_reason=None):
+        obj = {"id": rid, "object": "text_completion", "created": created, "model": model,
+               "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+        if include_usage:
+            obj["usage"] = None
+        return sse(obj)
+
+    offsets = {c.index: 0 for c in job.choices}
+    for c in job.choices:
+        p = c.index // n
+        if body.echo:
+            yield chunk(c.index, prompt_texts[p], prompt_lps[p])
+            offsets[c.index] = len(prompt_texts[p])
+        if c.finish_reason is not None:  # echo with max_tokens 0
+            yield chunk(c.index, "", None, c.finish_reason)
+    async for c, delta in job.events():
+        logprobs = None
+        if body.logprobs is not None and delta.token_ids:
+            logprobs, offsets[c.index] = completion_logprobs(
+                texts, [lp for lp in delta.logprobs or []], delta.token_ids, offsets[c.index])
+        if delta.text or logprobs or delta.finish_reason:
+            yield chunk(c.index, delta.text, logprobs, delta.finish_reason)
+    if include_usage:
+        yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
+                   "usage": job.usage(sum(len(ids) for _, ids in prompts))})
+
+
+def _concat(a: dict | None, b: dict) -> dict:
+    if a is None:
+        return b
+    return {k: a[k] + b[k] for k in b}
+
+
+def check_model(name: str | None, state) -> None:
+    if name is not None and name not in (state.config.model_name, state.config.model):
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {state.config.model_name!r}",
+                       param="model", code="model_not_found")

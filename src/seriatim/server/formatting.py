@@ -1,0 +1,105 @@
+"""Token texts, bytes and log-probabilities in OpenAI's completions and chat shapes."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from ..sampling import TokenLogprobs
+
+
+@cache
+def _byte_of_char() -> dict[str, int]:
+    """The inverse of GPT-2's byte alphabet, in which byte-level BPE vocabularies are written."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelling = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in spelling]
+    spelling.update({b: chr(256 + i) for i, b in enumerate(others)})
+    return {c: b for b, c in spelling.items()}
+
+
+class TokenTexts:
+    """Per-token text and bytes for one tokenizer, cached."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._text: dict[int, str] = {}
+        self._bytes: dict[int, bytes] = {}
+        self._visible: dict[int, str] = {}
+
+    def piece(self, token_id: int) -> str:
+        """The token decoded alone (special tokens spelled out)."""
+        if token_id not in self._text:
+            self._text[token_id] = self.tokenizer.decode([token_id])
+        return self._text[token_id]
+
+    def visible(self, token_id: int) -> str:
+        """The token's text as it appears in generated text (special tokens dropped)."""
+        if token_id not in self._visible:
+            self._visible[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=True)
+        return self._visible[token_id]
+
+    def raw_bytes(self, token_id: int) -> bytes:
+        if token_id not in self._bytes:
+            piece = self.piece(token_id)
+            data = piece.encode()
+            try:
+                spelled = self.tokenizer.id_to_token(token_id)
+                table = _byte_of_char()
+                if spelled and all(c in table for c in spelled):
+                    candidate = bytes(table[c] for c in spelled)
+                    if "\ufffd" in piece or candidate.decode("utf-8", "replace") == piece:
+                        data = candidate
+            except (IndexError, AttributeError):
+                pass
+            self._bytes[token_id] = data
+        return self._bytes[token_id]
+
+    def label(self, token_id: int) -> str:
+        """OpenAI's token string: the text, or `bytes:\\xNN` for a token that is part of a character."""
+        piece = self.piece(token_id)
+        if "\ufffd" in piece:
+            data = self.raw_bytes(token_id)
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+        return piece
+
+
+def completion_logprobs(texts: TokenTexts, entries: list[TokenLogprobs | None], token_ids: list[int],
+                        offset: int) -> tuple[dict, int]:
+    """OpenAI completions `logprobs` (tokens, token_logprobs, top_logprobs, text_offset) and the
+    offset after the last token.
+
+    `entries[i]` is None where no log-probability exists (an echoed prompt's first token).
+    `offset` is where the first token's text starts in the choice's text.
+    """
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for tid, lp in zip(token_ids, entries):
+        tokens.append(texts.label(tid))
+        token_logprobs.append(None if lp is None else _finite(lp.logprob))
+        top_logprobs.append(None if lp is None else {texts.label(t): _finite(p) for t, p in lp.top})
+        text_offset.append(offset)
+        offset += len(texts.visible(tid))
+    out = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}
+    return out, offset
+
+
+def chat_logprobs(texts: TokenTexts, entries: list[TokenLogprobs]) -> list[dict]:
+    """OpenAI chat `logprobs.content`: token, logprob, bytes, top_logprobs for each token."""
+    return [
+        {
+            "token": texts.label(lp.token_id),
+            "logprob": _finite(lp.logprob),
+            "bytes": list(texts.raw_bytes(lp.token_id)),
+            "top_logprobs": [
+                {"token": texts.label(t), "logprob": _finite(p), "bytes": list(texts.raw_bytes(t))} for t, p in lp.top
+            ],
+        }
+        for lp in entries
+    ]
+
+
+def _finite(x: float) -> float:
+    """JSON has no -inf; OpenAI reports impossible tokens at -9999."""
+    return x if x > -9999.0 else -9999.0

@@ -1,0 +1,210 @@
+"""From a request body to engine requests and back: sampling parameters, limits, and one
+`Job` that runs all of a request's choices (prompts x n) on one queue."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, fields as dc_fields
+
+from ..async_engine import AsyncEngine, EngineError, EngineShutDown, QueueFull
+from ..outputs import Delta
+from ..sampling import SamplingParams, TokenLogprobs
+from .errors import APIError, invalid
+from .metrics import Metrics
+from .schemas import _Sampling
+from .state import ServerConfig
+
+_PARAM_NAMES = {f.name for f in dc_fields(SamplingParams)}
+
+
+def param_error(e: ValueError) -> APIError:
+    """A 400 for SamplingParams' or the engine's ValueError, naming the parameter when the message does."""
+    message = str(e)
+    first = message.split(" ", 1)[0]
+    if "context" in message:
+        return invalid(message, "prompt" if first == "prompt" else None, "context_length_exceeded")
+    return invalid(message, first if first in _PARAM_NAMES or first == "prompt" else None)
+
+
+def check_prompt(ids: list[int], vocab_size: int, context: int, param: str = "prompt") -> None:
+    if not ids:
+        raise invalid("prompt is empty", param)
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise invalid(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})", param)
+    if len(ids) >= context:
+        raise invalid(
+            f"prompt has {len(ids)} tokens but the model's context is {context} tokens "
+            "(at least one must remain for output)", param, "context_length_exceeded")
+
+
+def max_new_tokens(requested: int | None, default: int | None, prompt_len: int, context: int,
+                   config: ServerConfig, allow_zero: bool = False, name: str = "max_tokens") -> int:
+    """Tokens to generate: the request's (or the default), capped by what is left of the context
+    and by the server's --max-tokens-cap."""
+    value = default if requested is None else requested
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise invalid(f"{name} must be >= {0 if allow_zero else 1}, got {value}", name)
+    limit = context - prompt_len
+    if config.max_tokens_cap is not None:
+        limit = min(limit, config.max_tokens_cap)
+    return limit if value is None else min(value, limit)
+
+
+def check_n(n: int | None, prompts: int, config: ServerConfig) -> int:
+    n = 1 if n is None else n
+    if not 1 <= n <= config.max_n:
+        raise invalid(f"n must be in [1, {config.max_n}], got {n}", "n")
+    if prompts * n > config.max_choices:
+        raise invalid(f"{prompts} prompts x n={n} is more than {config.max_choices} choices in one request", "n")
+    return n
+
+
+def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, seed_offset: int) -> SamplingParams:
+    logit_bias = None
+    if req.logit_bias is not None:
+        logit_bias = {}
+        for k, v in req.logit_bias.items():
+            try:
+                logit_bias[int(k)] = v
+            except ValueError:
+                raise invalid(f"logit_bias keys must be token ids (integers), got {k!r}", "logit_bias") from None
+    stop = req.stop
+    if isinstance(stop, list):
+        stop = tuple(stop) or None
+    top_k = req.top_k if req.top_k is not None else 0
+    try:
+        return SamplingParams(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if top_k == -1 else top_k,  # vLLM spells "off" as -1
+            min_p=req.min_p or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            logit_bias=logit_bias,
+            seed=None if req.seed is None else (req.seed + seed_offset) % 2**64,
+            stop=stop,
+            max_tokens=max_tokens,
+            ignore_eos=bool(req.ignore_eos),
+            logprobs=logprobs,
+        )
+    except ValueError as e:
+        raise param_error(e) from None
+
+
+@dataclass
+class Choice:
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    rid: int | None = None
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    last_token_at: float | None = None
+
+
+class Job:
+    """All choices of one HTTP request, submitted together, read from one queue.
+
+    Use as `async with Job(...) as job: await job.start(); async for choice, delta in job.events()`.
+    Leaving the block aborts whatever has not finished (client gone, timeout, error).
+    """
+
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, choices: list[Choice], timeout: float | None):
+        self.engine, self.metrics, self.choices = engine, metrics, choices
+        self.arrival = time.perf_counter()
+        self.deadline = None if timeout is None else self.arrival + timeout
+        self.timeout = timeout
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._by_rid: dict[int, Choice] = {}
+        self._first_token_seen = False
+
+    async def __aenter__(self) -> Job:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for c in self.choices:
+            if c.rid is not None and c.finish_reason is None:
+                self.engine.abort(c.rid)
+                c.finish_reason = "abort"
+
+    async def start(self) -> None:
+        """Submit every choice; a bad one (400), a full queue (429) or a stopping engine (503) fails them all."""
+        try:
+            for c in self.choices:
+                if c.finish_reason is not None:  # nothing to generate (echo with max_tokens 0)
+                    continue
+                c.rid, _ = await self.engine.submit(c.prompt_ids, c.params, self.queue)
+                self._by_rid[c.rid] = c
+                self.metrics.prompt_tokens.inc(len(c.prompt_ids))
+        except ValueError as e:
+            raise param_error(e) from None
+        except QueueFull as e:
+            raise APIError(429, str(e), code="queue_full") from None
+        except EngineShutDown:
+            raise APIError(503, "the server is shutting down") from None
+
+    async def events(self) -> AsyncIterator[tuple[Choice, Delta]]:
+        """Deltas of all choices as they come, each after its choice is updated; ends when all finish."""
+        pending = sum(c.finish_reason is None for c in self.choices)
+        while pending:
+            item = await self._next()
+            if isinstance(item, EngineShutDown):
+                raise APIError(503, "the server is shutting down") from None
+            if isinstance(item, EngineError):
+                raise APIError(500, str(item), type="server_error") from None
+            if isinstance(item, BaseException):
+                raise item
+            choice = self._by_rid.get(item.request_id)
+            if choice is None or choice.finish_reason is not None:
+                continue
+            if item.finish_reason == "abort":
+                choice.finish_reason = "abort"
+                raise APIError(503, "the request was aborted: the server is shutting down")
+            self._account(choice, item)
+            if item.finish_reason is not None:
+                choice.finish_reason = item.finish_reason
+                pending -= 1
+            yield choice, item
+
+    async def _next(self):
+        if self.deadline is None:
+            return await self.queue.get()
+        try:
+            return await asyncio.wait_for(self.queue.get(), max(self.deadline - time.perf_counter(), 0.0))
+        except TimeoutError:
+            raise APIError(408, f"the request took longer than the server's limit of {self.timeout:g} s",
+                           code="timeout") from None
+
+    def _account(self, c: Choice, d: Delta) -> None:
+        now = time.perf_counter()
+        c.text += d.text
+        c.token_ids += d.token_ids
+        if d.logprobs:
+            c.logprobs += [lp for lp in d.logprobs if lp is not None]
+        n = len(d.token_ids)
+        if n:
+            self.metrics.generation_tokens.inc(n)
+            if not self._first_token_seen:
+                self._first_token_seen = True
+                self.metrics.ttft.observe(now - self.arrival)
+            if c.last_token_at is not None:
+                gap = (now - c.last_token_at) / n
+                for _ in range(n):
+                    self.metrics.itl.observe(gap)
+            c.last_token_at = now
+        if d.finish_reason is not None and all(x.finish_reason is not None or x is c for x in self.choices):
+            self.metrics.e2e.observe(now - self.arrival)
+
+    def usage(self, prompt_tokens: int) -> dict:
+        completion = sum(len(c.token_ids) for c in self.choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
