@@ -43,6 +43,22 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    """A random tiny Qwen2: `root/"hf"` and `root/f"{type}.gguf"` for each of tiny_models.NEW_FAMILY_TYPES."""
+    from tiny_models import NEW_FAMILY_TYPES, build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2", NEW_FAMILY_TYPES)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory):
+    """A random tiny Gemma 3 (sliding window 8), laid out as `tiny_qwen2`."""
+    from tiny_models import NEW_FAMILY_TYPES, build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny_gemma3"), "gemma3", NEW_FAMILY_TYPES)
+
+
+@pytest.fixture(scope="session")
 def tiny_llm(tiny_llama):
     """The tiny Llama loaded by seriatim from its HF directory (float32)."""
     from seriatim import LLM

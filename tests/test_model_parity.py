@@ -1,4 +1,8 @@
-"""seriatim's float32 logits equal transformers' on the same weights, prefill and every decode step."""
+"""seriatim's float32 logits equal transformers' on the same weights, prefill and every decode step.
+
+Llama, Qwen2 and Gemma 3 (sliding window 8, so the chunks below run past it and through the ring
+buffers of the sliding layers), from HF directories and GGUF files of every supported weight type.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,26 @@ import torch
 from seriatim import LLM, SamplingParams
 from seriatim.kv_cache import BatchAttention, SequenceCache, Span
 
-from tiny_models import GGUF_TYPES
+from tiny_models import GGUF_TYPES, NEW_FAMILY_TYPES, build_tiny
 
 REL_TOL = 1e-4
+# Prefill under the window, a chunk across the point where the sliding layers' rings wrap, a chunk
+# longer than the window, a short chunk, then single-token decodes: 40 positions, window 8.
+CHUNKS = [5, 6, 12, 3] + [1] * 14
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_variant(tmp_path_factory):
+    """What the GGUF readers cannot express: a scalar other than head_dim, soft-capped logits, an untied head,
+    per-type rotary bases and an explicit layer pattern (HF directory only)."""
+    return build_tiny(
+        tmp_path_factory.mktemp("tiny_gemma3_variant"), "gemma3", [], hidden_size=64, intermediate_size=128,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+        final_logit_softcapping=3.0, tie_word_embeddings=False,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 300.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 7000.0}},
+    )
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -26,9 +47,9 @@ def reference(root, source: str):
     return AutoModelForCausalLM.from_pretrained(root, gguf_file=f"{source}.gguf", dtype=torch.float32).eval()
 
 
-def run_chunks(llm: LLM, ids: list[int], chunks: list[int]) -> torch.Tensor:
+def run_chunks(llm: LLM, ids: list[int], chunks: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Feed `ids` through seriatim in chunks (first = prefill, then cached steps); logits at every position."""
-    cache = SequenceCache(llm.config, len(ids), torch.float32, llm.device)
+    cache = SequenceCache(llm.config, len(ids), dtype, llm.device)
     out, start = [], 0
     with torch.inference_mode():
         for n in chunks:
@@ -40,18 +61,24 @@ def run_chunks(llm: LLM, ids: list[int], chunks: list[int]) -> torch.Tensor:
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("source", ["hf"] + GGUF_TYPES)
-def test_logits_match_transformers(tiny_llama, source):
-    root, _ = tiny_llama
+def random_ids(llm: LLM, n: int = 40, seed: int = 1) -> list[int]:
+    return torch.randint(0, llm.config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def assert_logits_match(root, source: str, chunks: list[int] = CHUNKS):
     llm = LLM(str(root / "hf") if source == "hf" else str(root / f"{source}.gguf"), dtype="float32")
-    ref = reference(root, source)
-    ids = torch.randint(0, llm.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    ids = random_ids(llm)
     with torch.no_grad():
-        expected = ref(torch.tensor([ids])).logits[0]
-    # Prefill of 16, a cached chunk of 8 (masked attention over a prefix), then 16 single-token decodes.
-    got = run_chunks(llm, ids, [16, 8] + [1] * 16)
+        expected = reference(root, source)(torch.tensor([ids])).logits[0]
+    got = run_chunks(llm, ids, chunks)
     for pos in range(len(ids)):
         assert rel_err(got[pos], expected[pos]) <= REL_TOL, f"position {pos}"
+
+
+@pytest.mark.parametrize("source", ["hf"] + GGUF_TYPES)
+def test_logits_match_transformers(tiny_llama, source):
+    # Prefill of 16, a cached chunk of 8 (masked attention over a prefix), then 16 single-token decodes.
+    assert_logits_match(tiny_llama[0], source, [16, 8] + [1] * 16)
 
 
 def test_greedy_matches_transformers_generate(tiny_llama):
@@ -76,3 +103,40 @@ def test_batched_greedy_equals_alone(tiny_llm):
     together = llm.generate(prompts, params)
     for prompt, out in zip(prompts, together):
         assert llm.generate(prompt, params)[0].token_ids == out.token_ids
+
+
+@pytest.mark.parametrize("source", ["hf", "F32", "Q5_0", "mixed"])
+def test_qwen2_logits_match_transformers(tiny_qwen2, source):
+    assert_logits_match(tiny_qwen2, source)
+
+
+@pytest.mark.parametrize("source", ["hf", *NEW_FAMILY_TYPES])
+def test_gemma3_logits_match_transformers(tiny_gemma3, source):
+    assert_logits_match(tiny_gemma3, source)
+
+
+def test_gemma3_variant_logits_match_transformers(tiny_gemma3_variant):
+    assert_logits_match(tiny_gemma3_variant, "hf")
+
+
+def test_sliding_layers_keep_only_the_window(tiny_gemma3):
+    llm = LLM(str(tiny_gemma3 / "F32.gguf"), dtype="float32")
+    cache = SequenceCache(llm.config, 100, torch.float32, llm.device)
+    assert [k.shape[1] for k in cache.k] == [8, 8, 8, 8, 8, 100]  # five sliding layers, then a global one
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_engine_greedy_matches_transformers_past_the_window(family, request):
+    """Through the engine's paged cache and batching: 5 + 24 positions, three times the window."""
+    root = request.getfixturevalue(f"tiny_{family}")
+    llm = LLM(str(root / "mixed.gguf"), dtype="float32")
+    ref = reference(root, "mixed")
+    prompts = [random_ids(llm, n, seed) for n, seed in ((5, 2), (11, 3))]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    for ids, out in zip(prompts, outs):
+        with torch.no_grad():
+            # An explicit mask: without one, transformers masks every prompt token equal to pad_token_id.
+            expected = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                    pad_token_id=0)[0, len(ids):].tolist()
+        assert out.token_ids == expected

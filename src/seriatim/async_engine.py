@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 
+from .kv_cache import attend
 from .outputs import Delta
 from .sampling import SamplingParams, TokenLogprobs
 
@@ -328,23 +328,20 @@ def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, A
 
 
 class _PromptAttention:
-    """A throwaway AttentionBackend: keeps each layer's keys/values in plain tensors, causal mask."""
+    """A throwaway AttentionBackend: keeps each layer's keys/values in plain tensors (kv_cache.attend masks)."""
 
     def __init__(self) -> None:
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
+    ) -> torch.Tensor:
         if layer in self.k:
             k, v = torch.cat([self.k[layer], k]), torch.cat([self.v[layer], v])
         self.k[layer], self.v[layer] = k, v
-        n, total = q.shape[0], k.shape[0]
-        keys = torch.arange(total, device=q.device)
-        mask = keys[None, :] <= torch.arange(total - n, total, device=q.device)[:, None]
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask, enable_gqa=True
-        )
-        return out[0].transpose(0, 1)
+        start = k.shape[0] - q.shape[0]
+        return attend(q, k.transpose(0, 1), v.transpose(0, 1), start, scale, window, {})
 
 
 @torch.inference_mode()

@@ -2,6 +2,9 @@
 
 Both loaders yield tensors named per projection (`layers.3.q`, `embed`, ...),
 as float32 tensors or, when asked to keep them compact, as GGUF blocks.
+Norm weights are stored as the factor they multiply by: Gemma's HF files
+hold w for a factor of 1 + w, and the HF loader adds the 1 (GGUF files hold
+1 + w already: llama.cpp's converter adds it).
 """
 
 from __future__ import annotations
@@ -17,11 +20,10 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, config_from_gguf, config_from_hf
-from .quant import BlockWeight
+from .quant import COMPACT_TYPES, BlockWeight, Weight
 
 # Tensor types whose dequantization we support and test; names as gguf spells them.
-SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-_BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # kept as blocks when loading compact weights
+SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
 
 _GGUF_NAMES = {
     "token_embd": "embed",
@@ -31,11 +33,15 @@ _GGUF_NAMES = {
     "attn_q": "q",
     "attn_k": "k",
     "attn_v": "v",
+    "attn_q_norm": "q_norm",
+    "attn_k_norm": "k_norm",
     "attn_output": "o",
+    "post_attention_norm": "post_attn_norm",
     "ffn_norm": "ffn_norm",
     "ffn_gate": "gate",
     "ffn_up": "up",
     "ffn_down": "down",
+    "post_ffw_norm": "post_ffn_norm",
 }
 _HF_NAMES = {
     "model.embed_tokens": "embed",
@@ -45,15 +51,23 @@ _HF_NAMES = {
     "self_attn.q_proj": "q",
     "self_attn.k_proj": "k",
     "self_attn.v_proj": "v",
+    "self_attn.q_norm": "q_norm",
+    "self_attn.k_norm": "k_norm",
     "self_attn.o_proj": "o",
     "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "gate",
     "mlp.up_proj": "up",
     "mlp.down_proj": "down",
 }
+# Gemma's HF names: its "post_attention_layernorm" follows the attention; the MLP's input norm is "pre_feedforward".
+_HF_POST_NORM_NAMES = {
+    **_HF_NAMES,
+    "post_attention_layernorm": "post_attn_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffn_norm",
+}
 
 Progress = Callable[[int, int], None]
-Weight = torch.Tensor | BlockWeight
 
 
 @dataclass
@@ -88,7 +102,7 @@ def _gguf_tensor(t, name: str, cfg: ModelConfig, keep_blocks: bool) -> Weight:
         return w.dequantize()
     if cfg.arch == "llama" and name.endswith((".q", ".k")):
         w = w.take_rows(_unpermute_rope(np.arange(w.rows), cfg.num_heads if name.endswith(".q") else cfg.num_kv_heads))
-    return w if keep_blocks and t.tensor_type.name in _BLOCK_TYPES else w.dequantize()
+    return w if keep_blocks and t.tensor_type in COMPACT_TYPES else w.dequantize()
 
 
 def load_gguf(path: Path, progress: Progress | None = None, keep_blocks: bool = False) -> Checkpoint:
@@ -120,6 +134,7 @@ def load_hf_dir(path: Path, progress: Progress | None = None) -> Checkpoint:
     from safetensors import safe_open
 
     cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    names = _HF_POST_NORM_NAMES if cfg.post_norms else _HF_NAMES
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{path}: no *.safetensors files")
@@ -127,9 +142,11 @@ def load_hf_dir(path: Path, progress: Progress | None = None) -> Checkpoint:
     for i, file in enumerate(files):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                name = _canonical(key, _HF_NAMES, "model.layers.")
+                name = _canonical(key, names, "model.layers.")
                 if name is not None:
                     tensors[name] = f.get_tensor(key).float()
+                    if cfg.gemma_norms and name.endswith("norm"):
+                        tensors[name] += 1
         if progress:
             progress(i + 1, len(files))
     return Checkpoint(cfg, tensors, None)

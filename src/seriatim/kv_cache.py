@@ -2,32 +2,62 @@
 
 Each sequence owns a contiguous cache of exactly the size it can reach
 (prompt + max new tokens, capped by the context), so nothing grows or is
-copied while decoding.
+copied while decoding. A sliding-window layer keeps only its last `window`
+positions, in a ring: position p lives in slot p % window.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
 
+MaskKey = tuple[int, int, int, int | None]
+
 
 class SequenceCache:
-    """K/V storage of one sequence: [layers, kv_heads, capacity, head_dim] each."""
+    """K/V storage of one sequence: per layer [kv_heads, size, head_dim] each, where size is the capacity,
+    or for a sliding layer the smaller of capacity and window (a ring once positions pass it)."""
 
     def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype, device: torch.device):
-        shape = (cfg.num_layers, cfg.num_kv_heads, capacity, cfg.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        sizes = [min(capacity, cfg.layer_window(i) or capacity) for i in range(cfg.num_layers)]
+        self.k = [torch.empty(cfg.num_kv_heads, n, cfg.head_dim, dtype=dtype, device=device) for n in sizes]
+        self.v = [torch.empty(cfg.num_kv_heads, n, cfg.head_dim, dtype=dtype, device=device) for n in sizes]
         self.capacity = capacity
         self.length = 0  # tokens whose K/V are stored
 
     def truncate(self, length: int) -> None:
         """Forget everything from `length` on (e.g. rejected speculative tokens)."""
+        # A full ring rolled back by more than one token would need keys it has already overwritten.
+        if self.length - length > 1 and any(self.length > k.shape[1] for k in self.k):
+            raise ValueError(f"cannot roll a sliding-window cache back from {self.length} to {length} tokens")
         self.length = min(self.length, length)
+
+    def store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the K/V of positions [start, start + n) (k/v: [n, Hkv, Dh]); return the keys and values the
+        queries of those positions attend over ([Hkv, L, Dh]), at positions [start + n - L, start + n)."""
+        return _store(self.k[layer], start, k), _store(self.v[layer], start, v)
+
+
+def _store(ring: torch.Tensor, start: int, x: torch.Tensor) -> torch.Tensor:
+    """x: [n, Hkv, Dh] into ring [Hkv, size, Dh] at slots p % size; the keys the new queries see."""
+    size, n = ring.shape[1], x.shape[0]
+    end = start + n
+    if end <= size:  # no wrap yet: slot = position
+        ring[:, start:end] = x.transpose(0, 1)
+        return ring[:, :end]
+    if n == 1:  # one query: overwrite the oldest slot, and the ring holds exactly its window (order is irrelevant)
+        ring[:, start % size] = x[0]
+        return ring
+    # A chunk: the old window in position order, then the chunk (whose earlier queries still need the
+    # old keys its later positions will overwrite); only then write the chunk's last `size` positions.
+    old = ring.index_select(1, torch.arange(max(0, start - size), start, device=ring.device) % size)
+    keep = min(n, size)
+    ring.index_copy_(1, torch.arange(end - keep, end, device=ring.device) % size, x[n - keep :].transpose(0, 1))
+    return torch.cat([old, x.transpose(0, 1)], dim=1)
 
 
 @dataclass
@@ -39,25 +69,23 @@ class Span:
     length: int  # number of new tokens
 
 
+@dataclass
 class BatchAttention:
     """`model.AttentionBackend` for a flat batch of spans, each over its own `SequenceCache`."""
 
-    def __init__(self, spans: list[Span]):
-        self.spans = spans
-        self.masks = [_causal_mask(s.start, s.length, s.cache.k.device) for s in spans]
+    spans: list[Span]
+    masks: dict[MaskKey, torch.Tensor] = field(default_factory=dict)  # shared by the layers of one pass
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
+    ) -> torch.Tensor:
         """q: [T, H, Dh], k/v: [T, Hkv, Dh] -> [T, H, Dh]"""
         outs = []
         offset = 0
-        for span, mask in zip(self.spans, self.masks):
-            end = span.start + span.length
+        for span in self.spans:
             sl = slice(offset, offset + span.length)
-            span.cache.k[layer, :, span.start : end] = k[sl].transpose(0, 1)
-            span.cache.v[layer, :, span.start : end] = v[sl].transpose(0, 1)
-            keys, values = span.cache.k[layer, :, :end], span.cache.v[layer, :, :end]  # [Hkv, end, Dh]
-            out = _attention(q[sl], keys, values, mask, causal=span.start == 0)
-            outs.append(out)
+            keys, values = span.cache.store(layer, span.start, k[sl], v[sl])
+            outs.append(attend(q[sl], keys, values, span.start, scale, window, self.masks))
             offset += span.length
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -67,25 +95,39 @@ class BatchAttention:
             span.cache.length = span.start + span.length
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    """q: [n, H, Dh] over k/v: [Hkv, L, Dh] -> [n, H, Dh]. Inputs are 4-D: CPU SDPA's fast kernels want them."""
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float, window: int | None,
+    masks: dict[MaskKey, torch.Tensor],
+) -> torch.Tensor:
+    """Causal attention of q: [n, H, Dh] at positions [start, start + n) over k/v: [Hkv, L, Dh] at positions
+    [start + n - L, start + n), seeing only the last `window` positions if given -> [n, H, Dh].
+    `masks` memoises the masks across the layers of a pass. Inputs are 4-D: CPU SDPA's fast kernels want them."""
     n, heads, dim = q.shape
+    first = start + n - k.shape[1]  # position of the first key
+    if window is not None and first < start - window + 1:  # drop the keys no query can see any more
+        drop = start - window + 1 - first
+        k, v, first = k[:, drop:], v[:, drop:], first + drop
     k, v = k.unsqueeze(0), v.unsqueeze(0)
     if n == 1:
-        # One query sees every cached key: fold the query heads sharing a KV head into the
+        # One query sees every remaining key: fold the query heads sharing a KV head into the
         # query axis ([1, Hkv, H/Hkv, Dh]), a plain attention with no mask and no KV repetition.
-        out = F.scaled_dot_product_attention(q.view(1, k.shape[1], -1, dim), k, v)
+        out = F.scaled_dot_product_attention(q.view(1, k.shape[1], -1, dim), k, v, scale=scale)
         return out.view(1, heads, dim)
+    plain_causal = first == start and (window is None or n <= window)  # SDPA's own causal mask is exact
+    key = (first, start, n, window)
+    if not plain_causal and key not in masks:
+        masks[key] = _mask(first, start, n, window, q.device)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0), k, v, attn_mask=mask, is_causal=mask is None and causal, enable_gqa=True
+        q.transpose(0, 1).unsqueeze(0), k, v, attn_mask=None if plain_causal else masks[key],
+        is_causal=plain_causal, scale=scale, enable_gqa=True,
     )
     return out[0].transpose(0, 1)
 
 
-def _causal_mask(start: int, length: int, device: torch.device) -> torch.Tensor | None:
-    """Boolean [n, start+n] mask for new tokens after a cached prefix; None where SDPA needs none."""
-    if length == 1 or start == 0:
-        return None  # a single query sees everything; a fresh prompt uses is_causal
-    keys = torch.arange(start + length, device=device)
-    queries = torch.arange(start, start + length, device=device)
-    return keys[None, :] <= queries[:, None]
+def _mask(first: int, start: int, n: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Boolean [n, L]: query position start+i sees key position first+j when it is not later (and is
+    within the window)."""
+    keys = torch.arange(first, start + n, device=device)[None, :]
+    queries = torch.arange(start, start + n, device=device)[:, None]
+    visible = keys <= queries
+    return visible if window is None else visible & (keys > queries - window)

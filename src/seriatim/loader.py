@@ -9,6 +9,7 @@ activations are bfloat16; elsewhere it falls back to dense float weights
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, Weight, load_gguf, load_hf_dir
+from .checkpoint import Checkpoint, load_gguf, load_hf_dir
 from .hardware import cpu_has_bf16
-from .model import Transformer
-from .quant import BlockWeight, Int8Embedding, Int8Linear, compact_linear
+from .model import RMSNorm, Transformer
+from .quant import BlockWeight, compact_embedding, compact_linear, conversion_notice
 from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("auto", *DTYPES)
@@ -67,18 +70,29 @@ def build_model(ckpt: Checkpoint, precision: Precision, device: torch.device) ->
     try:
         for i, layer in enumerate(model.layers):
             p = f"layers.{i}"
-            layer.attn_norm.weight = _param(t[f"{p}.attn_norm"], dtype)
-            layer.ffn_norm.weight = _param(t[f"{p}.ffn_norm"], dtype)
-            layer.attn.qkv = _linear([t[f"{p}.q"], t[f"{p}.k"], t[f"{p}.v"]], precision)
-            layer.attn.o = _linear([t[f"{p}.o"]], precision)
-            layer.mlp.gate_up = _linear([t[f"{p}.gate"], t[f"{p}.up"]], precision)
-            layer.mlp.down = _linear([t[f"{p}.down"]], precision)
-        model.norm.weight = _param(t["norm"], dtype)
-        model.lm_head = _linear([t["embed" if cfg.tie_word_embeddings else "lm_head"]], precision)
-        model.embed = _embedding(t["embed"], model.lm_head if cfg.tie_word_embeddings else None, dtype)
+            norms = [(layer.attn_norm, "attn_norm"), (layer.ffn_norm, "ffn_norm")]
+            if cfg.post_norms:
+                norms += [(layer.post_attn_norm, "post_attn_norm"), (layer.post_ffn_norm, "post_ffn_norm")]
+            for norm, name in norms:
+                _set_norm(norm, t[f"{p}.{name}"], dtype)
+            attn = layer.attn
+            attn.qkv = compact_linear([t[f"{p}.q"], t[f"{p}.k"], t[f"{p}.v"]], dtype)
+            if cfg.qkv_bias:
+                attn.qkv_bias = _param(torch.cat([t[f"{p}.q.bias"], t[f"{p}.k.bias"], t[f"{p}.v.bias"]]), dtype)
+            if cfg.qk_norm:  # one weight row per fused head: the query norm's, then the key norm's
+                heads = [t[f"{p}.q_norm"].expand(cfg.num_heads, -1), t[f"{p}.k_norm"].expand(cfg.num_kv_heads, -1)]
+                _set_norm(attn.qk_norm, torch.cat(heads), dtype)
+            attn.o = compact_linear([t[f"{p}.o"]], dtype)
+            layer.mlp.gate_up = compact_linear([t[f"{p}.gate"], t[f"{p}.up"]], dtype)
+            layer.mlp.down = compact_linear([t[f"{p}.down"]], dtype)
+        _set_norm(model.norm, t["norm"], dtype)
+        model.lm_head = compact_linear([t["embed" if cfg.tie_word_embeddings else "lm_head"]], dtype)
+        model.embed = compact_embedding(t["embed"], model.lm_head if cfg.tie_word_embeddings else None, dtype)
     except KeyError as e:
         raise ValueError(f"checkpoint is missing tensor {e.args[0]!r}") from None
-    model.rotary.to(dtype)  # tables in the activation dtype, as the reference computes them
+    notice = conversion_notice({w.qtype for w in t.values() if isinstance(w, BlockWeight)})
+    if notice:
+        log.info(notice)
     return model.to(device).eval()
 
 
@@ -86,23 +100,6 @@ def _param(w: torch.Tensor, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(w.to(dtype), requires_grad=False)
 
 
-def _linear(parts: list[Weight], precision: Precision) -> nn.Module:
-    """One linear layer over the row-wise concatenation of `parts` (fused projections)."""
-    blocks = [w for w in parts if isinstance(w, BlockWeight)]
-    fused = BlockWeight.cat(blocks) if len(blocks) == len(parts) else None
-    if fused is None:  # float weights, or blocks of different types: one dense matrix
-        fused = torch.cat([_dense(w) for w in parts])
-    return compact_linear(fused, precision.activations)
-
-
-def _dense(w: Weight) -> torch.Tensor:
-    return w.dequantize() if isinstance(w, BlockWeight) else w
-
-
-def _embedding(w: Weight, tied_head: nn.Module | None, dtype: torch.dtype) -> nn.Module:
-    if isinstance(tied_head, Int8Linear):
-        return Int8Embedding(tied_head)  # share the head's int8 rows instead of a second copy
-    dense = _dense(w)
-    emb = nn.Embedding(dense.shape[0], dense.shape[1], device="meta")
-    emb.weight = _param(dense, dtype)
-    return emb
+def _set_norm(norm: RMSNorm, w: torch.Tensor, dtype: torch.dtype) -> None:
+    # Gemma's norms scale in float32, so their weight stays float32 (as the reference keeps it).
+    norm.weight = _param(w, torch.float32 if norm.scale_in_float32 else dtype)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
-from .kv_cache import _attention, _causal_mask
+from .kv_cache import MaskKey, attend
 
 
 class PagedKVCache:
@@ -56,19 +56,22 @@ class PagedAttention:
     def __init__(self, cache: PagedKVCache, spans: list[PagedSpan]):
         self.cache = cache
         self.spans = spans
-        self.masks = [_causal_mask(s.start, s.length, cache.device) for s in spans]
+        self.masks: dict[MaskKey, torch.Tensor] = {}  # shared by the layers of one pass
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, H, Dh], k/v: [T, Hkv, Dh] -> [T, H, Dh]"""
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
+    ) -> torch.Tensor:
+        """q: [T, H, Dh], k/v: [T, Hkv, Dh] -> [T, H, Dh]. A sliding layer still stores every position
+        here; `attend` masks (or, for one query, drops) the keys outside its window."""
         k_store, v_store = self.cache.k[layer], self.cache.v[layer]  # [Hkv, slots, Dh]
         outs = []
         offset = 0
-        for span, mask in zip(self.spans, self.masks):
+        for span in self.spans:
             sl = slice(offset, offset + span.length)
             _store(k_store, span.write, k[sl])
             _store(v_store, span.write, v[sl])
-            out = _attention(q[sl], _load(k_store, span.read), _load(v_store, span.read), mask, span.start == 0)
-            outs.append(out)
+            keys, values = _load(k_store, span.read), _load(v_store, span.read)
+            outs.append(attend(q[sl], keys, values, span.start, scale, window, self.masks))
             offset += span.length
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 

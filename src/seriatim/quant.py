@@ -1,11 +1,19 @@
 """Weights kept compact in memory, multiplied without being expanded.
 
-GGUF stores weights in blocks of 32 along the input dimension. Q4_0/Q4_1
-blocks (a scale, for Q4_1 also a minimum, and 32 nibbles) are exactly
-group-wise asymmetric 4-bit, which PyTorch's CPU int4 kernel multiplies
-directly with bfloat16 activations. Q8_0 (a scale and 32 int8s per block) is
-re-expressed with one scale per row for the int8 kernel; the rounding that
-costs is within one step of the row scale and is measured by perplexity.
+PyTorch's CPU kernels multiply bfloat16 activations by two compact forms:
+group-wise (32) asymmetric int4, and int8 with one scale per output row.
+Every GGUF block type goes to the nearest of the two:
+
+- Q4_0, Q4_1, Q4_K -> int4. Their blocks *are* a scale, a minimum and 32
+  nibbles (Q4_K's 6-bit sub-block scales and minimums multiply out), so they
+  are re-expressed exactly (the scales then round to bfloat16).
+- Q8_0, Q6_K, Q5_K, Q5_0 -> int8 per row. There is no 5- or 6-bit kernel and
+  int4 would drop their extra bits, so they are dequantized and re-rounded
+  with the row's largest magnitude at 127: an error of at most half a step of
+  the row scale, the price of one scale per row instead of one per block.
+- A fused projection whose parts map to different forms (K-quant files mix
+  Q4_K with Q6_K) becomes int8 as a whole: its int4 parts are re-rounded too,
+  rather than expanded to dense bfloat16.
 """
 
 from __future__ import annotations
@@ -15,11 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
-from gguf.quants import dequantize
+from gguf.quants import Q4_K, dequantize
 from torch import nn
 
-GROUP = 32  # GGUF block size: weights per scale
-INT4_TYPES = (QT.Q4_0, QT.Q4_1)
+GROUP = 32  # weights per scale in the int4 form (the size of a Q4_0/Q4_1 block, a Q4_K sub-block)
+INT4_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K)
+INT8_TYPES = (QT.Q8_0, QT.Q6_K, QT.Q5_K, QT.Q5_0)
+COMPACT_TYPES = INT4_TYPES + INT8_TYPES  # kept as blocks until the compact modules are built
+ROW_CHUNK = 4096  # rows dequantized at a time: a large embedding never exists whole in float32
 
 
 @dataclass
@@ -37,29 +48,38 @@ class BlockWeight:
     def dequantize(self) -> torch.Tensor:
         return torch.from_numpy(np.array(dequantize(self.data, self.qtype), dtype=np.float32))
 
-    def take_rows(self, order: np.ndarray) -> BlockWeight:
-        """Reorder output rows (blocks run along a row, so rows move whole)."""
+    def take_rows(self, order: np.ndarray | slice) -> BlockWeight:
+        """Select or reorder output rows (blocks run along a row, so rows move whole)."""
         return BlockWeight(self.qtype, self.data[order], self.cols)
 
-    @staticmethod
-    def cat(parts: list[BlockWeight]) -> BlockWeight | None:
-        """Stack the rows of same-typed weights (fused projections); None if the types differ."""
-        if len({p.qtype for p in parts}) != 1:
-            return None
-        return BlockWeight(parts[0].qtype, np.concatenate([p.data for p in parts]), parts[0].cols)
+
+Weight = torch.Tensor | BlockWeight  # float32 tensor or GGUF blocks
+
+
+def compact_form(w: Weight) -> str:
+    """'int4', 'int8' or 'dense': how `compact_linear` stores this weight when it is alone."""
+    if isinstance(w, BlockWeight):
+        return "int4" if w.qtype in INT4_TYPES else "int8" if w.qtype in INT8_TYPES else "dense"
+    return "dense"
+
+
+def dense(w: Weight) -> torch.Tensor:
+    return w.dequantize() if isinstance(w, BlockWeight) else w
 
 
 def _blocks(w: BlockWeight, block_bytes: int) -> np.ndarray:
-    return np.ascontiguousarray(w.data).reshape(w.rows, w.cols // GROUP, block_bytes)
+    return np.ascontiguousarray(w.data).reshape(w.rows, -1, block_bytes)
 
 
 def _f16(raw: np.ndarray) -> torch.Tensor:
-    """Little-endian float16 fields of the blocks -> float32 tensor [rows, groups]."""
+    """Little-endian float16 fields of the blocks -> float32 tensor [rows, blocks]."""
     return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32))
 
 
 def int4_from_blocks(w: BlockWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_0/Q4_1 blocks -> (nibbles int32 [N, K], scale [N, K/32], minimum [N, K/32]); w = q*scale + min."""
+    """Q4_0/Q4_1/Q4_K -> (nibbles int32 [N, K], scale [N, K/32], minimum [N, K/32]); w = q*scale + min."""
+    if w.qtype == QT.Q4_K:
+        return _int4_from_q4_k(w)
     size = 20 if w.qtype == QT.Q4_1 else 18
     b = _blocks(w, size)
     scale = _f16(b[..., 0:2])
@@ -69,14 +89,32 @@ def int4_from_blocks(w: BlockWeight) -> tuple[torch.Tensor, torch.Tensor, torch.
     return torch.from_numpy(q.astype(np.int32)), scale, minimum
 
 
+def _int4_from_q4_k(w: BlockWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K super-blocks of 256 (d, dmin, 8 packed 6-bit scales and minimums, 128 bytes of nibbles):
+    sub-block j is (q * d*sc[j] - dmin*m[j]), which is group-32 asymmetric int4 as it stands."""
+    b = _blocks(w, 144)  # [N, S, 144]
+    n, supers = b.shape[:2]
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])  # [N, S]
+    sc, m = (torch.from_numpy(x.reshape(n, supers, 8).astype(np.float32))
+             for x in Q4_K.get_scale_min(b[..., 4:16].reshape(-1, 12)))
+    # Four runs of 32 bytes: run r holds sub-block 2r in its low nibbles and 2r+1 in its high ones.
+    qs = b[..., 16:].reshape(n, supers, 4, 1, 32)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(n, w.cols)
+    scale = (d[..., None] * sc).reshape(n, -1)
+    minimum = -(dmin[..., None] * m).reshape(n, -1)
+    return torch.from_numpy(q.astype(np.int32)), scale, minimum
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [N, K] -> (int8 [N, K], float32 scale [N]); w ≈ q * scale, each row's largest magnitude at 127."""
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
 def int8_from_blocks(w: BlockWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q8_0 blocks -> (int8 [N, K], one float32 scale per row), re-rounded to the row's largest scale."""
-    b = _blocks(w, 34)
-    scale = _f16(b[..., 0:2])  # [N, G]
-    q = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).view(np.int8).astype(np.float32))  # [N, G, 32]
-    row_scale = scale.amax(dim=1).clamp(min=1e-12)
-    requant = (q * (scale / row_scale[:, None])[..., None]).round().clamp(-127, 127)
-    return requant.reshape(w.rows, w.cols).to(torch.int8), row_scale
+    """Any block type -> int8 with one scale per row, dequantized a chunk of rows at a time."""
+    parts = [int8_rows(w.take_rows(slice(i, i + ROW_CHUNK)).dequantize()) for i in range(0, w.rows, ROW_CHUNK)]
+    return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
 
 
 class Int4Linear(nn.Module):
@@ -122,13 +160,38 @@ class Int8Embedding(nn.Module):
         return self.table.embed(tokens)
 
 
-def compact_linear(weight: torch.Tensor | BlockWeight, dtype: torch.dtype) -> nn.Module:
-    """The module that multiplies by `weight` fastest while keeping it compact."""
-    if isinstance(weight, BlockWeight) and weight.qtype in INT4_TYPES:
-        return Int4Linear(*int4_from_blocks(weight), dtype)
-    if isinstance(weight, BlockWeight) and weight.qtype == QT.Q8_0:
-        return Int8Linear(*int8_from_blocks(weight), dtype)
-    dense = weight.dequantize() if isinstance(weight, BlockWeight) else weight
-    linear = nn.Linear(dense.shape[1], dense.shape[0], bias=False, device="meta")
-    linear.weight = nn.Parameter(dense.to(dtype), requires_grad=False)
+def compact_linear(parts: list[Weight], dtype: torch.dtype) -> nn.Module:
+    """One module multiplying by the row-wise concatenation of `parts` (a fused projection), in the
+    compact form that all of them allow (see the module docstring); dense `dtype` for float weights."""
+    forms = {compact_form(w) for w in parts}
+    if forms == {"int4"}:
+        q, scale, minimum = (torch.cat(x) for x in zip(*(int4_from_blocks(w) for w in parts)))
+        return Int4Linear(q, scale, minimum, dtype)
+    if "dense" not in forms:
+        q, scale = (torch.cat(x) for x in zip(*(int8_from_blocks(w) for w in parts)))
+        return Int8Linear(q, scale, dtype)
+    weight = torch.cat([dense(w) for w in parts])
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
     return linear
+
+
+def compact_embedding(w: Weight, tied_head: nn.Module | None, dtype: torch.dtype) -> nn.Module:
+    """Token embeddings: rows of the tied int8 head when there is one, else int8 rows of their own
+    when quantized (half the memory of bfloat16), else a dense table."""
+    if isinstance(tied_head, Int8Linear):
+        return Int8Embedding(tied_head)
+    if isinstance(w, BlockWeight):
+        return Int8Embedding(Int8Linear(*int8_from_blocks(w), dtype))
+    table = dense(w)
+    emb = nn.Embedding(table.shape[0], table.shape[1], device="meta")
+    emb.weight = nn.Parameter(table.to(dtype), requires_grad=False)
+    return emb
+
+
+def conversion_notice(qtypes: set[QT]) -> str | None:
+    """One line saying which block types are re-rounded in the fast mode, if any are."""
+    rerounded = sorted(t.name for t in qtypes if t in INT8_TYPES and t != QT.Q8_0)
+    if not rerounded:
+        return None
+    return f"fast mode: {', '.join(rerounded)} weights re-rounded to int8 per row (no kernel for their bit width)"
