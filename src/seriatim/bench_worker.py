@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -128,6 +127,13 @@ def _make_runner(engine: str, path: str, threads: int) -> Runner:
     return _transformers(path, threads, "float32" if engine.endswith("f32") else "bfloat16")
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Not getrusage: Linux carries ru_maxrss across exec, so a
+    worker would inherit the parent's peak; VmHWM belongs to the new address space alone."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def measure(engine: str, path: str, threads: int, runs: int, ids: list[int]) -> dict:
     """Load `engine` and time it on `ids`; returns the raw samples."""
     start = time.perf_counter()
@@ -141,7 +147,7 @@ def measure(engine: str, path: str, threads: int, runs: int, ids: list[int]) -> 
         result["prefill_tok_s"].append(PREFILL_TOKENS / runner.first_token(ids[:PREFILL_TOKENS]))
         result["ttft_ms"].append(1000 * runner.first_token(ids[:TTFT_TOKENS]))
         result["decode_tok_s"].append((DECODE_TOKENS - 1) / runner.decode(ids[:16], DECODE_TOKENS))
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 
