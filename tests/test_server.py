@@ -247,7 +247,7 @@ def test_api_key_body_limit_cap_queue_and_timeout(strict_server):
     assert "4096" in err["message"]
     error_of(httpx.post(url + "/v1/completions", json={**body, "n": 5}, headers=auth), 400)  # --max-n 4
 
-    strict_server.slow.delay = 0.3  # 8 tokens take longer than the 1 s timeout: the stream is in flight for ~1 s
+    strict_server.slow.delay = 0.5  # 8 tokens take longer than the 2 s timeout: a stream is in flight for 2 s
     try:
         with httpx.Client(headers=auth, timeout=30) as h:
             with h.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as first:
@@ -257,7 +257,7 @@ def test_api_key_body_limit_cap_queue_and_timeout(strict_server):
         idle = lambda: strict_server.state.engine._reserved == 0  # noqa: E731 - no request holds a slot
         wait_for(idle)  # the dropped stream is aborted, freeing its slot (within one step)
         err = error_of(httpx.post(url + "/v1/completions", json=body, headers=auth), 408)
-        assert "1 s" in err["message"]
+        assert "2 s" in err["message"]
         wait_for(idle)
         r = httpx.post(url + "/v1/completions", json={**body, "stream": True}, headers=auth)
         events = sse_events(r.text)

@@ -94,9 +94,9 @@ def server(tiny_llama):
 
 @pytest.fixture(scope="module")
 def strict_server(tiny_llama):
-    """A server with every limit set low: API key, queue of 1, small bodies, 8-token cap, 1 s timeout."""
+    """A server with every limit set low: API key, queue of 1, small bodies, 8-token cap, 2 s timeout."""
     config = tiny_config(tiny_llama, api_key="sekret", max_queue=1, max_body_bytes=4096, max_tokens_cap=8,
-                         request_timeout=1.0, max_n=4)
+                         request_timeout=2.0, max_n=4)
     live = LiveServer(config).start()
     yield live
     live.stop()

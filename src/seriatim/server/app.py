@@ -144,11 +144,11 @@ class _Guard:
             await send(message)
 
         try:
-            await self._handle(scope, receive, counting_send)
+            await self._handle(scope, receive, counting_send, status)
         finally:
             self.metrics.requests.labels(endpoint, str(status[0])).inc()
 
-    async def _handle(self, scope, receive, send) -> None:
+    async def _handle(self, scope, receive, send, status: list[int]) -> None:
         path = scope["path"]
         if self.key is not None and path not in _OPEN and not self._authorized(scope):
             await _send_error(send, APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
@@ -166,7 +166,8 @@ class _Guard:
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
-            if message["type"] == "http.disconnect":
+            if message["type"] == "http.disconnect":  # gone before its body arrived
+                status[0] = 499
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
