@@ -15,7 +15,7 @@ from .errors import invalid
 from .formatting import TokenTexts, chat_logprobs
 from .generation import Choice, Job, check_n, check_prompt, max_new_tokens, sampling_params
 from .schemas import ChatCompletionRequest, ChatMessage
-from .streaming import event_stream, sse, unless_disconnected
+from .streaming import event_stream, run_to_completion, sse
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -72,14 +72,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         return event_stream(_stream(job, texts, logprobs is not None, len(ids), rid, created, model, include_usage),
                             job.close)
 
-    async def drain() -> None:
-        async for _ in job.events():
-            pass
-
-    try:
-        await unless_disconnected(request, drain())
-    finally:
-        job.close()
+    await run_to_completion(request, job)
     out = [{
         "index": c.index,
         "message": {"role": "assistant", "content": c.text},

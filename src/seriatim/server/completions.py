@@ -14,7 +14,7 @@ from .errors import APIError, invalid
 from .formatting import TokenTexts, completion_logprobs
 from .generation import Choice, Job, check_n, check_prompt, max_new_tokens, sampling_params
 from .schemas import CompletionRequest
-from .streaming import event_stream, sse, unless_disconnected
+from .streaming import event_stream, run_to_completion, sse
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -87,14 +87,7 @@ async def create_completion(body: CompletionRequest, request: Request, state, me
         return event_stream(_stream(job, body, texts, prompts, prompt_texts, prompt_lps, n, rid, created, model,
                                     include_usage), job.close)
 
-    async def drain() -> None:
-        async for _ in job.events():
-            pass
-
-    try:
-        await unless_disconnected(request, drain())
-    finally:
-        job.close()
+    await run_to_completion(request, job)
     out = []
     for c in choices:
         p = prompt_of(c)

@@ -70,3 +70,16 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             await task
         raise APIError(499, "the client disconnected")
     return task.result()
+
+
+async def run_to_completion(request: Request, job) -> None:
+    """Wait for a non-streamed job to finish (aborted if the client leaves); always close it."""
+
+    async def drain() -> None:
+        async for _ in job.events():
+            pass
+
+    try:
+        await unless_disconnected(request, drain())
+    finally:
+        job.close()
