@@ -33,3 +33,18 @@ def test_smollm2_greedy_on_cuda_matches_cpu(smollm2_gguf_path):
     cpu = LLM(str(smollm2_gguf_path), dtype="float32", device="cpu").generate("The history of", params)[0]
     gpu = LLM(str(smollm2_gguf_path), dtype="float32", device="cuda").generate("The history of", params)[0]
     assert gpu.token_ids == cpu.token_ids
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_float32_batch_on_cuda_equals_each_prompt_alone(tiny_llama, deterministic):
+    llm = LLM(str(tiny_llama[0] / "Q8_0.gguf"), dtype="float32", device="cuda", deterministic=deterministic)
+    prompts = ["a", "The quick brown fox", "hello world, hello again and again"]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    together = [o.token_ids for o in llm.generate(prompts, params)]
+    assert together == [llm.generate(p, params)[0].token_ids for p in prompts]
+
+
+def test_cuda_kv_cache_is_sized_from_gpu_memory(tiny_llama):
+    llm = LLM(str(tiny_llama[0] / "Q4_1.gguf"), device="cuda")
+    assert llm.engine.cache.k.device.type == "cuda"
+    assert llm.engine.scheduler.config.kv_capacity_tokens > 0

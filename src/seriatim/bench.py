@@ -25,17 +25,17 @@ _TEXT = (
 )
 
 
-def memory_bandwidth(threads: int) -> float:
+def memory_bandwidth(threads: int, device: str = "cpu") -> float:
     """Read bandwidth in bytes/s: the best of several sums over a buffer much larger than the caches."""
     import torch
 
     torch.set_num_threads(threads)
-    buf = torch.ones(128 * 1024 * 1024, dtype=torch.float32)  # 512 MiB
-    buf.sum()
+    buf = torch.ones(128 * 1024 * 1024, dtype=torch.float32, device=device)  # 512 MiB
+    buf.sum().item()
     best = float("inf")
     for _ in range(8):
         start = time.perf_counter()
-        buf.sum()
+        buf.sum().item()  # .item() waits for a GPU to finish
         best = min(best, time.perf_counter() - start)
     return buf.numel() * 4 / best
 
@@ -50,10 +50,10 @@ def _available(engine: str) -> str | None:
     return None
 
 
-def _run_worker(engine: str, path: str, threads: int, runs: int | str, ids: list[int]) -> dict:
+def _run_worker(engine: str, path: str, threads: int, runs: int | str, ids: list[int], device: str) -> dict:
     # Run by file path, not as part of the package: a peer's process must not import torch
     # through seriatim, or its memory would be charged with ours.
-    cmd = [sys.executable, str(Path(__file__).with_name("bench_worker.py")), engine, path, str(threads), str(runs)]
+    cmd = [sys.executable, str(Path(__file__).with_name("bench_worker.py")), engine, path, str(threads), str(runs), device]
     proc = subprocess.run(cmd, input=json.dumps(ids), capture_output=True, text=True)
     if proc.returncode != 0:
         return {"engine": engine, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -66,7 +66,7 @@ def _summary(samples: list[float]) -> str:
 
 def format_table(results: list[dict], meta: dict) -> str:
     lines = [
-        f"model {meta['model']}  threads {meta['threads']}  runs {meta['runs']}  "
+        f"model {meta['model']}  device {meta['device']}  threads {meta['threads']}  runs {meta['runs']}  "
         f"memory read bandwidth {meta['bandwidth_gb_s']:.1f} GB/s",
         f"{'engine':18} {'decode tok/s':>20} {'prefill tok/s (512)':>22} {'TTFT ms (128)':>20} "
         f"{'peak RSS MB':>12} {'load s':>7} {'load+1st s':>10}",
@@ -79,6 +79,7 @@ def format_table(results: list[dict], meta: dict) -> str:
             f"{r['engine']:18} {_summary(r['decode_tok_s']):>20} {_summary(r['prefill_tok_s']):>22} "
             f"{_summary(r['ttft_ms']):>20} {r['peak_rss_mb']:12.0f} {r['load_s']:7.2f} {r['load_to_first_token_s']:10.2f}"
         )
+    lines += [f"  {r['engine']}: peak GPU memory {r['peak_gpu_mb']:.0f} MB" for r in results if r.get("peak_gpu_mb")]
     ours = next((r for r in results if r["engine"] == "seriatim" and "error" not in r), None)
     if ours is None:
         return "\n".join(lines)
@@ -100,26 +101,26 @@ def format_table(results: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def run_bench(model: str, threads: int, runs: int, engines: list[str], as_json: bool) -> None:
+def run_bench(model: str, threads: int, runs: int, engines: list[str], as_json: bool, device: str = "cpu") -> None:
     from .registry import resolve_model
-
     from .tokenizer import Tokenizer
 
     path = str(resolve_model(model))
     ids = Tokenizer.from_gguf(path).encode(_TEXT * 40, add_special_tokens=False)
-    meta = {"model": path, "threads": threads, "runs": runs, "bandwidth_gb_s": memory_bandwidth(threads) / 1e9}
+    meta = {"model": path, "device": device, "threads": threads, "runs": runs,
+            "bandwidth_gb_s": memory_bandwidth(threads, device) / 1e9}
     results = []
     for i, engine in enumerate(engines, 1):
         print(f"[{i}/{len(engines)}] {engine} ...", file=sys.stderr, flush=True)
         why_not = _available(engine)
-        results.append({"engine": engine, "error": why_not} if why_not else _run_worker(engine, path, threads, runs, ids))
+        results.append({"engine": engine, "error": why_not} if why_not else _run_worker(engine, path, threads, runs, ids, device))
     print(json.dumps({"meta": meta, "results": results}, indent=2) if as_json else format_table(results, meta))
 
 
 def format_concurrency(results: list[dict], meta: dict) -> str:
     ok = [r for r in results if "error" not in r]
     levels = list(ok[0]["levels"]) if ok else []
-    lines = [f"model {meta['model']}  threads {meta['threads']}  "
+    lines = [f"model {meta['model']}  device {meta['device']}  threads {meta['threads']}  "
              f"{_CONCURRENT} new tokens per request, all submitted at once (aggregate tok/s | mean TTFT ms)"]
     lines.append(f"{'requests':>8} " + " ".join(f"{r['engine']:>28}" for r in ok))
     for level in levels:
@@ -138,17 +139,18 @@ def format_concurrency(results: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def run_concurrency_bench(model: str, threads: int, levels: list[int], engines: list[str], as_json: bool) -> None:
+def run_concurrency_bench(model: str, threads: int, levels: list[int], engines: list[str], as_json: bool,
+                          device: str = "cpu") -> None:
     from .registry import resolve_model
     from .tokenizer import Tokenizer
 
     path = str(resolve_model(model))
     ids = Tokenizer.from_gguf(path).encode(_TEXT * 40, add_special_tokens=False)
-    meta = {"model": path, "threads": threads, "levels": levels}
+    meta = {"model": path, "device": device, "threads": threads, "levels": levels}
     results = []
     runs = "concurrency=" + ",".join(map(str, levels))
     for i, engine in enumerate(engines, 1):
         print(f"[{i}/{len(engines)}] {engine} at {', '.join(map(str, levels))} concurrent ...", file=sys.stderr, flush=True)
         why_not = _available(engine)
-        results.append({"engine": engine, "error": why_not} if why_not else _run_worker(engine, path, threads, runs, ids))
+        results.append({"engine": engine, "error": why_not} if why_not else _run_worker(engine, path, threads, runs, ids, device))
     print(json.dumps({"meta": meta, "results": results}, indent=2) if as_json else format_concurrency(results, meta))

@@ -1,4 +1,4 @@
-"""One engine's measurements, in a process of its own: `python bench_worker.py ENGINE PATH THREADS RUNS`.
+"""One engine's measurements, in a process of its own: `python bench_worker.py ENGINE PATH THREADS RUNS DEVICE`.
 
 Token ids arrive as JSON on stdin; results leave as JSON on stdout. Only the
 measured engine is imported, so peak memory is that engine's alone.
@@ -34,12 +34,12 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _seriatim(path: str, threads: int, deterministic: bool = False) -> Runner:
+def _seriatim(path: str, threads: int, device: str, deterministic: bool = False) -> Runner:
     from seriatim.llm import LLM
     from seriatim.sampling import SamplingParams
 
     # No prefix caching: every run must compute its prompt.
-    llm = LLM(path, threads=threads, prefix_caching=False, deterministic=deterministic)
+    llm = LLM(path, threads=threads, device=device, prefix_caching=False, deterministic=deterministic)
 
     def decode(ids: list[int], n: int) -> float:
         out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
@@ -54,11 +54,13 @@ def _seriatim(path: str, threads: int, deterministic: bool = False) -> Runner:
     return Runner(first, decode, weight_bytes_read_per_token(llm.model), batch)
 
 
-def _llama_cpp(path: str, threads: int, flash: bool) -> Runner:
-    from llama_cpp import Llama
+def _llama_cpp(path: str, threads: int, device: str, flash: bool) -> Runner:
+    from llama_cpp import Llama, llama_supports_gpu_offload
 
+    if device == "cuda" and not llama_supports_gpu_offload():
+        raise SystemExit("this llama-cpp-python is a CPU-only build")
     llm = Llama(path, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
-                flash_attn=flash, verbose=False)
+                flash_attn=flash, n_gpu_layers=-1 if device == "cuda" else 0, verbose=False)
 
     def run(ids: list[int], n: int) -> tuple[float, float]:
         llm.reset()  # otherwise llama-cpp-python reuses a cached prompt prefix and skips the prefill
@@ -82,27 +84,31 @@ def _llama_cpp(path: str, threads: int, flash: bool) -> Runner:
     return Runner(lambda ids: run(ids, 1)[0], lambda ids, n: run(ids, n)[1], None, batch)
 
 
-def _transformers(path: str, threads: int, dtype: str) -> Runner:
+def _transformers(path: str, threads: int, device: str, dtype: str) -> Runner:
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=getattr(torch, dtype)
-    ).eval()
+    ).to(device).eval()
     model.generation_config.eos_token_id = None
+
+    def generate_timed(ids: torch.Tensor, mask: torch.Tensor, n: int) -> float:
+        # `.tolist()` waits for the GPU, so the time covers the work, not just its launch.
+        return _timed(lambda: model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=n,
+                                             do_sample=False, pad_token_id=0).tolist())
 
     def generate(ids: list[int], n: int) -> float:
         with torch.inference_mode():
-            return _timed(lambda: model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                                                 pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long)))
+            return generate_timed(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), n)
 
     def batch(prompts: list[list[int]], n: int) -> tuple[float, float]:
         """One padded batch (left padding), as `generate` serves several prompts."""
         width = max(map(len, prompts))
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        run = lambda k: _timed(lambda: model.generate(ids, attention_mask=mask, max_new_tokens=k, do_sample=False, pad_token_id=0))
+        run = lambda k: generate_timed(ids, mask, k)
         with torch.inference_mode():
             return run(n), run(1)
 
@@ -119,12 +125,12 @@ def weight_bytes_read_per_token(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _make_runner(engine: str, path: str, threads: int) -> Runner:
+def _make_runner(engine: str, path: str, threads: int, device: str) -> Runner:
     if engine.startswith("seriatim"):
-        return _seriatim(path, threads, deterministic=engine.endswith("-deterministic"))
+        return _seriatim(path, threads, device, deterministic=engine.endswith("-deterministic"))
     if engine.startswith("llama.cpp"):
-        return _llama_cpp(path, threads, flash=engine.endswith("-fa"))
-    return _transformers(path, threads, "float32" if engine.endswith("f32") else "bfloat16")
+        return _llama_cpp(path, threads, device, flash=engine.endswith("-fa"))
+    return _transformers(path, threads, device, "float32" if engine.endswith("f32") else "bfloat16")
 
 
 def peak_rss_mb() -> float:
@@ -134,10 +140,18 @@ def peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
-def measure(engine: str, path: str, threads: int, runs: int, ids: list[int]) -> dict:
+def peak_gpu_mb() -> float | None:
+    """Peak GPU memory held by PyTorch's allocator in this process, if it used CUDA."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_reserved() / 2**20
+
+
+def measure(engine: str, path: str, threads: int, runs: int, ids: list[int], device: str) -> dict:
     """Load `engine` and time it on `ids`; returns the raw samples."""
     start = time.perf_counter()
-    runner = _make_runner(engine, path, threads)
+    runner = _make_runner(engine, path, threads, device)
     load = time.perf_counter() - start
     load_to_first = load + runner.first_token(ids[:8])
     result = {"engine": engine, "load_s": load, "load_to_first_token_s": load_to_first,
@@ -147,13 +161,13 @@ def measure(engine: str, path: str, threads: int, runs: int, ids: list[int]) -> 
         result["prefill_tok_s"].append(PREFILL_TOKENS / runner.first_token(ids[:PREFILL_TOKENS]))
         result["ttft_ms"].append(1000 * runner.first_token(ids[:TTFT_TOKENS]))
         result["decode_tok_s"].append((DECODE_TOKENS - 1) / runner.decode(ids[:16], DECODE_TOKENS))
-    result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_rss_mb"], result["peak_gpu_mb"] = peak_rss_mb(), peak_gpu_mb()
     return result
 
 
-def measure_concurrency(engine: str, path: str, threads: int, levels: list[int], ids: list[int]) -> dict:
+def measure_concurrency(engine: str, path: str, threads: int, levels: list[int], ids: list[int], device: str) -> dict:
     """Aggregate decode rate and mean time to first token with `level` requests submitted at once."""
-    runner = _make_runner(engine, path, threads)
+    runner = _make_runner(engine, path, threads, device)
     prompts = [ids[7 * i : 7 * i + CONCURRENT_PROMPT] for i in range(max(levels))]
     runner.batch(prompts[:2], 4)  # warm-up
     result = {"engine": engine, "levels": {}}
@@ -161,16 +175,16 @@ def measure_concurrency(engine: str, path: str, threads: int, levels: list[int],
         seconds, ttft = runner.batch(prompts[:level], CONCURRENT_TOKENS)
         result["levels"][level] = {"tok_s": level * CONCURRENT_TOKENS / seconds, "ttft_ms": 1000 * ttft}
     if engine == "seriatim":
-        result.update(_shared_prefix(path, threads, ids))
+        result.update(_shared_prefix(path, threads, ids, device))
     return result
 
 
-def _shared_prefix(path: str, threads: int, ids: list[int]) -> dict:
+def _shared_prefix(path: str, threads: int, ids: list[int], device: str) -> dict:
     """16 requests sharing a 400-token system prompt: how much prefill the prefix cache saves."""
     from seriatim.llm import LLM
     from seriatim.sampling import SamplingParams
 
-    llm = LLM(path, threads=threads)
+    llm = LLM(path, threads=threads, device=device)
     system, params = ids[:400], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     llm.generate(system + ids[1000:1016], params)
     stats = llm.engine.scheduler.blocks.stats
@@ -180,10 +194,10 @@ def _shared_prefix(path: str, threads: int, ids: list[int]) -> dict:
 
 
 if __name__ == "__main__":
-    engine, path, threads, runs = sys.argv[1:5]
+    engine, path, threads, runs, device = sys.argv[1:6]
     stdin = json.load(sys.stdin)
     if runs.startswith("concurrency="):
         levels = [int(x) for x in runs.removeprefix("concurrency=").split(",")]
-        print(json.dumps(measure_concurrency(engine, path, int(threads), levels, stdin)))
+        print(json.dumps(measure_concurrency(engine, path, int(threads), levels, stdin, device)))
     else:
-        print(json.dumps(measure(engine, path, int(threads), int(runs), stdin)))
+        print(json.dumps(measure(engine, path, int(threads), int(runs), stdin, device)))

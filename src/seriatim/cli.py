@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark seriatim against llama.cpp and transformers")
     bench.add_argument("--model", default=DEFAULT_MODEL)
     bench.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    bench.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every engine runs")
     bench.add_argument("--runs", type=int, default=3, help="repetitions of each measurement")
     bench.add_argument("--engines", default="all", help=f"comma-separated subset of: {', '.join(ENGINES)}")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
@@ -172,9 +173,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
             levels = []
         if not levels or min(levels) < 1:
             raise ValueError(f"--concurrency needs positive integers separated by commas, got {args.concurrency!r}")
-        run_concurrency_bench(args.model, threads, levels, engines, args.json)
+        run_concurrency_bench(args.model, threads, levels, engines, args.json, args.device)
     else:
-        run_bench(args.model, threads, args.runs, engines, args.json)
+        run_bench(args.model, threads, args.runs, engines, args.json, args.device)
 
 
 def _add_serve_parser(sub) -> None:

@@ -27,8 +27,12 @@ def cpu_has_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def available_memory() -> int:
-    """Bytes of RAM available to new allocations (MemAvailable), or 8 GiB if unknown."""
+def available_memory(device: str = "cpu") -> int:
+    """Bytes free for new allocations on `device`: free GPU memory on CUDA; else MemAvailable, or 8 GiB if unknown."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):

@@ -82,8 +82,8 @@ class LLM:
         self.config = ckpt.config
         self.model = build_model(ckpt, self.precision, self.device)
         dtype = self.precision.activations
-        if kv_cache_memory is None:  # a quarter of free RAM, at most 4 GiB
-            kv_cache_memory = min(available_memory() // 4, 4 << 30)
+        if kv_cache_memory is None:  # a quarter of the free RAM (GPU memory on CUDA), at most 4 GiB
+            kv_cache_memory = min(available_memory(self.device.type) // 4, 4 << 30)
         capacity = kv_cache_memory // PagedKVCache.bytes_per_token(self.config, dtype)
         scheduling = SchedulerConfig(
             max_step_tokens, max_running, capacity, prefix_caching=prefix_caching, deterministic=deterministic
