@@ -112,7 +112,7 @@ def attend(
         # One query sees every remaining key: fold the query heads sharing a KV head into the
         # query axis ([1, Hkv, H/Hkv, Dh]), a plain attention with no mask and no KV repetition.
         out = F.scaled_dot_product_attention(q.view(1, k.shape[1], -1, dim), k, v, scale=scale)
-        return out.view(1, heads, dim)
+        return out.reshape(1, heads, dim)
     plain_causal = first == start and (window is None or n <= window)  # SDPA's own causal mask is exact
     key = (first, start, n, window)
     if not plain_causal and key not in masks:
