@@ -40,6 +40,15 @@ def memory_bandwidth(threads: int, device: str = "cpu") -> float:
     return buf.numel() * 4 / best
 
 
+def _model_and_ids(model: str) -> tuple[str, list[int]]:
+    """The model's file and the benchmark text as its token ids (the same ids for every engine)."""
+    from .registry import resolve_model
+    from .tokenizer import Tokenizer
+
+    path = str(resolve_model(model))
+    return path, Tokenizer.from_gguf(path).encode(_TEXT * 40, add_special_tokens=False)
+
+
 def _available(engine: str) -> str | None:
     """None if the engine can run, else why not."""
     import importlib.util
@@ -102,11 +111,7 @@ def format_table(results: list[dict], meta: dict) -> str:
 
 
 def run_bench(model: str, threads: int, runs: int, engines: list[str], as_json: bool, device: str = "cpu") -> None:
-    from .registry import resolve_model
-    from .tokenizer import Tokenizer
-
-    path = str(resolve_model(model))
-    ids = Tokenizer.from_gguf(path).encode(_TEXT * 40, add_special_tokens=False)
+    path, ids = _model_and_ids(model)
     meta = {"model": path, "device": device, "threads": threads, "runs": runs,
             "bandwidth_gb_s": memory_bandwidth(threads, device) / 1e9}
     results = []
@@ -141,11 +146,7 @@ def format_concurrency(results: list[dict], meta: dict) -> str:
 
 def run_concurrency_bench(model: str, threads: int, levels: list[int], engines: list[str], as_json: bool,
                           device: str = "cpu") -> None:
-    from .registry import resolve_model
-    from .tokenizer import Tokenizer
-
-    path = str(resolve_model(model))
-    ids = Tokenizer.from_gguf(path).encode(_TEXT * 40, add_special_tokens=False)
+    path, ids = _model_and_ids(model)
     meta = {"model": path, "device": device, "threads": threads, "levels": levels}
     results = []
     runs = "concurrency=" + ",".join(map(str, levels))
@@ -154,3 +155,14 @@ def run_concurrency_bench(model: str, threads: int, levels: list[int], engines: 
         why_not = _available(engine)
         results.append({"engine": engine, "error": why_not} if why_not else _run_worker(engine, path, threads, runs, ids, device))
     print(json.dumps({"meta": meta, "results": results}, indent=2) if as_json else format_concurrency(results, meta))
+
+
+def run_serve_bench(model: str, threads: int, levels: list[int], as_json: bool, device: str = "cpu") -> None:
+    from .bench_serve import format_serve, measure_server
+
+    path, ids = _model_and_ids(model)
+    prompt_tokens = 64
+    prompts = [ids[7 * i : 7 * i + prompt_tokens] for i in range(64)]  # distinct, so no prefix is reused
+    meta = {"model": path, "device": device, "threads": threads, "prompt_tokens": prompt_tokens}
+    result = measure_server(path, threads, device, levels, prompts)
+    print(json.dumps({"meta": meta, **result}, indent=2) if as_json else format_serve(result, meta))

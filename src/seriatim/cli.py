@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="machine-readable output")
     bench.add_argument("--concurrency", default=None, metavar="N,N,...",
                        help="instead of batch-1 speed: aggregate throughput with N requests at once, e.g. 1,4,16,64")
+    bench.add_argument("--serve", default=None, metavar="N,N,...",
+                       help="instead: start `seriatim serve` and load it with N streaming clients, e.g. 1,8,32")
     bench.add_argument("--quality", action="store_true",
                        help="instead of speed: perplexity and greedy agreement of the fast mode against float32")
     _add_serve_parser(sub)
@@ -152,7 +154,7 @@ def cmd_pull(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import run_bench, run_concurrency_bench
+    from .bench import run_bench, run_concurrency_bench, run_serve_bench
     from .hardware import physical_cores
 
     if args.quality:
@@ -166,16 +168,23 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if unknown or args.runs < 1:
         raise ValueError(f"unknown engine(s) {', '.join(unknown)}" if unknown else "--runs must be >= 1")
     threads = args.threads or physical_cores()
-    if args.concurrency:
-        try:
-            levels = [int(x) for x in args.concurrency.split(",")]
-        except ValueError:
-            levels = []
-        if not levels or min(levels) < 1:
-            raise ValueError(f"--concurrency needs positive integers separated by commas, got {args.concurrency!r}")
+    if args.serve:
+        run_serve_bench(args.model, threads, _levels("--serve", args.serve), args.json, args.device)
+    elif args.concurrency:
+        levels = _levels("--concurrency", args.concurrency)
         run_concurrency_bench(args.model, threads, levels, engines, args.json, args.device)
     else:
         run_bench(args.model, threads, args.runs, engines, args.json, args.device)
+
+
+def _levels(option: str, text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise ValueError(f"{option} needs positive integers separated by commas, got {text!r}")
+    return levels
 
 
 def _add_serve_parser(sub) -> None:
