@@ -121,3 +121,27 @@ def test_fast_mode_logits_close_to_float32(family, source, request):
     expected, got = run_chunks(reference, ids, CHUNKS), run_chunks(fast, ids, CHUNKS, torch.bfloat16)
     assert worst_row_rel(got, expected) < 0.15
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.85
+
+
+def test_int4_dequantize_reads_the_packed_layout():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 16, (192, 96), dtype=torch.int32, generator=gen)
+    scale, minimum = torch.rand(192, 3, generator=gen) / 10, -torch.rand(192, 3, generator=gen)
+    expected = q.float() * scale.repeat_interleave(32, 1) + minimum.repeat_interleave(32, 1)
+    got = Int4Linear(q, scale, minimum, torch.float32).dequantize()
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("types", [["Q4_1"], ["Q6_K"]])
+def test_many_rows_take_the_dense_path_and_agree_with_the_kernel(types, monkeypatch):
+    from seriatim.quant import DENSE_FROM_ROWS
+
+    parts = [blocks(t, seed, rows=64)[0] for seed, t in enumerate(types * 2)]  # int4 packs 64 rows a block
+    module = compact_linear(parts, torch.bfloat16)
+    x = torch.randn(DENSE_FROM_ROWS + 8, COLS, generator=torch.Generator().manual_seed(4)).bfloat16()
+    expanded = []
+    dequantize = type(module).dequantize
+    monkeypatch.setattr(type(module), "dequantize", lambda self: expanded.append(1) or dequantize(self))
+    by_rows = torch.cat([module(x[i : i + 4]) for i in range(0, len(x), 4)]).float()  # the weight-only kernel
+    assert not expanded
+    assert rel(module(x).float(), by_rows) < 0.01 and expanded  # expanded weight, one dense matmul

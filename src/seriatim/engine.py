@@ -173,7 +173,8 @@ class Engine:
                 for a, b, span in zip(bounds, bounds[1:], spans)
             ])
         else:
-            hidden = self.model(self._tensor(tokens), self._tensor(positions), PagedAttention(self.cache, spans))
+            batched = self.cache.k.dtype != torch.float32  # the float32 reference stays batch-invariant
+            hidden = self.model(self._tensor(tokens), self._tensor(positions), PagedAttention(self.cache, spans, batched))
         for c in chunks:
             self.scheduler.computed(c.seq, c.length)
         self.stats.steps += 1

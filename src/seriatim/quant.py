@@ -18,10 +18,12 @@ Every GGUF block type goes to the nearest of the two:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import Q4_K, dequantize
 from torch import nn
@@ -31,6 +33,12 @@ INT4_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K)
 INT8_TYPES = (QT.Q8_0, QT.Q6_K, QT.Q5_K, QT.Q5_0)
 COMPACT_TYPES = INT4_TYPES + INT8_TYPES  # kept as blocks until the compact modules are built
 ROW_CHUNK = 4096  # rows dequantized at a time: a large embedding never exists whole in float32
+# The weight-only kernels cost about the same per activation row at any batch size (they are
+# matrix-vector products in a loop), so a prefill chunk of 512 rows took ~14x a dense bfloat16
+# matmul. From this many rows, expanding the weight first (~1 ms per 2M weights) and one dense
+# matmul is faster; below it, the kernels read 4x less memory and win.
+DENSE_FROM_ROWS = 128
+PACK_BLOCK = 64  # output rows per block in the CPU int4 kernel's packed layout (AVX-512 and AVX2)
 
 
 @dataclass
@@ -130,7 +138,23 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]"""
+        if x.shape[0] >= DENSE_FROM_ROWS and self.out_features % PACK_BLOCK == 0 and _int4_layout_known():
+            return F.linear(x, self.dequantize())
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, GROUP, self.scales_zeros)
+
+    def dequantize(self) -> torch.Tensor:
+        """[N, K] in the activation dtype. The packed layout holds, per block of 64 output rows and per
+        input column, 32 bytes: row i of the block in the low nibble of byte i, row 32 + i in the high."""
+        n, k = self.out_features, self.in_features
+        packed = self.weight.view(n // PACK_BLOCK, k, PACK_BLOCK // 2)
+        # Unpacked straight into float32 (one strided copy per nibble), where the scaling runs
+        # fastest; only the result is rounded to the activation dtype.
+        q = torch.empty(n // PACK_BLOCK, 2, PACK_BLOCK // 2, k)
+        q[:, 0] = (packed & 15).transpose(1, 2)
+        q[:, 1] = (packed >> 4).transpose(1, 2)
+        scale, zero = self.scales_zeros.transpose(0, 1).float().contiguous().unsqueeze(-1).unbind(2)  # [N, K/32, 1]
+        weight = torch.addcmul(zero - 8 * scale, q.view(n, k // GROUP, GROUP), scale)  # (q - 8) * scale + zero
+        return weight.view(n, k).to(self.scales_zeros.dtype)
 
 
 class Int8Linear(nn.Module):
@@ -144,7 +168,13 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]"""
+        if x.shape[0] >= DENSE_FROM_ROWS:
+            return F.linear(x, self.dequantize())
         return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
+
+    def dequantize(self) -> torch.Tensor:
+        """[N, K] in the activation dtype."""
+        return self.weight.to(self.scale.dtype) * self.scale[:, None]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Rows as embeddings: a tied embedding shares this storage instead of a float copy."""
@@ -158,6 +188,14 @@ class Int8Embedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.table.embed(tokens)
+
+
+@functools.cache
+def _int4_layout_known() -> bool:
+    """Whether this PyTorch build packs int4 as `Int4Linear.dequantize` reads it (checked once)."""
+    q = torch.randint(0, 16, (2 * PACK_BLOCK, 2 * GROUP), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    probe = Int4Linear(q, torch.ones(q.shape[0], 2), torch.zeros(q.shape[0], 2), torch.float32)
+    return torch.equal(probe.dequantize(), q.float())
 
 
 def compact_linear(parts: list[Weight], dtype: torch.dtype) -> nn.Module:
