@@ -126,12 +126,15 @@ def test_sliding_layers_keep_only_the_window(tiny_gemma3):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])
-def test_engine_greedy_matches_transformers_past_the_window(family, request):
-    """Through the engine's paged cache and batching: 5 + 24 positions, three times the window."""
+@pytest.mark.parametrize("max_step_tokens, max_running", [(512, 64), (4, 2)])
+def test_engine_greedy_matches_transformers_past_the_window(family, max_step_tokens, max_running, request):
+    """Through the engine's paged cache (Gemma's sliding layers: its rings) and batching: up to 30 + 24
+    positions, several times the window; with a small step budget and two running at a time, prompt
+    chunks wrap the rings and rings pass from one request to the next."""
     root = request.getfixturevalue(f"tiny_{family}")
-    llm = LLM(str(root / "mixed.gguf"), dtype="float32")
+    llm = LLM(str(root / "mixed.gguf"), dtype="float32", max_step_tokens=max_step_tokens, max_running=max_running)
     ref = reference(root, "mixed")
-    prompts = [random_ids(llm, n, seed) for n, seed in ((5, 2), (11, 3))]
+    prompts = [random_ids(llm, n, seed) for n, seed in ((5, 2), (11, 3), (30, 4))]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     for ids, out in zip(prompts, outs):
         with torch.no_grad():

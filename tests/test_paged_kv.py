@@ -1,12 +1,15 @@
-"""Attention over the paged pool: decodes batched into one padded call equal one call per sequence."""
+"""Attention over the engine's cache: decodes batched into one padded call equal one call per sequence;
+sliding-window layers in bounded rings equal the reference attention over every position."""
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
+
 import torch
 
 from seriatim.config import ModelConfig
-from seriatim.paged_kv import PagedAttention, PagedKVCache, PagedSpan
+from seriatim.kv_cache import attend
+from seriatim.paged_kv import ROLLBACK, PagedAttention, PagedKVCache, PagedSpan
 
 CFG = ModelConfig(arch="llama", vocab_size=32, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=4,
                   num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-6, context_length=256,
@@ -14,7 +17,7 @@ CFG = ModelConfig(arch="llama", vocab_size=32, hidden_size=64, intermediate_size
 BLOCK = 4
 
 
-def _pass(batched: bool, window: int | None) -> torch.Tensor:
+def _pass(batched: bool) -> torch.Tensor:
     """A pass mixing decodes of different lengths (scattered blocks) with a prompt chunk."""
     gen = torch.Generator().manual_seed(0)
     cache = PagedKVCache(CFG, num_blocks=64, block_size=BLOCK, dtype=torch.float32, device=torch.device("cpu"))
@@ -29,9 +32,39 @@ def _pass(batched: bool, window: int | None) -> torch.Tensor:
     k, v = (torch.randn(tokens, CFG.num_kv_heads, CFG.head_dim, generator=gen) for _ in range(2))
     backend = PagedAttention(cache, spans, batch_decodes=batched)
     assert (backend.decodes is not None) == batched
-    return backend.attend(0, q, k, v, CFG.attn_scale, window)
+    return backend.attend(0, q, k, v, CFG.attn_scale, None)
 
 
-@pytest.mark.parametrize("window", [None, 6])
-def test_batched_decodes_equal_one_call_per_sequence(window):
-    torch.testing.assert_close(_pass(True, window), _pass(False, window), rtol=1e-5, atol=1e-5)
+def test_batched_decodes_equal_one_call_per_sequence():
+    torch.testing.assert_close(_pass(True), _pass(False), rtol=1e-5, atol=1e-5)
+
+
+SLIDING = dataclasses.replace(CFG, num_layers=2, sliding_window=6, sliding_layers=(True, False))
+
+
+def test_sliding_layers_use_bounded_rings_not_the_pool():
+    cache = PagedKVCache(SLIDING, num_blocks=64, block_size=BLOCK, dtype=torch.float32,
+                         device=torch.device("cpu"), max_sequences=3)
+    assert cache.k.shape[0] == 1  # only the global layer is pooled
+    assert cache.ring_k.shape == (3, 1, SLIDING.num_kv_heads, 6 + ROLLBACK, SLIDING.head_dim)
+    assert PagedKVCache.bytes_per_token(SLIDING, torch.float32) == PagedKVCache.bytes_per_token(CFG, torch.float32)
+
+
+def test_ring_attention_equals_attention_over_every_position():
+    """One sequence fed in chunks (past the window, a chunk longer than the ring, single decodes, and a
+    rollback of rejected tokens) through a ring: each output equals masked attention over all positions."""
+    gen = torch.Generator().manual_seed(1)
+    cache = PagedKVCache(SLIDING, num_blocks=64, block_size=BLOCK, dtype=torch.float32, device=torch.device("cpu"))
+    total = 60
+    q = torch.randn(total, CFG.num_heads, CFG.head_dim, generator=gen)
+    k, v = (torch.randn(total, CFG.num_kv_heads, CFG.head_dim, generator=gen) for _ in range(2))
+    window = SLIDING.sliding_window
+    steps = [(0, 3), (3, 5), (8, 1), (9, 1), (10, 30), (40, 4), (44, 1), (45, 1), (46, 1)]
+    steps += [(44, 3), (47, 13)]  # three rejected positions fed again, then the rest
+    for start, n in steps:
+        span = PagedSpan(start, n, slice(0, 0), slice(0, 0), cache.ring_of(0))
+        got = PagedAttention(cache, [span]).attend(0, q[start : start + n], k[start : start + n],
+                                                   v[start : start + n], SLIDING.attn_scale, window)
+        expected = attend(q[start : start + n], k[: start + n].transpose(0, 1), v[: start + n].transpose(0, 1),
+                          start, SLIDING.attn_scale, window, {})
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

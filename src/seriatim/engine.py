@@ -7,6 +7,7 @@ new token for each sequence whose tokens are now all cached.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence as Seq
@@ -17,7 +18,7 @@ import torch
 from .detokenizer import IncrementalDetokenizer
 from .model import Transformer
 from .outputs import Delta
-from .paged_kv import PagedAttention, PagedKVCache, PagedSpan
+from .paged_kv import ROLLBACK, PagedAttention, PagedKVCache, PagedSpan
 from .sampling import SamplingParams, SamplingState, sample
 from .scheduler import Chunk, Scheduler, SchedulerConfig
 from .sequence import Sequence
@@ -64,8 +65,10 @@ class Engine:
         self.kv_dtype = kv_dtype
         self.context_length = model.cfg.context_length
         config = config or SchedulerConfig()
+        self.cache = PagedKVCache(model.cfg, config.num_blocks, config.block_size, kv_dtype, device, config.max_running)
+        if self.cache.has_rings:  # ring contents are per sequence: nothing to share, little to roll back
+            config = dataclasses.replace(config, prefix_caching=False, max_rollback=ROLLBACK)
         self.scheduler = Scheduler(config)
-        self.cache = PagedKVCache(model.cfg, config.num_blocks, config.block_size, kv_dtype, device)
         self.stats = EngineStats()
         self.requests: dict[int, Sequence] = {}  # waiting or running
         self._ids = itertools.count()
@@ -133,6 +136,7 @@ class Engine:
     def step(self) -> list[tuple[Delta, Sequence]]:
         """One forward pass over the scheduled chunks; one new token per completed sequence."""
         chunks = self.scheduler.schedule()
+        self.cache.release_rings({seq.request_id for seq in self.scheduler.running})
         if not chunks:
             return []
         hidden = self._forward(chunks)
@@ -165,7 +169,8 @@ class Engine:
             tokens += c.seq.pending_tokens()[: c.length]
             positions += range(start, end)
             blocks = c.seq.block_table.blocks
-            spans.append(PagedSpan(start, c.length, self.cache.slots(blocks, start, end), self.cache.slots(blocks, 0, end)))
+            spans.append(PagedSpan(start, c.length, self.cache.slots(blocks, start, end),
+                                   self.cache.slots(blocks, 0, end), self.cache.ring_of(c.seq.request_id)))
         if self.scheduler.config.deterministic:  # one pass per sequence: results cannot depend on the batch
             bounds = [0, *itertools.accumulate(c.length for c in chunks)]
             hidden = torch.cat([

@@ -39,22 +39,25 @@ class SequenceCache:
     def store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the K/V of positions [start, start + n) (k/v: [n, Hkv, Dh]); return the keys and values the
         queries of those positions attend over ([Hkv, L, Dh]), at positions [start + n - L, start + n)."""
-        return _store(self.k[layer], start, k), _store(self.v[layer], start, v)
+        return ring_store(self.k[layer], start, k), ring_store(self.v[layer], start, v)
 
 
-def _store(ring: torch.Tensor, start: int, x: torch.Tensor) -> torch.Tensor:
-    """x: [n, Hkv, Dh] into ring [Hkv, size, Dh] at slots p % size; the keys the new queries see."""
+def ring_store(ring: torch.Tensor, start: int, x: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """x: [n, Hkv, Dh] into ring [Hkv, size, Dh] at slots p % size; the keys the new queries see, in
+    position order up to the last. A ring may be larger than the `window` its queries see (the
+    engine's keep a margin so rejected speculative tokens can be rolled back)."""
     size, n = ring.shape[1], x.shape[0]
+    window = window or size
     end = start + n
     if end <= size:  # no wrap yet: slot = position
         ring[:, start:end] = x.transpose(0, 1)
         return ring[:, :end]
-    if n == 1:  # one query: overwrite the oldest slot, and the ring holds exactly its window (order is irrelevant)
+    if n == 1 and window == size:  # one query: overwrite the oldest slot; the ring is its window (order is irrelevant)
         ring[:, start % size] = x[0]
         return ring
-    # A chunk: the old window in position order, then the chunk (whose earlier queries still need the
-    # old keys its later positions will overwrite); only then write the chunk's last `size` positions.
-    old = ring.index_select(1, torch.arange(max(0, start - size), start, device=ring.device) % size)
+    # The old window in position order, then the new positions (whose earlier queries still need the
+    # old keys its later positions will overwrite); only then write the last `size` new positions.
+    old = ring.index_select(1, torch.arange(max(0, start - window), start, device=ring.device) % size)
     keep = min(n, size)
     ring.index_copy_(1, torch.arange(end - keep, end, device=ring.device) % size, x[n - keep :].transpose(0, 1))
     return torch.cat([old, x.transpose(0, 1)], dim=1)

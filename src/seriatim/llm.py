@@ -84,7 +84,11 @@ class LLM:
         dtype = self.precision.activations
         if kv_cache_memory is None:  # a quarter of the free RAM (GPU memory on CUDA), at most 4 GiB
             kv_cache_memory = min(available_memory(self.device.type) // 4, 4 << 30)
-        capacity = kv_cache_memory // PagedKVCache.bytes_per_token(self.config, dtype)
+        rings = PagedKVCache.ring_bytes(self.config, dtype, max_running)
+        if kv_cache_memory <= rings:
+            raise ValueError(f"kv_cache_memory of {kv_cache_memory} bytes is too small: the sliding-window layers "
+                             f"of {max_running} running sequences take {rings} (lower max_running or give more)")
+        capacity = (kv_cache_memory - rings) // PagedKVCache.bytes_per_token(self.config, dtype)
         scheduling = SchedulerConfig(
             max_step_tokens, max_running, capacity, prefix_caching=prefix_caching, deterministic=deterministic
         )

@@ -1,9 +1,16 @@
 """The engine's KV cache: one pool of blocks for all sequences, and the attention over it.
 
-Storage is [layers][kv_heads, num_blocks * block_size, head_dim]: a position's
-"slot" is block * block_size + offset, so one sequence's keys are gathered
-with a single index_select, or taken as a plain view when its blocks happen
-to be consecutive (the common case for a lone request).
+Global layers store [layers][kv_heads, num_blocks * block_size, head_dim]: a
+position's "slot" is block * block_size + offset, so one sequence's keys are
+gathered with a single index_select, or taken as a plain view when its blocks
+happen to be consecutive (the common case for a lone request).
+
+Sliding-window layers (Gemma 3) need only a sequence's last `window`
+positions, so they do not use the pool: each running sequence gets a ring of
+window + ROLLBACK positions per sliding layer, where position p lives in slot
+p % size. Their memory is bounded by the window however long the sequence.
+The rings' contents are not shareable, so models with sliding layers run
+without prefix caching.
 """
 
 from __future__ import annotations
@@ -15,20 +22,61 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .kv_cache import MaskKey, attend
+from .kv_cache import MaskKey, attend, ring_store
+
+ROLLBACK = 16  # positions a ring keeps beyond its window, so rejected speculative tokens can be rolled back
 
 
 class PagedKVCache:
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
-        shape = (cfg.num_layers, cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device, max_sequences: int = 1):
+        self.windows = [cfg.layer_window(i) for i in range(cfg.num_layers)]
+        paged = [i for i, w in enumerate(self.windows) if w is None]
+        sliding = [i for i, w in enumerate(self.windows) if w is not None]
+        self.index = {layer: j for j, layer in enumerate(paged)} | {layer: j for j, layer in enumerate(sliding)}
+        shape = (len(paged), cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
+        # Rings are allocated for every possible running sequence; untouched pages cost no memory.
+        ring = (max(w for w in self.windows if w) + ROLLBACK) if sliding else 0
+        ring_shape = (max_sequences if sliding else 0, len(sliding), cfg.num_kv_heads, ring, cfg.head_dim)
+        self.ring_k = torch.empty(ring_shape, dtype=dtype, device=device)
+        self.ring_v = torch.empty(ring_shape, dtype=dtype, device=device)
+        self.rings: dict[int, int] = {}  # request id -> its ring
+        self.free_rings = list(range(ring_shape[0]))
         self.block_size = block_size
         self.device = device
 
+    @property
+    def has_rings(self) -> bool:
+        return self.ring_k.shape[1] > 0
+
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-        return 2 * cfg.num_layers * cfg.kv_size * dtype.itemsize
+        """Pool bytes per cached position (global layers only)."""
+        paged = sum(cfg.layer_window(i) is None for i in range(cfg.num_layers))
+        return 2 * paged * cfg.kv_size * dtype.itemsize
+
+    @staticmethod
+    def ring_bytes(cfg: ModelConfig, dtype: torch.dtype, max_sequences: int) -> int:
+        """Bytes of the sliding layers' rings, for `max_sequences` running sequences."""
+        windows = [w for w in (cfg.layer_window(i) for i in range(cfg.num_layers)) if w]
+        if not windows:
+            return 0
+        return 2 * max_sequences * len(windows) * (max(windows) + ROLLBACK) * cfg.kv_size * dtype.itemsize
+
+    def ring_of(self, request_id: int) -> int | None:
+        """The ring of a running sequence (given on first use); None for a model without sliding layers."""
+        if not self.has_rings:
+            return None
+        if request_id not in self.rings:
+            self.rings[request_id] = self.free_rings.pop()
+        return self.rings[request_id]
+
+    def release_rings(self, running: set[int]) -> None:
+        """Take back the rings of sequences no longer running (finished, aborted or preempted)."""
+        for rid in [r for r in self.rings if r not in running]:
+            self.free_rings.append(self.rings.pop(rid))
 
     def slots(self, blocks: list[int], start: int, end: int) -> torch.Tensor | slice:
         """Slots of positions [start, end): a slice when they are consecutive in storage."""
@@ -50,6 +98,7 @@ class PagedSpan:
     length: int
     write: torch.Tensor | slice  # slots of the new tokens
     read: torch.Tensor | slice  # slots of positions [0, start + length)
+    ring: int | None = None  # the sequence's ring in the sliding layers
 
 
 class PagedAttention:
@@ -64,45 +113,56 @@ class PagedAttention:
     def __init__(self, cache: PagedKVCache, spans: list[PagedSpan], batch_decodes: bool = False):
         self.cache = cache
         offsets = [0, *itertools.accumulate(s.length for s in spans)]
-        self.rows = [(slice(a, b), span) for a, b, span in zip(offsets, offsets[1:], spans)]
+        self.spans = [(slice(a, b), span) for a, b, span in zip(offsets, offsets[1:], spans)]
         self.masks: dict[MaskKey, torch.Tensor] = {}  # shared by the layers of one pass
-        single = [(sl.start, span) for sl, span in self.rows if span.length == 1]
+        single = [(sl.start, span) for sl, span in self.spans if span.length == 1]
         self.decodes = DecodeBatch.of(single, cache.device) if batch_decodes and len(single) > 1 else None
-        if self.decodes is not None:
-            self.rows = [(sl, span) for sl, span in self.rows if span.length > 1]
+        # The spans attended one by one in the pooled layers.
+        self.rows = [(sl, span) for sl, span in self.spans if self.decodes is None or span.length > 1]
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
     ) -> torch.Tensor:
-        """q: [T, H, Dh], k/v: [T, Hkv, Dh] -> [T, H, Dh]. A sliding layer still stores every position
-        here; attention masks (or, for one query, drops) the keys outside its window."""
-        k_store, v_store = self.cache.k[layer], self.cache.v[layer]  # [Hkv, slots, Dh]
+        """q: [T, H, Dh], k/v: [T, Hkv, Dh] -> [T, H, Dh]"""
+        index = self.cache.index[layer]
+        if window is not None:
+            return self._sliding(index, q, k, v, scale, window)
+        k_store, v_store = self.cache.k[index], self.cache.v[index]  # [Hkv, slots, Dh]
         outs = []
         for sl, span in self.rows:
             _store(k_store, span.write, k[sl])
             _store(v_store, span.write, v[sl])
             keys, values = _load(k_store, span.read), _load(v_store, span.read)
-            outs.append(attend(q[sl], keys, values, span.start, scale, window, self.masks))
+            outs.append(attend(q[sl], keys, values, span.start, scale, None, self.masks))
         if self.decodes is None:
             return outs[0] if len(outs) == 1 else torch.cat(outs)
         out = q.new_empty(q.shape)
-        out[self.decodes.rows] = self.decodes.attend(k_store, v_store, q, k, v, scale, window)
+        out[self.decodes.rows] = self.decodes.attend(k_store, v_store, q, k, v, scale)
         for (sl, _), part in zip(self.rows, outs):
             out[sl] = part
         return out
 
+    def _sliding(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 window: int) -> torch.Tensor:
+        """Each sequence over its own ring of this sliding layer."""
+        outs = []
+        for sl, span in self.spans:
+            ring_k, ring_v = self.cache.ring_k[span.ring, index], self.cache.ring_v[span.ring, index]
+            keys, values = ring_store(ring_k, span.start, k[sl], window), ring_store(ring_v, span.start, v[sl], window)
+            outs.append(attend(q[sl], keys, values, span.start, scale, window, self.masks))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
 
 @dataclass
 class DecodeBatch:
-    """The single-token spans of a pass, attended together: each sequence's keys gathered into one
-    padded [B, Hkv, width, Dh] batch and masked to its own length (and window)."""
+    """The single-token spans of a pass in a pooled layer, attended together: each sequence's keys
+    gathered into one padded [B, Hkv, width, Dh] batch and masked to its own length."""
 
     rows: torch.Tensor  # [B] their rows in the flat batch
     write: torch.Tensor  # [B] slot of each new token
     read: torch.Tensor  # [B * width] slots of each sequence's positions, padded with slot 0
-    lengths: torch.Tensor  # [B] keys per sequence (its position + 1)
     width: int
-    masks: dict[int | None, torch.Tensor]
+    mask: torch.Tensor  # [B, 1, 1, width]: key j is visible to sequence b's query when j < length_b
 
     @classmethod
     def of(cls, spans: list[tuple[int, PagedSpan]], device: torch.device) -> DecodeBatch:
@@ -111,27 +171,17 @@ class DecodeBatch:
         read = torch.zeros(len(spans), width, dtype=torch.long, device=device)
         for row, slots in zip(read, reads):
             row[: len(slots)] = slots
+        lengths = torch.tensor([span.start + 1 for _, span in spans], device=device)
         return cls(
             rows=torch.tensor([row for row, _ in spans], device=device),
             write=torch.cat([_as_tensor(span.write, device) for _, span in spans]),
             read=read.flatten(),
-            lengths=torch.tensor([span.start + 1 for _, span in spans], device=device),
             width=width,
-            masks={},
+            mask=(torch.arange(width, device=device)[None, :] < lengths[:, None])[:, None, None, :],
         )
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        """[B, 1, 1, width]: key j is visible to sequence b's query when j < length_b (and within the window)."""
-        if window not in self.masks:
-            keys = torch.arange(self.width, device=self.lengths.device)[None, :]
-            visible = keys < self.lengths[:, None]
-            if window is not None:
-                visible &= keys >= self.lengths[:, None] - window
-            self.masks[window] = visible[:, None, None, :]
-        return self.masks[window]
-
     def attend(self, k_store: torch.Tensor, v_store: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+               v: torch.Tensor, scale: float) -> torch.Tensor:
         """Store the new keys/values, then attend -> [B, H, Dh]."""
         k_store.index_copy_(1, self.write, k[self.rows].transpose(0, 1))
         v_store.index_copy_(1, self.write, v[self.rows].transpose(0, 1))
@@ -140,7 +190,7 @@ class DecodeBatch:
         values = v_store.index_select(1, self.read).view(kv_heads, batch, self.width, dim).transpose(0, 1)
         # Query heads sharing a KV head folded into the query axis, as for a lone decode: [B, Hkv, H/Hkv, Dh].
         queries = q[self.rows].view(batch, kv_heads, -1, dim)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask(window), scale=scale)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask, scale=scale)
         return out.reshape(batch, -1, dim)
 
 

@@ -27,6 +27,7 @@ class SchedulerConfig:
     # Batch invariance at any precision: every sequence gets its own forward pass and the same
     # chunking as if it ran alone (no shared budget, no cached prefixes computed elsewhere).
     deterministic: bool = False
+    max_rollback: int | None = None  # most positions `truncate` may take back (None: any)
 
     def __post_init__(self) -> None:
         for name in ("max_step_tokens", "max_running", "kv_capacity_tokens", "block_size"):
@@ -122,6 +123,10 @@ class Scheduler:
     def truncate(self, seq: Sequence, num_tokens: int) -> None:
         """Forget `seq`'s cached positions from `num_tokens` on (e.g. rejected speculative tokens);
         the tokens after it are fed again, several in one step, without copying any block."""
+        limit = self.config.max_rollback
+        if limit is not None and seq.num_cached - num_tokens > limit:
+            raise ValueError(f"cannot roll back {seq.num_cached - num_tokens} positions (at most {limit} here: "
+                             "sliding-window layers keep only that many beyond their window)")
         self.blocks.truncate(seq.block_table, num_tokens)
         seq.num_cached = min(seq.num_cached, num_tokens)
 
