@@ -119,3 +119,12 @@ def test_chat_uses_the_template(tiny_llm):
     assert tiny_llm.tokenizer.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     out = tiny_llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=4))
     assert out.prompt_token_ids == ids
+
+
+def test_request_metrics_time_every_token(tiny_llm):
+    outs = tiny_llm.generate(["a b", "c d e"], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    for out in outs:
+        m = out.metrics
+        assert m.output_tokens == 6 and m.arrival <= m.scheduled <= m.first_token <= m.last_token <= m.finished
+        assert m.inter_token_latency == pytest.approx((m.last_token - m.first_token) / 5)
+        assert 0 < m.inter_token_latency <= m.max_inter_token

@@ -17,13 +17,22 @@ class RequestMetrics:
     arrival: float
     scheduled: float | None = None  # admitted to the running batch
     first_token: float | None = None
+    last_token: float | None = None
     finished: float | None = None
     prompt_tokens: int = 0
     output_tokens: int = 0
+    max_inter_token: float = 0.0  # longest wait between two consecutive tokens
 
     @property
     def time_to_first_token(self) -> float | None:
         return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def inter_token_latency(self) -> float | None:
+        """Mean time between consecutive tokens (None before the second)."""
+        if self.first_token is None or self.last_token is None or self.output_tokens < 2:
+            return None
+        return (self.last_token - self.first_token) / (self.output_tokens - 1)
 
     @property
     def decode_tokens_per_s(self) -> float | None:

@@ -59,7 +59,11 @@ class Sequence:
         now = time.perf_counter()
         if self.metrics.first_token is None:
             self.metrics.first_token = now
+        else:
+            self.metrics.max_inter_token = max(self.metrics.max_inter_token, now - self.metrics.last_token)
+        self.metrics.last_token = now
         self.output_ids.append(token)
+        self.metrics.output_tokens = len(self.output_ids)
         self.sampling.append(token)
         if self.logprobs is not None and logprobs is not None:
             self.logprobs.append(logprobs)
@@ -85,7 +89,6 @@ class Sequence:
         """Mark finished; return `text` plus anything the stop filter still held (unless a stop matched)."""
         self.finish_reason = reason
         self.metrics.finished = time.perf_counter()
-        self.metrics.output_tokens = len(self.output_ids)
         return text if self.stops.stopped else text + self.stops.flush()
 
     def result(self) -> CompletionOutput:
