@@ -128,7 +128,7 @@ def test_int4_dequantize_reads_the_packed_layout():
     q = torch.randint(0, 16, (192, 96), dtype=torch.int32, generator=gen)
     scale, minimum = torch.rand(192, 3, generator=gen) / 10, -torch.rand(192, 3, generator=gen)
     expected = q.float() * scale.repeat_interleave(32, 1) + minimum.repeat_interleave(32, 1)
-    got = Int4Linear(q, scale, minimum, torch.float32).dequantize()
+    got = Int4Linear.from_int4(q, scale, minimum, torch.float32).dequantize()
     assert torch.allclose(got, expected, atol=1e-6)
 
 

@@ -8,15 +8,18 @@ from pathlib import Path
 
 import torch
 
+from . import converted
 from .chat_template import render_chat
 from .engine import Engine
 from .hardware import available_memory, physical_cores
 from .loader import build_model, choose_precision, load
+from .model import Transformer
 from .outputs import CompletionOutput, Delta
 from .registry import DEFAULT_MODEL, resolve_model
 from .paged_kv import PagedKVCache
 from .sampling import SamplingParams
 from .scheduler import SchedulerConfig
+from .tokenizer import Tokenizer
 
 Prompt = str | Seq[int]
 
@@ -77,10 +80,8 @@ class LLM:
         self.device = torch.device(device)
         self.precision = choose_precision(dtype, self.device)
         path = resolve_model(model)
-        report = _progress_printer(f"loading {path.name}") if progress else None
-        ckpt, self.tokenizer = load(path, self.precision, report)
-        self.config = ckpt.config
-        self.model = build_model(ckpt, self.precision, self.device)
+        self.model, self.tokenizer = self._load(path, progress)
+        self.config = self.model.cfg
         dtype = self.precision.activations
         if kv_cache_memory is None:  # a quarter of the free RAM (GPU memory on CUDA), at most 4 GiB
             kv_cache_memory = min(available_memory(self.device.type) // 4, 4 << 30)
@@ -93,6 +94,19 @@ class LLM:
             max_step_tokens, max_running, capacity, prefix_caching=prefix_caching, deterministic=deterministic
         )
         self.engine = Engine(self.model, self.tokenizer, self.device, dtype, scheduling)
+
+    def _load(self, path: Path, progress: bool) -> tuple[Transformer, Tokenizer]:
+        """The model and tokenizer: from the converted-weights cache in the compact fast mode when this
+        file was converted before, else converted now (and cached)."""
+        cacheable = self.precision.compact and converted.wanted(path)
+        if cacheable and (hit := converted.load(path, self.precision.name, self.precision.activations)):
+            return hit[0].to(self.device), hit[1]
+        report = _progress_printer(f"loading {path.name}") if progress else None
+        ckpt, tokenizer = load(path, self.precision, report)
+        model = build_model(ckpt, self.precision, self.device)
+        if cacheable:
+            converted.save(path, self.precision.name, model, tokenizer)
+        return model, tokenizer
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

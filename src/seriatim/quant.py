@@ -128,13 +128,20 @@ def int8_from_blocks(w: BlockWeight) -> tuple[torch.Tensor, torch.Tensor]:
 class Int4Linear(nn.Module):
     """y = x W^T with W as group-wise asymmetric int4 (torch's CPU int4 kernel, bfloat16 activations)."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, scales_zeros: torch.Tensor):
+        """weight: the kernel's packed form [N, K/2] (uint8); scales_zeros: [K/32, N, 2]."""
         super().__init__()
-        self.out_features, self.in_features = q.shape
-        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+        self.out_features, self.in_features = weight.shape[0], 2 * weight.shape[1]
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales_zeros", scales_zeros)
+
+    @classmethod
+    def from_int4(cls, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype) -> Int4Linear:
+        """From values q in [0, 16) ([N, K], int32) and per-group scale and minimum ([N, K/32])."""
         # The kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale.
         sz = torch.stack([scale, minimum + 8 * scale], dim=-1)  # [N, K/32, 2]
-        self.register_buffer("scales_zeros", sz.transpose(0, 1).contiguous().to(dtype))  # [K/32, N, 2]
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        return cls(packed, sz.transpose(0, 1).contiguous().to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]"""
@@ -194,7 +201,7 @@ class Int8Embedding(nn.Module):
 def _int4_layout_known() -> bool:
     """Whether this PyTorch build packs int4 as `Int4Linear.dequantize` reads it (checked once)."""
     q = torch.randint(0, 16, (2 * PACK_BLOCK, 2 * GROUP), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    probe = Int4Linear(q, torch.ones(q.shape[0], 2), torch.zeros(q.shape[0], 2), torch.float32)
+    probe = Int4Linear.from_int4(q, torch.ones(q.shape[0], 2), torch.zeros(q.shape[0], 2), torch.float32)
     return torch.equal(probe.dequantize(), q.float())
 
 
@@ -204,7 +211,7 @@ def compact_linear(parts: list[Weight], dtype: torch.dtype) -> nn.Module:
     forms = {compact_form(w) for w in parts}
     if forms == {"int4"}:
         q, scale, minimum = (torch.cat(x) for x in zip(*(int4_from_blocks(w) for w in parts)))
-        return Int4Linear(q, scale, minimum, dtype)
+        return Int4Linear.from_int4(q, scale, minimum, dtype)
     if "dense" not in forms:
         q, scale = (torch.cat(x) for x in zip(*(int8_from_blocks(w) for w in parts)))
         return Int8Linear(q, scale, dtype)
