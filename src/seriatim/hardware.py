@@ -1,7 +1,8 @@
-"""What the machine offers: physical cores and native bfloat16 arithmetic."""
+"""What the machine offers (physical cores, native bfloat16 arithmetic, free memory) and how we use it."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -40,3 +41,18 @@ def available_memory(device: str = "cpu") -> int:
     except OSError:
         pass
     return 8 << 30
+
+
+def keep_freed_memory() -> None:
+    """Have glibc keep large freed blocks for reuse instead of unmapping them at once.
+
+    A prefill pass allocates and frees tens of megabytes (expanded weights, activations); by default
+    blocks over 128 KiB are fresh mmaps, so every pass paid page faults on all of them (prefill ran
+    ~35% slower until something happened to raise glibc's adaptive threshold). No-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters, from glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, 64 << 20)
+    libc.mallopt(m_trim_threshold, 128 << 20)

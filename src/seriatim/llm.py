@@ -11,7 +11,7 @@ import torch
 from . import converted
 from .chat_template import render_chat
 from .engine import Engine
-from .hardware import available_memory, physical_cores
+from .hardware import available_memory, keep_freed_memory, physical_cores
 from .loader import build_model, choose_precision, load
 from .model import Transformer
 from .outputs import CompletionOutput, Delta
@@ -78,6 +78,8 @@ class LLM:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.precision = choose_precision(dtype, self.device)
         path = resolve_model(model)
         self.model, self.tokenizer = self._load(path, progress)
