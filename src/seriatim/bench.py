@@ -69,6 +69,17 @@ def _run_worker(engine: str, path: str, threads: int, runs: int | str, ids: list
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _run_engines(engines: list[str], path: str, threads: int, runs: int | str, ids: list[int], device: str,
+                 what: str) -> list[dict]:
+    """Each engine's worker in turn, with progress on stderr; a missing peer is reported, not run."""
+    results = []
+    for i, engine in enumerate(engines, 1):
+        print(f"[{i}/{len(engines)}] {engine}{what} ...", file=sys.stderr, flush=True)
+        why_not = _available(engine)
+        results.append({"engine": engine, "error": why_not} if why_not else _run_worker(engine, path, threads, runs, ids, device))
+    return results
+
+
 def _summary(samples: list[float]) -> str:
     return f"{statistics.median(samples):8.1f} [{min(samples):.0f}-{max(samples):.0f}]"
 
@@ -114,11 +125,7 @@ def run_bench(model: str, threads: int, runs: int, engines: list[str], as_json: 
     path, ids = _model_and_ids(model)
     meta = {"model": path, "device": device, "threads": threads, "runs": runs,
             "bandwidth_gb_s": memory_bandwidth(threads, device) / 1e9}
-    results = []
-    for i, engine in enumerate(engines, 1):
-        print(f"[{i}/{len(engines)}] {engine} ...", file=sys.stderr, flush=True)
-        why_not = _available(engine)
-        results.append({"engine": engine, "error": why_not} if why_not else _run_worker(engine, path, threads, runs, ids, device))
+    results = _run_engines(engines, path, threads, runs, ids, device, "")
     print(json.dumps({"meta": meta, "results": results}, indent=2) if as_json else format_table(results, meta))
 
 
@@ -148,12 +155,8 @@ def run_concurrency_bench(model: str, threads: int, levels: list[int], engines: 
                           device: str = "cpu") -> None:
     path, ids = _model_and_ids(model)
     meta = {"model": path, "device": device, "threads": threads, "levels": levels}
-    results = []
     runs = "concurrency=" + ",".join(map(str, levels))
-    for i, engine in enumerate(engines, 1):
-        print(f"[{i}/{len(engines)}] {engine} at {', '.join(map(str, levels))} concurrent ...", file=sys.stderr, flush=True)
-        why_not = _available(engine)
-        results.append({"engine": engine, "error": why_not} if why_not else _run_worker(engine, path, threads, runs, ids, device))
+    results = _run_engines(engines, path, threads, runs, ids, device, f" at {', '.join(map(str, levels))} concurrent")
     print(json.dumps({"meta": meta, "results": results}, indent=2) if as_json else format_concurrency(results, meta))
 
 

@@ -20,13 +20,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from .bench_worker import peak_rss_mb
+
 
 @dataclass
 class Reply:
-    """One streamed request, timed from sending it: to its first text and to its end."""
+    """One streamed request: seconds from sending it to its first text, and the tokens it generated."""
 
     ttft: float
-    total: float
     tokens: int
 
 
@@ -66,10 +67,6 @@ class ServerProcess:
         # Keep draining its output so a chatty server never blocks on a full pipe.
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
 
-    def peak_rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-
     def stop(self) -> int:
         """SIGTERM, as a service manager stops it; returns the exit code (0 is a clean shutdown)."""
         self.proc.send_signal(signal.SIGTERM)
@@ -97,8 +94,7 @@ def stream_completion(url: str, prompt: list[int], max_tokens: int) -> Reply:
                 tokens = chunk["usage"]["completion_tokens"]
             if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
                 first = time.perf_counter()
-        end = time.perf_counter()
-        return Reply((first or end) - start, end - start, tokens)
+        return Reply((first or time.perf_counter()) - start, tokens)
     finally:
         conn.close()
 
@@ -139,7 +135,7 @@ def measure_server(model: str, threads: int, device: str, levels: list[int], pro
             per_client = max(2, 8 // clients)
             print(f"{clients} client(s), {clients * per_client} requests ...", file=sys.stderr, flush=True)
             results.append(run_level(server.url, prompts, clients, per_client, max_tokens).summary())
-        peak = server.peak_rss_mb()
+        peak = peak_rss_mb(server.proc.pid)
     finally:
         code = server.stop()
     return {"levels": results, "server_peak_rss_mb": peak, "exit_code": code, "max_tokens": max_tokens}

@@ -133,10 +133,10 @@ def _make_runner(engine: str, path: str, threads: int, device: str) -> Runner:
     return _transformers(path, threads, device, "float32" if engine.endswith("f32") else "bfloat16")
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. Not getrusage: Linux carries ru_maxrss across exec, so a
-    worker would inherit the parent's peak; VmHWM belongs to the new address space alone."""
-    with open("/proc/self/status") as f:
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """A process's peak resident memory (this one's by default). Not getrusage: Linux carries ru_maxrss
+    across exec, so a worker would inherit the parent's peak; VmHWM belongs to the new address space alone."""
+    with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 

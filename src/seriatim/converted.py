@@ -49,7 +49,7 @@ def save(path: Path, precision_name: str, model: Transformer, tokenizer: Tokeniz
     """Write the converted model; a failure to write only costs the next start its speed."""
     entry = _entry(path, precision_name)
     modules = model.named_modules(remove_duplicate=False)  # a tied head is both lm_head and embed.table
-    forms = {name: _form(module, model) for name, module in modules if _form(module, model)}
+    forms = {name: form for name, module in modules if (form := _form(module, model))}
     tied = forms.get("embed") == "tied_int8_embedding"  # its rows are lm_head's: saved once
     if tied:
         del forms["embed.table"]

@@ -69,6 +69,7 @@ class Engine:
         if self.cache.has_rings:  # ring contents are per sequence: nothing to share, little to roll back
             config = dataclasses.replace(config, prefix_caching=False, max_rollback=ROLLBACK)
         self.scheduler = Scheduler(config)
+        self.batch_decodes = kv_dtype != torch.float32  # the float32 reference stays batch-invariant
         self.stats = EngineStats()
         self.requests: dict[int, Sequence] = {}  # waiting or running
         self._ids = itertools.count()
@@ -178,8 +179,8 @@ class Engine:
                 for a, b, span in zip(bounds, bounds[1:], spans)
             ])
         else:
-            batched = self.cache.k.dtype != torch.float32  # the float32 reference stays batch-invariant
-            hidden = self.model(self._tensor(tokens), self._tensor(positions), PagedAttention(self.cache, spans, batched))
+            backend = PagedAttention(self.cache, spans, self.batch_decodes)
+            hidden = self.model(self._tensor(tokens), self._tensor(positions), backend)
         for c in chunks:
             self.scheduler.computed(c.seq, c.length)
         self.stats.steps += 1

@@ -61,11 +61,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     texts = TokenTexts(llm.tokenizer)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), config.model_name
     job = Job(engine, metrics, choices, config.request_timeout)
-    try:
-        await job.start()
-    except BaseException:
-        job.close()
-        raise
+    await job.start()
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

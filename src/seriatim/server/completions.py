@@ -73,11 +73,7 @@ async def create_completion(body: CompletionRequest, request: Request, state, me
 
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.config.model_name
     job = Job(engine, metrics, choices, config.request_timeout)
-    try:
-        await job.start()
-    except BaseException:
-        job.close()
-        raise
+    await job.start()
 
     def prompt_of(c: Choice) -> int:
         return c.index // n

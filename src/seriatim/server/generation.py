@@ -137,7 +137,15 @@ class Job:
                 c.finish_reason = "abort"
 
     async def start(self) -> None:
-        """Submit every choice; a bad one (400), a full queue (429) or a stopping engine (503) fails them all."""
+        """Submit every choice; a bad one (400), a full queue (429) or a stopping engine (503) fails them
+        all, and any already submitted are aborted (as is everything if the request is cancelled here)."""
+        try:
+            await self._submit()
+        except BaseException:
+            self.close()
+            raise
+
+    async def _submit(self) -> None:
         try:
             for c in self.choices:
                 if c.finish_reason is not None:  # nothing to generate (echo with max_tokens 0)
