@@ -18,7 +18,15 @@ import pytest
 import torch
 
 from seriatim import LLM
-from seriatim.quant import BlockWeight, Int4Linear, Int8Linear, compact_linear, int4_from_blocks, int8_from_blocks
+from seriatim.quant import (
+    DENSE_FROM_ROWS,
+    BlockWeight,
+    Int4Linear,
+    Int8Linear,
+    compact_linear,
+    int4_from_blocks,
+    int8_from_blocks,
+)
 
 from kquants import quantize_k
 from test_model_parity import CHUNKS, random_ids, run_chunks
@@ -133,15 +141,14 @@ def test_int4_dequantize_reads_the_packed_layout():
 
 
 @pytest.mark.parametrize("types", [["Q4_1"], ["Q6_K"]])
-def test_many_rows_take_the_dense_path_and_agree_with_the_kernel(types, monkeypatch):
-    from seriatim.quant import DENSE_FROM_ROWS
-
+def test_many_rows_take_the_dense_path_and_agree_with_the_kernel(types):
     parts = [blocks(t, seed, rows=64)[0] for seed, t in enumerate(types * 2)]  # int4 packs 64 rows a block
     module = compact_linear(parts, torch.bfloat16)
-    x = torch.randn(DENSE_FROM_ROWS + 8, COLS, generator=torch.Generator().manual_seed(4)).bfloat16()
-    expanded = []
-    dequantize = type(module).dequantize
-    monkeypatch.setattr(type(module), "dequantize", lambda self: expanded.append(1) or dequantize(self))
-    by_rows = torch.cat([module(x[i : i + 4]) for i in range(0, len(x), 4)]).float()  # the weight-only kernel
-    assert not expanded
-    assert rel(module(x).float(), by_rows) < 0.01 and expanded  # expanded weight, one dense matmul
+    int4 = isinstance(module, Int4Linear)
+    x = torch.randn((module.dense_from_rows() if int4 else DENSE_FROM_ROWS) + 8, COLS,
+                    generator=torch.Generator().manual_seed(4)).bfloat16()
+    by_rows = torch.cat([module(x[i : i + 4]) for i in range(0, len(x), 4)])  # the weight-only kernel
+    dense = x @ (module.dequantize_t() if int4 else module.dequantize().T)  # expanded weight, one matmul
+    got = module(x)
+    assert torch.equal(got, dense) and not torch.equal(by_rows, dense)
+    assert rel(got.float(), by_rows.float()) < 0.01

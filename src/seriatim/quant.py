@@ -28,6 +28,8 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import Q4_K, dequantize
 from torch import nn
 
+from . import cpu_kernels
+
 GROUP = 32  # weights per scale in the int4 form (the size of a Q4_0/Q4_1 block, a Q4_K sub-block)
 INT4_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K)
 INT8_TYPES = (QT.Q8_0, QT.Q6_K, QT.Q5_K, QT.Q5_0)
@@ -35,9 +37,12 @@ COMPACT_TYPES = INT4_TYPES + INT8_TYPES  # kept as blocks until the compact modu
 ROW_CHUNK = 4096  # rows dequantized at a time: a large embedding never exists whole in float32
 # The weight-only kernels cost about the same per activation row at any batch size (they are
 # matrix-vector products in a loop), so a prefill chunk of 512 rows took ~14x a dense bfloat16
-# matmul. From this many rows, expanding the weight first (~1 ms per 2M weights) and one dense
-# matmul is faster; below it, the kernels read 4x less memory and win.
-DENSE_FROM_ROWS = 128
+# matmul. From some number of rows, expanding the weight first and one dense matmul is faster
+# (below it, the kernels read 2-4x less memory and win): for int4, from 32 rows with our one-pass
+# expansion (csrc/expand.cpp, ~0.1 ms per 1M weights), from 128 with tensor ops (~1 ms per 2M);
+# for int8, whose expansion is a conversion and a scaling near memory speed, from 32.
+DENSE_FROM_ROWS = 32
+INT4_DENSE_FROM_ROWS_UNEXPANDED = 128
 PACK_BLOCK = 64  # output rows per block in the CPU int4 kernel's packed layout (AVX-512 and AVX2)
 
 
@@ -145,9 +150,23 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]"""
-        if x.shape[0] >= DENSE_FROM_ROWS and self.out_features % PACK_BLOCK == 0 and _int4_layout_known():
-            return F.linear(x, self.dequantize())
+        if x.shape[0] >= self.dense_from_rows() and self.out_features % PACK_BLOCK == 0 and _int4_layout_known():
+            return x @ self.dequantize_t()
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, GROUP, self.scales_zeros)
+
+    def dense_from_rows(self) -> int:
+        return DENSE_FROM_ROWS if self._expander() is not None else INT4_DENSE_FROM_ROWS_UNEXPANDED
+
+    def dequantize_t(self) -> torch.Tensor:
+        """[K, N] (the transpose of `dequantize`): one pass of our kernel where it runs."""
+        kernels = self._expander()
+        if kernels is None:
+            return self.dequantize().T
+        return kernels.int4_dequantize_t(self.weight, self.scales_zeros, GROUP)
+
+    def _expander(self) -> object | None:
+        """Our expansion kernel where it runs: bfloat16 on an AVX-512 CPU (see cpu_kernels)."""
+        return cpu_kernels.ops() if self.scales_zeros.dtype == torch.bfloat16 else None
 
     def dequantize(self) -> torch.Tensor:
         """[N, K] in the activation dtype. The packed layout holds, per block of 64 output rows and per

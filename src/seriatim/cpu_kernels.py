@@ -1,0 +1,66 @@
+"""seriatim's own AVX-512 kernel (csrc/expand.cpp), compiled once per machine and cached.
+
+The first use compiles it (about 10 s, with a notice) into `<cache>/kernels/<key>`, the key
+being a hash of the source, the flags and the PyTorch version; later processes load the built library
+directly. Where they cannot be had (no AVX-512, no compiler, `SERIATIM_KERNELS=0`), `ops()` returns
+None and quant.py expands int4 weights with tensor ops instead: slower prefill, the same numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .registry import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "expand.cpp"
+NAME = "seriatim_expand"
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+
+
+def _cpu_supports() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return all(f" {f}" in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"))
+
+
+def _build_dir() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode())
+    return cache_dir() / "kernels" / key.hexdigest()[:16]
+
+
+def _build(folder: Path) -> None:
+    """Compile with torch's extension builder (ninja, the torch headers, the right ABI flags)."""
+    from torch.utils import cpp_extension
+
+    # ninja comes with the package's dependencies, into the environment's bin folder, which need not be on PATH.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    folder.mkdir(parents=True, exist_ok=True)
+    print("seriatim: compiling the int4 expansion kernel (once per machine, about 10 s)...", file=sys.stderr, flush=True)
+    cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=FLAGS, build_directory=str(folder), is_python_module=False)
+
+
+@functools.cache
+def ops() -> object | None:
+    """`torch.ops.seriatim` (int4_dequantize_t), or None where unavailable."""
+    if os.environ.get("SERIATIM_KERNELS", "1") == "0" or not _cpu_supports():
+        return None
+    folder = _build_dir()
+    library = folder / f"{NAME}.so"
+    try:
+        if library.exists():
+            torch.ops.load_library(str(library))
+        else:
+            _build(folder)
+    except Exception as e:  # noqa: BLE001 - any build or load failure leaves PyTorch's kernels in charge
+        log.warning("seriatim's expansion kernel is unavailable (%s); "
+                    "expanding int4 weights with tensor ops (slower prefill)", e)
+        return None
+    return torch.ops.seriatim
