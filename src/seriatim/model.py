@@ -152,7 +152,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Not randomly initialised: weights are always loaded, and normal_ on the meta device, where
+        # the model is built, imports ~800 modules of PyTorch's decompositions (~70 MB).
+        self.embed = nn.Embedding.from_pretrained(torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_norms)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

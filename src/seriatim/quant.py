@@ -247,10 +247,7 @@ def compact_embedding(w: Weight, tied_head: nn.Module | None, dtype: torch.dtype
         return Int8Embedding(tied_head)
     if isinstance(w, BlockWeight):
         return Int8Embedding(Int8Linear(*int8_from_blocks(w), dtype))
-    table = dense(w)
-    emb = nn.Embedding(table.shape[0], table.shape[1], device="meta")
-    emb.weight = nn.Parameter(table.to(dtype), requires_grad=False)
-    return emb
+    return nn.Embedding.from_pretrained(dense(w).to(dtype))
 
 
 def conversion_notice(qtypes: set[QT]) -> str | None:
