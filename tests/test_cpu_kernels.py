@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from seriatim import cpu_kernels
+from seriatim import cpu_kernels, model
 from seriatim.quant import DENSE_FROM_ROWS, INT4_DENSE_FROM_ROWS_UNEXPANDED, Int4Linear
 
 
@@ -50,7 +50,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, caplog)
         with caplog.at_level(logging.WARNING, logger="seriatim.cpu_kernels"):
             assert cpu_kernels.ops() is None and cpu_kernels.ops() is None
         assert [r.getMessage() for r in caplog.records] == [
-            "seriatim's expansion kernel is unavailable (no compiler here); expanding int4 weights with tensor ops (slower prefill)"]
+            "seriatim's CPU kernels are unavailable (no compiler here); using tensor ops (slower)"]
     finally:
         cpu_kernels.ops.cache_clear()
 
@@ -62,3 +62,53 @@ def test_disabled_by_environment(monkeypatch):
         assert cpu_kernels.ops() is None
     finally:
         cpu_kernels.ops.cache_clear()
+
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels._cpu_supports(), reason="needs AVX-512 with BF16")
+
+
+def eager(fn, *args):
+    """Run a model function with the fused ops switched off (the tensor-op path)."""
+    from unittest import mock
+
+    with mock.patch.object(model, "fused_ops", lambda x: None):
+        return fn(*args)
+
+
+def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in bfloat16 steps between two bfloat16 tensors of the same sign pattern."""
+    ia, ib = (t.view(torch.int16).int() for t in (a, b))
+    return int((ia - ib).abs().max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("shape", [(1, 576), (7, 64), (3, 12, 64)])
+def test_fused_rms_norm_matches_the_eager_ops(shape, gemma):
+    gen = torch.Generator().manual_seed(5)
+    norm = model.RMSNorm(shape[1:], 1e-6, scale_in_float32=gemma)
+    norm.weight.data = torch.randn(shape[1:], generator=gen).to(torch.float32 if gemma else torch.bfloat16)
+    wide = torch.randn(shape[0], 2 * shape[1], *shape[2:], generator=gen).bfloat16()
+    x = wide[:, : shape[1]]  # a strided view, as the per-head norm gets from the fused QKV output
+    got, expected = norm(x), eager(norm, x)
+    assert got.shape == expected.shape and got.dtype == torch.bfloat16
+    assert ulps_apart(got, expected) <= 2  # float32 sums in another order, one rounding instead of two
+    assert torch.allclose(got.float(), expected.float(), rtol=2e-2, atol=1e-2)
+
+
+@needs_kernels
+def test_fused_rotary_matches_the_eager_ops():
+    gen = torch.Generator().manual_seed(6)
+    rope = model.Rotary(64, 10000.0)
+    cos, sin = rope(torch.tensor([0, 5, 900]), torch.bfloat16)
+    qkv = torch.randn(3, 15 * 64, generator=gen).bfloat16()
+    x = qkv[:, : 12 * 64].view(3, 12, 64)  # queries and keys of a fused projection: rows strided
+    got, expected = model.apply_rotary(x, cos, sin), eager(model.apply_rotary, x, cos, sin)
+    exact = model.apply_rotary(x.float(), cos.float(), sin.float())  # float32: the eager ops
+    assert torch.allclose(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    # One rounding of the float32 result (the eager bfloat16 ops round three times).
+    assert ((got.float() - exact).abs() <= exact.abs() * 2**-8).all()
+
+
+def test_float32_keeps_the_eager_ops():
+    assert model.fused_ops(torch.zeros(2, 2)) is None

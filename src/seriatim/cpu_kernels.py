@@ -1,9 +1,12 @@
-"""seriatim's own AVX-512 kernel (csrc/expand.cpp), compiled once per machine and cached.
+"""seriatim's own CPU kernels (csrc/), compiled once per machine and cached.
 
-The first use compiles it (about 10 s, with a notice) into `<cache>/kernels/<key>`, the key
+- expand.cpp: packed int4 weights expanded to dense bfloat16 in one AVX-512 pass (long chunks).
+- fused.cpp: RMSNorm and rotary embedding as one op each for bfloat16 activations (decode overhead).
+
+The first use compiles them (about 20 s, with a notice) into `<cache>/kernels/<key>`, the key
 being a hash of the source, the flags and the PyTorch version; later processes load the built library
 directly. Where they cannot be had (no AVX-512, no compiler, `SERIATIM_KERNELS=0`), `ops()` returns
-None and quant.py expands int4 weights with tensor ops instead: slower prefill, the same numbers.
+None and the callers use tensor ops instead: slower, and the same numbers up to bfloat16 rounding.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from .registry import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "expand.cpp"
-NAME = "seriatim_expand"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("expand.cpp", "fused.cpp")]
+NAME = "seriatim_kernels"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
 
 
@@ -32,7 +35,7 @@ def _cpu_supports() -> bool:
 
 
 def _build_dir() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode())
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode() + torch.__version__.encode())
     return cache_dir() / "kernels" / key.hexdigest()[:16]
 
 
@@ -43,13 +46,13 @@ def _build(folder: Path) -> None:
     # ninja comes with the package's dependencies, into the environment's bin folder, which need not be on PATH.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     folder.mkdir(parents=True, exist_ok=True)
-    print("seriatim: compiling the int4 expansion kernel (once per machine, about 10 s)...", file=sys.stderr, flush=True)
-    cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=FLAGS, build_directory=str(folder), is_python_module=False)
+    print("seriatim: compiling its CPU kernels (once per machine, about 20 s)...", file=sys.stderr, flush=True)
+    cpp_extension.load(NAME, [str(p) for p in SOURCES], extra_cflags=FLAGS, build_directory=str(folder), is_python_module=False)
 
 
 @functools.cache
 def ops() -> object | None:
-    """`torch.ops.seriatim` (int4_dequantize_t), or None where unavailable."""
+    """`torch.ops.seriatim` (int4_dequantize_t, rms_norm, rotary), or None where unavailable."""
     if os.environ.get("SERIATIM_KERNELS", "1") == "0" or not _cpu_supports():
         return None
     folder = _build_dir()
@@ -60,7 +63,6 @@ def ops() -> object | None:
         else:
             _build(folder)
     except Exception as e:  # noqa: BLE001 - any build or load failure leaves PyTorch's kernels in charge
-        log.warning("seriatim's expansion kernel is unavailable (%s); "
-                    "expanding int4 weights with tensor ops (slower prefill)", e)
+        log.warning("seriatim's CPU kernels are unavailable (%s); using tensor ops (slower)", e)
         return None
     return torch.ops.seriatim

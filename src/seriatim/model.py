@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .config import ModelConfig
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
@@ -35,6 +36,12 @@ class AttentionBackend(Protocol):
         """q: [T, H, Dh], k/v: [T, Hkv, Dh] -> [T, H, Dh]. Scores are scaled by `scale`; with a `window`,
         a query at position p sees only the keys at positions (p - window, p]."""
         ...
+
+
+def fused_ops(x: torch.Tensor) -> object | None:
+    """seriatim's one-op RMSNorm and rotary for bfloat16 on the CPU, where built (cpu_kernels); else None:
+    the float32 reference and CUDA run the eager ops, which the fused ones equal up to bfloat16 rounding."""
+    return cpu_kernels.ops() if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
 
 
 class RMSNorm(nn.Module):
@@ -52,6 +59,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (ops := fused_ops(x)) is not None:
+            return ops.rms_norm(x, self.weight, self.eps, self.scale_in_float32)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.scale_in_float32:
@@ -79,6 +88,8 @@ class Rotary(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, Dh]"""
+    if (ops := fused_ops(x)) is not None:
+        return ops.rotary(x, cos, sin)
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 

@@ -86,7 +86,7 @@ at::Tensor int4_dequantize_t(const at::Tensor& packed, const at::Tensor& scales_
 
 }  // namespace
 
-TORCH_LIBRARY(seriatim, lib) {
+TORCH_LIBRARY_FRAGMENT(seriatim, lib) {
   lib.def("int4_dequantize_t(Tensor packed, Tensor scales_zeros, int group) -> Tensor");
 }
 
