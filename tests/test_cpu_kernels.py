@@ -1,4 +1,4 @@
-"""seriatim's compiled AVX-512 expansion kernel (csrc/expand.cpp) and its fallback."""
+"""seriatim's compiled CPU kernels (csrc/): expansion, fused ops, AMX products, and their fallbacks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,20 @@ import pytest
 import torch
 
 from seriatim import cpu_kernels, model
-from seriatim.quant import DENSE_FROM_ROWS, INT4_DENSE_FROM_ROWS_UNEXPANDED, Int4Linear
+from seriatim.quant import (
+    AMX_FROM_ROWS,
+    DENSE_FROM_ROWS,
+    DENSE_FROM_ROWS_AMX,
+    GROUP,
+    INT4_DENSE_FROM_ROWS_UNEXPANDED,
+    Int4Linear,
+    Int8Linear,
+    int8_rows,
+    product_path,
+)
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels._cpu_supports(), reason="needs AVX-512 with BF16")
+needs_amx = pytest.mark.skipif(not (cpu_kernels._cpu_supports() and cpu_kernels.amx()), reason="needs AMX-BF16")
 
 
 def int4_module(rows: int, cols: int, seed: int = 0) -> Int4Linear:
@@ -18,7 +31,7 @@ def int4_module(rows: int, cols: int, seed: int = 0) -> Int4Linear:
     return Int4Linear.from_int4(q, scale, minimum, torch.bfloat16)
 
 
-@pytest.mark.skipif(not cpu_kernels._cpu_supports(), reason="needs AVX-512 with BF16")
+@needs_kernels
 @pytest.mark.parametrize("shape", [(64, 32), (192, 96), (960, 576), (576, 1536)])
 def test_kernel_expands_exactly_like_the_tensor_ops(shape):
     assert cpu_kernels.ops() is not None, "the kernel must build where the CPU supports it"
@@ -26,13 +39,25 @@ def test_kernel_expands_exactly_like_the_tensor_ops(shape):
     got = module.dequantize_t()
     assert got.shape == (shape[1], shape[0]) and got.dtype == torch.bfloat16
     assert torch.equal(got, module.dequantize().T)
-    assert module.dense_from_rows() == DENSE_FROM_ROWS
+
+
+def test_paths_by_rows(monkeypatch):
+    kernels = object()
+    for amx in (False, True):
+        monkeypatch.setattr(cpu_kernels, "amx", lambda amx=amx: amx)
+        dense = DENSE_FROM_ROWS_AMX if amx else DENSE_FROM_ROWS
+        assert product_path(1, kernels, True, DENSE_FROM_ROWS) == "kernel"
+        assert product_path(AMX_FROM_ROWS, kernels, True, DENSE_FROM_ROWS) == ("amx" if amx else "kernel")
+        assert product_path(dense - 1, kernels, True, DENSE_FROM_ROWS) == ("amx" if amx else "kernel")
+        assert product_path(dense, kernels, True, DENSE_FROM_ROWS) == "dense"
+        assert product_path(AMX_FROM_ROWS, kernels, False, DENSE_FROM_ROWS) == "kernel"  # shape unfit for AMX
+        assert product_path(AMX_FROM_ROWS, None, True, DENSE_FROM_ROWS) == "kernel"  # no compiled kernels
 
 
 def test_without_the_kernel_the_tensor_ops_expand_from_more_rows(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "ops", lambda: None)
     module = int4_module(128, 64)
-    assert module.dense_from_rows() == INT4_DENSE_FROM_ROWS_UNEXPANDED
+    assert product_path(INT4_DENSE_FROM_ROWS_UNEXPANDED - 1, None, True, INT4_DENSE_FROM_ROWS_UNEXPANDED) == "kernel"
     assert torch.equal(module.dequantize_t(), module.dequantize().T)
     x = torch.randn(INT4_DENSE_FROM_ROWS_UNEXPANDED, 64).bfloat16()
     assert torch.equal(module(x), x @ module.dequantize().T)
@@ -62,9 +87,6 @@ def test_disabled_by_environment(monkeypatch):
         assert cpu_kernels.ops() is None
     finally:
         cpu_kernels.ops.cache_clear()
-
-
-needs_kernels = pytest.mark.skipif(not cpu_kernels._cpu_supports(), reason="needs AVX-512 with BF16")
 
 
 def eager(fn, *args):
@@ -112,3 +134,32 @@ def test_fused_rotary_matches_the_eager_ops():
 
 def test_float32_keeps_the_eager_ops():
     assert model.fused_ops(torch.zeros(2, 2)) is None
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 8, 16, 17, 40])
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536)])
+def test_amx_int4_product_matches_torchs_kernel(shape, rows):
+    module = int4_module(*shape, seed=rows)
+    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(7)).bfloat16()
+    expected = torch.ops.aten._weight_int4pack_mm_for_cpu(x, module.weight, GROUP, module.scales_zeros)
+    got = cpu_kernels.ops().int4_mm_amx(x, module.weight, module.scales_zeros, GROUP)
+    # Both use the exact weights and float32 sums; only the summation order (and the final bfloat16
+    # rounding of a few values) differ. A wrong nibble or scale would be off by ~10%.
+    assert got.shape == expected.shape and rel(got, expected) < 1e-3
+    assert rel(module(x), expected) < 1e-3  # whichever path the module takes for this many rows
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 16, 33])
+def test_amx_int8_product_matches_torchs_kernel(rows):
+    gen = torch.Generator().manual_seed(rows)
+    module = Int8Linear(*int8_rows(torch.randn(320, 576, generator=gen)), torch.bfloat16)
+    x = torch.randn(rows, 576, generator=gen).bfloat16()
+    expected = torch.ops.aten._weight_int8pack_mm(x, module.weight, module.scale)
+    got = cpu_kernels.ops().int8_mm_amx(x, module.weight, module.scale)
+    assert got.shape == expected.shape and rel(got, expected) < 1e-3

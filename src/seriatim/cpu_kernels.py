@@ -2,6 +2,7 @@
 
 - expand.cpp: packed int4 weights expanded to dense bfloat16 in one AVX-512 pass (long chunks).
 - fused.cpp: RMSNorm and rotary embedding as one op each for bfloat16 activations (decode overhead).
+- amx_mm.cpp: int4 and int8 weights times 8 to 63 activation rows on AMX tiles (batched decode).
 
 The first use compiles them (about 20 s, with a notice) into `<cache>/kernels/<key>`, the key
 being a hash of the source, the flags and the PyTorch version; later processes load the built library
@@ -24,9 +25,9 @@ from .registry import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("expand.cpp", "fused.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("expand.cpp", "fused.cpp", "amx_mm.cpp")]
 NAME = "seriatim_kernels"
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16"]
 
 
 def _cpu_supports() -> bool:
@@ -51,8 +52,17 @@ def _build(folder: Path) -> None:
 
 
 @functools.cache
+def amx() -> bool:
+    """Whether the AMX kernel (amx_mm.cpp) may run: the CPU has AMX-BF16 and Linux grants its tile state."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    init = getattr(torch._C._cpu, "_init_amx", None)  # asks Linux for the permission (arch_prctl)
+    return " amx_bf16" in flags and " amx_tile" in flags and init is not None and bool(init())
+
+
+@functools.cache
 def ops() -> object | None:
-    """`torch.ops.seriatim` (int4_dequantize_t, rms_norm, rotary), or None where unavailable."""
+    """`torch.ops.seriatim` (int4_dequantize_t, rms_norm, rotary, int4_mm_amx, int8_mm_amx), or None where
+    unavailable. The AMX ones may run only where `amx()` says so."""
     if os.environ.get("SERIATIM_KERNELS", "1") == "0" or not _cpu_supports():
         return None
     folder = _build_dir()

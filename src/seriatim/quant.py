@@ -35,12 +35,16 @@ INT4_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K)
 INT8_TYPES = (QT.Q8_0, QT.Q6_K, QT.Q5_K, QT.Q5_0)
 COMPACT_TYPES = INT4_TYPES + INT8_TYPES  # kept as blocks until the compact modules are built
 ROW_CHUNK = 4096  # rows dequantized at a time: a large embedding never exists whole in float32
-# The weight-only kernels cost about the same per activation row at any batch size (they are
-# matrix-vector products in a loop), so a prefill chunk of 512 rows took ~14x a dense bfloat16
-# matmul. From some number of rows, expanding the weight first and one dense matmul is faster
-# (below it, the kernels read 2-4x less memory and win): for int4, from 32 rows with our one-pass
-# expansion (csrc/expand.cpp, ~0.1 ms per 1M weights), from 128 with tensor ops (~1 ms per 2M);
-# for int8, whose expansion is a conversion and a scaling near memory speed, from 32.
+# Which product serves a chunk of `rows` activation rows (measured on SmolLM2, 2 cores, weights from
+# memory). torch's weight-only kernels are matrix-vector products in a loop: fastest at a few rows,
+# then linear in rows (a 512-row prefill chunk took ~14x a dense bfloat16 matmul). Our AMX kernels
+# (csrc/amx_mm.cpp) multiply 16 rows per weight read: slower at 1-4 rows, ~1.7x faster at 16 and ~1.9x
+# at 32 for int4, ~1.3x at 16 for the int8 head. For long chunks, expanding the weight and one dense
+# matmul wins: from 64 rows where AMX runs; else from 32 (int4 with our one-pass expansion,
+# csrc/expand.cpp; int8, whose expansion is a conversion and a scaling), or 128 for int4 expanded
+# with tensor ops (~1 ms per 2M weights).
+AMX_FROM_ROWS = 8
+DENSE_FROM_ROWS_AMX = 64
 DENSE_FROM_ROWS = 32
 INT4_DENSE_FROM_ROWS_UNEXPANDED = 128
 PACK_BLOCK = 64  # output rows per block in the CPU int4 kernel's packed layout (AVX-512 and AVX2)
@@ -150,23 +154,22 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]"""
-        if x.shape[0] >= self.dense_from_rows() and self.out_features % PACK_BLOCK == 0 and _int4_layout_known():
+        ops = _our_kernels(self.scales_zeros.dtype)
+        expandable = self.out_features % PACK_BLOCK == 0 and _int4_layout_known()
+        path = product_path(x.shape[0], ops, expandable and self.in_features % GROUP == 0,
+                            DENSE_FROM_ROWS if ops is not None else INT4_DENSE_FROM_ROWS_UNEXPANDED)
+        if path == "amx":
+            return ops.int4_mm_amx(x, self.weight, self.scales_zeros, GROUP)
+        if path == "dense" and expandable:
             return x @ self.dequantize_t()
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, GROUP, self.scales_zeros)
 
-    def dense_from_rows(self) -> int:
-        return DENSE_FROM_ROWS if self._expander() is not None else INT4_DENSE_FROM_ROWS_UNEXPANDED
-
     def dequantize_t(self) -> torch.Tensor:
         """[K, N] (the transpose of `dequantize`): one pass of our kernel where it runs."""
-        kernels = self._expander()
-        if kernels is None:
+        ops = _our_kernels(self.scales_zeros.dtype)
+        if ops is None:
             return self.dequantize().T
-        return kernels.int4_dequantize_t(self.weight, self.scales_zeros, GROUP)
-
-    def _expander(self) -> object | None:
-        """Our expansion kernel where it runs: bfloat16 on an AVX-512 CPU (see cpu_kernels)."""
-        return cpu_kernels.ops() if self.scales_zeros.dtype == torch.bfloat16 else None
+        return ops.int4_dequantize_t(self.weight, self.scales_zeros, GROUP)
 
     def dequantize(self) -> torch.Tensor:
         """[N, K] in the activation dtype. The packed layout holds, per block of 64 output rows and per
@@ -194,7 +197,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]"""
-        if x.shape[0] >= DENSE_FROM_ROWS:
+        ops = _our_kernels(self.scale.dtype)
+        path = product_path(x.shape[0], ops, self.out_features % 32 == 0 and self.in_features % 32 == 0, DENSE_FROM_ROWS)
+        if path == "amx":
+            return ops.int8_mm_amx(x, self.weight, self.scale)
+        if path == "dense":
             return F.linear(x, self.dequantize())
         return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
 
@@ -214,6 +221,20 @@ class Int8Embedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.table.embed(tokens)
+
+
+def _our_kernels(dtype: torch.dtype) -> object | None:
+    """seriatim's compiled kernels where they serve this weight: bfloat16 on an AVX-512 CPU (cpu_kernels)."""
+    return cpu_kernels.ops() if dtype == torch.bfloat16 else None
+
+
+def product_path(rows: int, ops: object | None, amx_fits: bool, dense_from: int) -> str:
+    """'kernel' (torch's weight-only), 'amx' (ours) or 'dense' for a chunk of `rows` activation rows;
+    `dense_from` is where the dense path starts when the AMX kernels don't run (see AMX_FROM_ROWS)."""
+    amx = ops is not None and amx_fits and cpu_kernels.amx()
+    if rows >= (DENSE_FROM_ROWS_AMX if amx else dense_from):
+        return "dense"
+    return "amx" if amx and rows >= AMX_FROM_ROWS else "kernel"
 
 
 @functools.cache
