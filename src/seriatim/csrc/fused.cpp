@@ -6,13 +6,38 @@
 // step), so results can differ from the eager path in the last bfloat16 bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace {
 
 using at::BFloat16;
+
+// Up to 16 bfloat16 values at p (the first `count`) as float32 lanes; the rest of the lanes zero.
+inline __m512 load16(const BFloat16* p, int64_t count) {
+  const __mmask16 mask = count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1);
+  const __m256i raw = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// The first `count` lanes of v to bfloat16 at p, rounded to nearest even.
+inline void store16(BFloat16* p, __m512 v, int64_t count) {
+  const __mmask16 mask = count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1);
+  _mm256_mask_storeu_epi16(p, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+
+// v rounded to bfloat16 and back (the eager path's cast before Llama's weight multiply).
+inline __m512 round_bf16(__m512 v) {
+  const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline __m512 load16(const float* p, int64_t count) {
+  return _mm512_maskz_loadu_ps(count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1), p);
+}
 
 // Rows of `width` values: x is [..., width] with contiguous rows, possibly a strided view of a wider tensor.
 struct Rows {
@@ -48,19 +73,19 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, b
       const int64_t row = i / w_rows, part = i % w_rows;
       const BFloat16* src = xp + row * r.stride + part * d;
       BFloat16* dst = yp + i * d;
-      float sum = 0.f;
-      for (int64_t j = 0; j < d; ++j) {
-        const float v = src[j];
-        sum += v * v;
+      __m512 squares = _mm512_setzero_ps();
+      for (int64_t j = 0; j < d; j += 16) {
+        const __m512 v = load16(src + j, d - j);
+        squares = _mm512_fmadd_ps(v, v, squares);
       }
-      const float inv = 1.f / std::sqrt(sum / static_cast<float>(d) + static_cast<float>(eps));
-      if (scale_in_float32) {
-        const float* w = weight.data_ptr<float>() + part * d;
-        for (int64_t j = 0; j < d; ++j) dst[j] = BFloat16(static_cast<float>(src[j]) * inv * w[j]);
-      } else {
-        const BFloat16* w = weight.data_ptr<BFloat16>() + part * d;
-        for (int64_t j = 0; j < d; ++j)
-          dst[j] = BFloat16(static_cast<float>(w[j]) * static_cast<float>(BFloat16(static_cast<float>(src[j]) * inv)));
+      const float sum = _mm512_reduce_add_ps(squares);
+      const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(sum / static_cast<float>(d) + static_cast<float>(eps)));
+      for (int64_t j = 0; j < d; j += 16) {
+        const __m512 h = _mm512_mul_ps(load16(src + j, d - j), inv);
+        const __m512 out = scale_in_float32
+                               ? _mm512_mul_ps(h, load16(weight.data_ptr<float>() + part * d + j, d - j))
+                               : _mm512_mul_ps(load16(weight.data_ptr<BFloat16>() + part * d + j, d - j), round_bf16(h));
+        store16(dst + j, out, d - j);
       }
     }
   });
@@ -87,10 +112,11 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
       const BFloat16* src = xp + pos * x.stride(0) + head * dh;
       const BFloat16 *c = cp + pos * dh, *s = sp + pos * dh;
       BFloat16* dst = yp + i * dh;
-      for (int64_t j = 0; j < half; ++j) {
-        const float a = src[j], b = src[j + half];
-        dst[j] = BFloat16(a * static_cast<float>(c[j]) - b * static_cast<float>(s[j]));
-        dst[j + half] = BFloat16(b * static_cast<float>(c[j + half]) + a * static_cast<float>(s[j + half]));
+      for (int64_t j = 0; j < half; j += 16) {
+        const int64_t n = half - j;
+        const __m512 a = load16(src + j, n), b = load16(src + j + half, n);
+        store16(dst + j, _mm512_fmsub_ps(a, load16(c + j, n), _mm512_mul_ps(b, load16(s + j, n))), n);
+        store16(dst + j + half, _mm512_fmadd_ps(b, load16(c + j + half, n), _mm512_mul_ps(a, load16(s + j + half, n))), n);
       }
     }
   });
