@@ -132,6 +132,18 @@ def test_fused_rotary_matches_the_eager_ops():
     assert ((got.float() - exact).abs() <= exact.abs() * 2**-8).all()
 
 
+@needs_kernels
+def test_fused_silu_mul_matches_the_eager_ops():
+    gen = torch.Generator().manual_seed(8)
+    gate_up = torch.randn(5, 2 * 200, generator=gen).bfloat16()  # 200: a partial last vector
+    gate_up[0, :6] = torch.tensor([-100.0, -20.0, 0.0, 20.0, 100.0, 1e-3])  # exp's far ends and zero
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    exact = torch.nn.functional.silu(gate) * up  # float32
+    got = cpu_kernels.ops().silu_mul(gate_up)
+    assert got.shape == (5, 200)
+    assert ((got.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all()  # one bfloat16 rounding
+
+
 def test_float32_keeps_the_eager_ops():
     assert model.fused_ops(torch.zeros(2, 2)) is None
 

@@ -39,8 +39,9 @@ class AttentionBackend(Protocol):
 
 
 def fused_ops(x: torch.Tensor) -> object | None:
-    """seriatim's one-op RMSNorm and rotary for bfloat16 on the CPU, where built (cpu_kernels); else None:
-    the float32 reference and CUDA run the eager ops, which the fused ones equal up to bfloat16 rounding."""
+    """seriatim's one-op RMSNorm, rotary and silu(gate) * up for bfloat16 on the CPU, where built (cpu_kernels);
+    else None: the float32 reference and CUDA run the eager ops, which the fused ones equal up to bfloat16
+    rounding."""
     return cpu_kernels.ops() if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
 
 
@@ -137,7 +138,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, D] -> [T, D]"""
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, I] each
+        gate_up = self.gate_up(x)  # [T, 2I]
+        if self.act is F.silu and (ops := fused_ops(gate_up)) is not None:
+            return self.down(ops.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
         return self.down(self.act(gate) * up)
 
 
