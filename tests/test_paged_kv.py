@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
+from seriatim import cpu_kernels
 from seriatim.config import ModelConfig
 from seriatim.kv_cache import attend
 from seriatim.paged_kv import ROLLBACK, PagedAttention, PagedKVCache, PagedSpan
@@ -17,26 +19,38 @@ CFG = ModelConfig(arch="llama", vocab_size=32, hidden_size=64, intermediate_size
 BLOCK = 4
 
 
-def _pass(batched: bool) -> torch.Tensor:
+def _pass(batched: bool, dtype: torch.dtype = torch.float32, decodes_only: bool = False) -> torch.Tensor:
     """A pass mixing decodes of different lengths (scattered blocks) with a prompt chunk."""
     gen = torch.Generator().manual_seed(0)
-    cache = PagedKVCache(CFG, num_blocks=64, block_size=BLOCK, dtype=torch.float32, device=torch.device("cpu"))
+    cache = PagedKVCache(CFG, num_blocks=64, block_size=BLOCK, dtype=dtype, device=torch.device("cpu"))
     cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
     cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
     tables = {0: [5, 2, 9, 30], 1: [7], 2: [40, 41, 42, 43, 44, 12], 3: [20, 21]}
     lengths = {0: (14, 1), 1: (2, 1), 2: (21, 1), 3: (3, 5)}  # sequence: (cached, new)
+    if decodes_only:
+        lengths = {0: (14, 1)}
     spans = [PagedSpan(start, new, cache.slots(tables[s], start, start + new), cache.slots(tables[s], 0, start + new))
              for s, (start, new) in lengths.items()]
     tokens = sum(new for _, new in lengths.values())
-    q = torch.randn(tokens, CFG.num_heads, CFG.head_dim, generator=gen)
-    k, v = (torch.randn(tokens, CFG.num_kv_heads, CFG.head_dim, generator=gen) for _ in range(2))
+    q = torch.randn(tokens, CFG.num_heads, CFG.head_dim, generator=gen).to(dtype)
+    k, v = (torch.randn(tokens, CFG.num_kv_heads, CFG.head_dim, generator=gen).to(dtype) for _ in range(2))
     backend = PagedAttention(cache, spans, batch_decodes=batched)
-    assert (backend.decodes is not None) == batched
+    kernel = cpu_kernels.for_tensor(cache.k) is not None
+    assert (backend.decodes is not None) == (batched and (kernel or not decodes_only))
     return backend.attend(0, q, k, v, CFG.attn_scale, None)
 
 
 def test_batched_decodes_equal_one_call_per_sequence():
     torch.testing.assert_close(_pass(True), _pass(False), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("decodes_only", [False, True])
+def test_bfloat16_decodes_by_the_kernel_equal_sdpa(decodes_only):
+    """In bfloat16 on the CPU, decodes go to seriatim's decode-attention kernel (a lone one too)."""
+    got, expected = _pass(True, torch.bfloat16, decodes_only), _pass(False, torch.bfloat16, decodes_only)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    if cpu_kernels.for_tensor(got) is not None:
+        assert not torch.equal(got, expected)  # a different path (float32 inside, one rounding)
 
 
 SLIDING = dataclasses.replace(CFG, num_layers=2, sliding_window=6, sliding_layers=(True, False))

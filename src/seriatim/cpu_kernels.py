@@ -3,6 +3,7 @@
 - expand.cpp: packed int4 weights expanded to dense bfloat16 in one AVX-512 pass (long chunks).
 - fused.cpp: RMSNorm and rotary embedding as one op each for bfloat16 activations (decode overhead).
 - amx_mm.cpp: int4 and int8 weights times 8 to 63 activation rows on AMX tiles (batched decode).
+- decode_attention.cpp: one query per sequence over its cached keys and values, read in place.
 
 The first use compiles them (about 20 s, with a notice) into `<cache>/kernels/<key>`, the key
 being a hash of the source, the flags and the PyTorch version; later processes load the built library
@@ -25,7 +26,7 @@ from .registry import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("expand.cpp", "fused.cpp", "amx_mm.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("expand.cpp", "fused.cpp", "amx_mm.cpp", "decode_attention.cpp")]
 NAME = "seriatim_kernels"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16"]
 
@@ -61,8 +62,8 @@ def amx() -> bool:
 
 @functools.cache
 def ops() -> object | None:
-    """`torch.ops.seriatim` (int4_dequantize_t, rms_norm, rotary, int4_mm_amx, int8_mm_amx), or None where
-    unavailable. The AMX ones may run only where `amx()` says so."""
+    """`torch.ops.seriatim` (int4_dequantize_t, rms_norm, rotary, silu_mul, int4_mm_amx, int8_mm_amx,
+    decode_attention), or None where unavailable. The AMX ones may run only where `amx()` says so."""
     if os.environ.get("SERIATIM_KERNELS", "1") == "0" or not _cpu_supports():
         return None
     folder = _build_dir()
@@ -76,3 +77,9 @@ def ops() -> object | None:
         log.warning("seriatim's CPU kernels are unavailable (%s); using tensor ops (slower)", e)
         return None
     return torch.ops.seriatim
+
+
+def for_tensor(x: torch.Tensor) -> object | None:
+    """The kernels where they serve activations like x: bfloat16 on the CPU. Else None: the float32
+    reference and CUDA run tensor ops, which the fused kernels equal up to bfloat16 rounding."""
+    return ops() if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None

@@ -38,13 +38,6 @@ class AttentionBackend(Protocol):
         ...
 
 
-def fused_ops(x: torch.Tensor) -> object | None:
-    """seriatim's one-op RMSNorm, rotary and silu(gate) * up for bfloat16 on the CPU, where built (cpu_kernels);
-    else None: the float32 reference and CUDA run the eager ops, which the fused ones equal up to bfloat16
-    rounding."""
-    return cpu_kernels.ops() if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
-
-
 class RMSNorm(nn.Module):
     """x / rms(x) * weight over the last dimension, normalised in float32 whatever the activation dtype.
 
@@ -60,7 +53,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (ops := fused_ops(x)) is not None:
+        if (ops := cpu_kernels.for_tensor(x)) is not None:
             return ops.rms_norm(x, self.weight, self.eps, self.scale_in_float32)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -89,7 +82,7 @@ class Rotary(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, Dh]"""
-    if (ops := fused_ops(x)) is not None:
+    if (ops := cpu_kernels.for_tensor(x)) is not None:
         return ops.rotary(x, cos, sin)
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
@@ -139,7 +132,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, D] -> [T, D]"""
         gate_up = self.gate_up(x)  # [T, 2I]
-        if self.act is F.silu and (ops := fused_ops(gate_up)) is not None:
+        if self.act is F.silu and (ops := cpu_kernels.for_tensor(gate_up)) is not None:
             return self.down(ops.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
         return self.down(self.act(gate) * up)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .config import ModelConfig
 from .kv_cache import MaskKey, attend, ring_store
 
@@ -105,7 +106,8 @@ class PagedAttention:
     """`model.AttentionBackend` over a `PagedKVCache` for a flat batch of spans.
 
     With `batch_decodes`, the single-token spans of the pass attend together (`DecodeBatch`): one
-    gather and one SDPA call per layer instead of one per sequence. The float32 reference keeps one
+    call per layer instead of one per sequence (seriatim's decode-attention kernel for bfloat16 on the
+    CPU, else a gather and one SDPA call). The float32 reference keeps one
     call per sequence, because a padded batch can change the summation order in the last bits and its
     greedy tokens are promised to be batch-invariant.
     """
@@ -116,7 +118,9 @@ class PagedAttention:
         self.spans = [(slice(a, b), span) for a, b, span in zip(offsets, offsets[1:], spans)]
         self.masks: dict[MaskKey, torch.Tensor] = {}  # shared by the layers of one pass
         single = [(sl.start, span) for sl, span in self.spans if span.length == 1]
-        self.decodes = DecodeBatch.of(single, cache.device) if batch_decodes and len(single) > 1 else None
+        # With the decode-attention kernel even a lone decode goes this way: it beats SDPA there too.
+        fewest = 1 if cpu_kernels.for_tensor(cache.k) is not None else 2
+        self.decodes = DecodeBatch.of(single, cache.device) if batch_decodes and len(single) >= fewest else None
         # The spans attended one by one in the pooled layers.
         self.rows = [(sl, span) for sl, span in self.spans if self.decodes is None or span.length > 1]
 
@@ -155,13 +159,14 @@ class PagedAttention:
 
 @dataclass
 class DecodeBatch:
-    """The single-token spans of a pass in a pooled layer, attended together: each sequence's keys
-    gathered into one padded [B, Hkv, width, Dh] batch and masked to its own length."""
+    """The single-token spans of a pass in a pooled layer, attended together: by the decode-attention
+    kernel, which reads each sequence's slots in place, or with each sequence's keys gathered into one
+    padded [B, Hkv, width, Dh] batch and masked to its own length."""
 
     rows: torch.Tensor  # [B] their rows in the flat batch
     write: torch.Tensor  # [B] slot of each new token
-    read: torch.Tensor  # [B * width] slots of each sequence's positions, padded with slot 0
-    width: int
+    read: torch.Tensor  # [B, width] slots of each sequence's positions, padded with slot 0
+    lengths: torch.Tensor  # [B] positions each sequence sees (its cached ones and the new one)
     mask: torch.Tensor  # [B, 1, 1, width]: key j is visible to sequence b's query when j < length_b
 
     @classmethod
@@ -175,8 +180,8 @@ class DecodeBatch:
         return cls(
             rows=torch.tensor([row for row, _ in spans], device=device),
             write=torch.cat([_as_tensor(span.write, device) for _, span in spans]),
-            read=read.flatten(),
-            width=width,
+            read=read,
+            lengths=lengths,
             mask=(torch.arange(width, device=device)[None, :] < lengths[:, None])[:, None, None, :],
         )
 
@@ -185,9 +190,11 @@ class DecodeBatch:
         """Store the new keys/values, then attend -> [B, H, Dh]."""
         k_store.index_copy_(1, self.write, k[self.rows].transpose(0, 1))
         v_store.index_copy_(1, self.write, v[self.rows].transpose(0, 1))
-        batch, (kv_heads, _, dim) = len(self.rows), k_store.shape
-        keys = k_store.index_select(1, self.read).view(kv_heads, batch, self.width, dim).transpose(0, 1)
-        values = v_store.index_select(1, self.read).view(kv_heads, batch, self.width, dim).transpose(0, 1)
+        if (ops := cpu_kernels.for_tensor(q)) is not None:  # reads the cache in place, no padding
+            return ops.decode_attention(q[self.rows], k_store, v_store, self.read, self.lengths, scale)
+        (batch, width), (kv_heads, _, dim) = self.read.shape, k_store.shape
+        keys = k_store.index_select(1, self.read.view(-1)).view(kv_heads, batch, width, dim).transpose(0, 1)
+        values = v_store.index_select(1, self.read.view(-1)).view(kv_heads, batch, width, dim).transpose(0, 1)
         # Query heads sharing a KV head folded into the query axis, as for a lone decode: [B, Hkv, H/Hkv, Dh].
         queries = q[self.rows].view(batch, kv_heads, -1, dim)
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask, scale=scale)
