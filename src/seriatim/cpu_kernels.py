@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("expand.cpp", "fused.cpp", "amx_mm.cpp", "decode_attention.cpp")]
 NAME = "seriatim_kernels"
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16", "-mamx-int8"]
 
 
 def _cpu_supports() -> bool:

@@ -39,7 +39,7 @@ ROW_CHUNK = 4096  # rows dequantized at a time: a large embedding never exists w
 # memory). torch's weight-only kernels are matrix-vector products in a loop: fastest at a few rows,
 # then linear in rows (a 512-row prefill chunk took ~14x a dense bfloat16 matmul). Our AMX kernels
 # (csrc/amx_mm.cpp) multiply 16 rows per weight read: slower at 1-4 rows, ~1.7x faster at 16 and ~1.9x
-# at 32 for int4, ~1.3x at 16 for the int8 head. For long chunks, expanding the weight and one dense
+# at 32 (int4 layers, and SmolLM2's int8 head alike). For long chunks, expanding the weight and one dense
 # matmul wins: from 64 rows where AMX runs; else from 32 (int4 with our one-pass expansion,
 # csrc/expand.cpp; int8, whose expansion is a conversion and a scaling), or 128 for int4 expanded
 # with tensor ops (~1 ms per 2M weights).
@@ -198,7 +198,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]"""
         ops = _our_kernels(self.scale.dtype)
-        path = product_path(x.shape[0], ops, self.out_features % 32 == 0 and self.in_features % 32 == 0, DENSE_FROM_ROWS)
+        path = product_path(x.shape[0], ops, self.out_features % 32 == 0 and self.in_features % 64 == 0, DENSE_FROM_ROWS)
         if path == "amx":
             return ops.int8_mm_amx(x, self.weight, self.scale)
         if path == "dense":

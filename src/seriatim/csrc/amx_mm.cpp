@@ -1,21 +1,18 @@
-// Packed int4 weights (quant.Int4Linear) times a few dozen activation rows on AMX tiles (batched decode).
+// Compact weights (quant.py) times a few dozen activation rows on AMX tiles (batched decode).
 //
-// torch's _weight_int4pack_mm_for_cpu is a matrix-vector product per activation row: a decode step of
-// sixteen sequences costs about sixteen of one. Here each 32-column step of a 64-output block becomes
-// four B tiles, and one AMX product per tile serves 16 activation rows: a step of sixteen sequences costs
-// ~3.5x one (from memory) instead of ~6x.
-//
-// The nibbles go to the tiles undequantized, as the bfloat16 number 128 + q (bits 0x4300 | q, exact):
-// a step gives S = sum x (128 + q) per row and output, and with the group's scale s and zero z (torch's
-// form: w = (q - 8) s + z), sum x w = s S + (z - 136 s) sum x, applied in float32. The weights are used
-// exactly, and making tile rows takes a few integer ops per 128 weights. The caller checks that the CPU
-// has AMX and that Linux granted its state (torch._C._cpu._init_amx).
+// torch's weight-only kernels (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) are matrix-vector
+// products in a loop over activation rows: a step of sixteen sequences costs about sixteen of one. Here
+// each 32- or 64-column step of a block of outputs becomes tiles once, and one AMX instruction serves
+// 16 activation rows: sixteen sequences cost ~3.5x one (weights from memory) instead of ~6x. Both
+// kernels use the weights exactly (no rounding to bfloat16); their sections say how. The caller checks
+// that the CPU has AMX and that Linux granted its state (torch._C._cpu._init_amx).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -42,6 +39,13 @@ struct Tiles {
   }
   ~Tiles() { _tile_release(); }
 };
+
+// ---- int4 [N, K] in torch's packed layout: C[m, n] over 64-output blocks, the nibbles as B tiles --------
+//
+// The nibbles go to the tiles undequantized, as the bfloat16 number 128 + q (bits 0x4300 | q, exact):
+// a 32-column step gives S = sum x (128 + q) per row and output, and with the group's scale s and zero z
+// (torch's form: w = (q - 8) s + z), sum x w = s S + (z - 136 s) sum x, applied in float32. Making tile
+// rows takes a few integer ops per 128 weights.
 
 // Columns c and c + 1 of a block (32 bytes each; byte i holds output i in its low nibble and output
 // 32 + i in its high one) -> row r of the four B tiles: (128 + q_c, 128 + q_c+1) for 16 outputs each.
@@ -167,89 +171,100 @@ at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
 
 // ---- int8 [N, K], one scale per output row: computed transposed, C^T[n, m], weight rows as A tiles ------
 //
-// q + 128 (in [1, 255]) is split into nibbles h and l, each going to a tile as 128 + nibble (exact, as
-// above): sum x q = 16 sum x (128 + h) + sum x (128 + l) - 2304 sum x. No per-group scale, so the tiles
-// accumulate over the whole row and the row scale is applied once at the end.
+// The weight rows go to AMX's integer tiles straight from memory, untouched, so the head costs little
+// more than its one read. The activations are quantized to 16 bits per 64 columns (largest magnitude at
+// 32767), finer than their bfloat16 values, and the int16 q is split as 256 hi + lo (hi signed, lo
+// unsigned bytes): sum w q = 256 sum w hi + sum w lo, two integer products (16 x 64 int8 per instruction,
+// int32 sums), scaled per step in float32.
 
-constexpr int kGroups = 2;  // groups of 16 outputs per pass: two (h, l) pairs of C tiles
+constexpr int kStep8 = 64;     // int8 values along K in one tile row
+constexpr int64_t kWidth8 = 2 * kTile;  // outputs per pass: two (hi, lo) pairs of C tiles
 
-// The A tiles of one step for 32 outputs: tiles[g][part][o][32] = 128 + (h or l) of q[16 g + o][32 s + kk].
-inline void int8_step_tiles(const int8_t* rows, int64_t k, int64_t s, uint16_t* tiles) {
-  const __m512i mask = _mm512_set1_epi16(0x0F), bias = _mm512_set1_epi16(kBias);
-  for (int o = 0; o < kGroups * kTile; ++o) {
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + o * k + s * kStep));
-    const __m512i w = _mm512_cvtepu8_epi16(_mm256_xor_si256(q, _mm256_set1_epi8(-128)));  // q + 128
-    uint16_t* dst = tiles + (o / kTile) * 2 * kTileElems + (o % kTile) * kStep;
-    _mm512_storeu_si512(dst, _mm512_or_si512(_mm512_srli_epi16(w, 4), bias));                 // 128 + h
-    _mm512_storeu_si512(dst + kTileElems, _mm512_ternarylogic_epi32(w, mask, bias, 0xEA));    // 128 + l
-  }
-}
+struct QuantizedRows {
+  std::vector<int8_t> hi;    // B-tile layout: [(r / 16) block][k / 4][4 * (r % 16) + k % 4]
+  std::vector<uint8_t> lo;   // the same layout
+  std::vector<float> scale;  // [M][K / 64]
+};
 
-// x [M, K] as B tiles: pairs[(r / 16) block][k / 2][2 * (r % 16) + k % 2].
-std::vector<uint16_t> activation_pairs(const Activations& x, int64_t k) {
-  const int64_t mp = static_cast<int64_t>(x.rows.size()) / k;
-  std::vector<uint16_t> out(mp * k);
-  for (int64_t r = 0; r < mp; ++r)
-    for (int64_t c = 0; c < k; ++c)
-      out[(r / kTile) * k * kTile + (c / 2) * 2 * kTile + 2 * (r % kTile) + c % 2] = x.rows[r * k + c];
-  return out;
+QuantizedRows quantize_rows(const at::Tensor& x, int64_t mp) {
+  const int64_t m = x.size(0), k = x.size(1), steps = k / kStep8;
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  QuantizedRows q{std::vector<int8_t>(mp * k, 0), std::vector<uint8_t>(mp * k, 0), std::vector<float>(m * steps)};
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t s = 0; s < steps; ++s) {
+      const float* v = xp + r * k + s * kStep8;
+      float top = 0.f;
+      for (int64_t c = 0; c < kStep8; ++c) top = std::max(top, std::abs(v[c]));
+      const float step_scale = top > 0.f ? top / 32767.f : 1.f, inv = 1.f / step_scale;
+      q.scale[r * steps + s] = step_scale;
+      for (int64_t c = 0; c < kStep8; ++c) {
+        const int32_t value = static_cast<int32_t>(std::nearbyint(v[c] * inv));
+        const int64_t at = (r / kTile) * k * kTile + ((s * kStep8 + c) / 4) * 4 * kTile + 4 * (r % kTile) + c % 4;
+        q.hi[at] = static_cast<int8_t>(value >> 8);  // arithmetic shift: value = 256 hi + lo
+        q.lo[at] = static_cast<uint8_t>(value & 0xFF);
+      }
+    }
+  return q;
 }
 
 // x [M, K] bfloat16 times int8 weight [N, K] with one scale per output row -> [M, N] bfloat16.
 at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
-  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0), width = kGroups * kTile;
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bfloat16 [M, K]");
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.size(1) == k,
               "weight must be contiguous int8 [N, K]");
-  TORCH_CHECK(n % width == 0 && k % kStep == 0, "N and K must be multiples of 32");
+  TORCH_CHECK(n % kWidth8 == 0 && k % kStep8 == 0, "N must be a multiple of 32 and K of 64");
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == n, "scale must be [N]");
-  const Activations xa = activations(x);
-  const std::vector<uint16_t> xv = activation_pairs(xa, k);
+  const int64_t mp = (m + kTile - 1) / kTile * kTile, steps = k / kStep8;
+  const QuantizedRows xq = quantize_rows(x, mp);
   const at::Tensor sf = scale.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({m, n}, x.options());
   const int8_t* wp = weight.data_ptr<int8_t>();
   const float* sc = sf.data_ptr<float>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  const int64_t steps = k / kStep;
-  at::parallel_for(0, n / width, 8, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, n / kWidth8, 8, [&](int64_t b0, int64_t b1) {
     Tiles tiles;
-    alignas(64) uint16_t a[2][kGroups * 2 * kTileElems];  // double-buffered, as for int4
-    alignas(64) float c[kGroups * 2][kTile * kTile];
+    alignas(64) int32_t c[4][kTile * kTile];  // (group 0 hi, lo), (group 1 hi, lo): [o][row]
+    alignas(64) float acc[2][kTile * kTile];   // [group][o][row]
     for (int64_t b = b0; b < b1; ++b) {
-      const int8_t* rows = wp + b * width * k;
+      const int8_t* rows = wp + b * kWidth8 * k;
       for (int64_t r = 0; r < m; r += kTile) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        int8_step_tiles(rows, k, 0, a[0]);
-        for (int64_t s = 0; s < steps; ++s) {
-          const uint16_t* cur = a[s & 1];
-          if (s + 1 < steps) int8_step_tiles(rows, k, s + 1, a[(s + 1) & 1]);
-          _tile_loadd(6, xv.data() + (r / kTile) * k * kTile + s * kStep * kTile, 64);
-          _tile_loadd(4, cur, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_loadd(5, cur + kTileElems, 64);
-          _tile_dpbf16ps(1, 5, 6);
-          _tile_loadd(4, cur + 2 * kTileElems, 64);
-          _tile_dpbf16ps(2, 4, 6);
-          _tile_loadd(5, cur + 3 * kTileElems, 64);
-          _tile_dpbf16ps(3, 5, 6);
-        }
-        _tile_stored(0, c[0], 64);  // c[2 g + part][o][row]
-        _tile_stored(1, c[1], 64);
-        _tile_stored(2, c[2], 64);
-        _tile_stored(3, c[3], 64);
         const int64_t rows_here = std::min<int64_t>(kTile, m - r);
-        for (int64_t i = 0; i < rows_here; ++i) {
-          float total = 0.f;
-          for (int64_t s = 0; s < steps; ++s) total += xa.sums[(r + i) * steps + s];
-          for (int64_t o = 0; o < width; ++o) {
-            const float* ch = c[2 * (o / kTile)] + (o % kTile) * kTile + i;
-            const float dot = 16.f * ch[0] + ch[kTile * kTile] - 2304.f * total;
-            yp[(r + i) * n + b * width + o] = at::BFloat16(dot * sc[b * width + o]);
-          }
+        std::fill(&acc[0][0], &acc[0][0] + 2 * kTile * kTile, 0.f);
+        for (int64_t s = 0; s < steps; ++s) {
+          const int64_t at = (r / kTile) * k * kTile + s * kStep8 * kTile;
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          _tile_loadd(6, xq.hi.data() + at, 64);
+          _tile_loadd(7, xq.lo.data() + at, 64);
+          _tile_loadd(4, rows + s * kStep8, k);
+          _tile_dpbssd(0, 4, 6);
+          _tile_dpbsud(1, 4, 7);
+          _tile_loadd(5, rows + kTile * k + s * kStep8, k);
+          _tile_dpbssd(2, 5, 6);
+          _tile_dpbsud(3, 5, 7);
+          _tile_stored(0, c[0], 64);
+          _tile_stored(1, c[1], 64);
+          _tile_stored(2, c[2], 64);
+          _tile_stored(3, c[3], 64);
+          // Tile rows are outputs, columns activation rows: scale column i by that row's step scale.
+          alignas(64) float col_scale[kTile] = {};
+          for (int64_t i = 0; i < rows_here; ++i) col_scale[i] = xq.scale[(r + i) * steps + s];
+          const __m512 cs = _mm512_load_ps(col_scale), hi_weight = _mm512_set1_ps(256.f);
+          for (int g = 0; g < 2; ++g)
+            for (int o = 0; o < kTile; ++o) {
+              const __m512 hi = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * g] + o * kTile));
+              const __m512 lo = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * g + 1] + o * kTile));
+              float* a = acc[g] + o * kTile;
+              _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_fmadd_ps(hi, hi_weight, lo), cs, _mm512_load_ps(a)));
+            }
         }
+        for (int64_t i = 0; i < rows_here; ++i)
+          for (int64_t o = 0; o < kWidth8; ++o)
+            yp[(r + i) * n + b * kWidth8 + o] = at::BFloat16(acc[o / kTile][(o % kTile) * kTile + i] * sc[b * kWidth8 + o]);
       }
     }
   });
