@@ -26,7 +26,8 @@ from .registry import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("expand.cpp", "fused.cpp", "amx_mm.cpp", "decode_attention.cpp")]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = sorted(CSRC.glob("*.cpp"))
 NAME = "seriatim_kernels"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16", "-mamx-int8"]
 
@@ -37,7 +38,8 @@ def _cpu_supports() -> bool:
 
 
 def _build_dir() -> Path:
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode() + torch.__version__.encode())
+    code = b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.[ch]*")))  # sources and the shared header
+    key = hashlib.sha256(code + " ".join(FLAGS).encode() + torch.__version__.encode())
     return cache_dir() / "kernels" / key.hexdigest()[:16]
 
 

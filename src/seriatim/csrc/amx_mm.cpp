@@ -11,6 +11,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -19,9 +21,11 @@
 
 namespace {
 
+using namespace seriatim;
+
 constexpr int kTile = 16;       // rows of a tile, and activation rows per pass
 constexpr int kStep = 32;       // bfloat16 values in a tile row (64 bytes): columns per step
-constexpr int64_t kBlock = 64;  // outputs per block of the packed layout: four C tiles
+constexpr int64_t kBlock = kInt4Block;  // four C tiles
 constexpr int kTileElems = kTile * kStep;
 constexpr uint16_t kBias = 0x4300;  // bfloat16 128.0; 0x4300 | q is 128 + q for q < 16
 
@@ -66,16 +70,6 @@ inline void nibble_pairs(const uint8_t* col, uint16_t* row) {
 // The four B tiles of step s of a block.
 inline void step_tiles(const uint8_t* block, int64_t s, uint16_t* tiles) {
   for (int r = 0; r < kTile; ++r) nibble_pairs(block + (s * kStep + 2 * r) * (kBlock / 2), tiles + r * kStep);
-}
-
-// Scale and offset (z - 136 s) of the block's 64 outputs for one group: bfloat16 (scale, zero) pairs.
-inline void load_group(const uint16_t* pairs, __m512 scale[4], __m512 offset[4]) {
-  for (int j = 0; j < 4; ++j) {
-    const __m512i p = _mm512_loadu_si512(pairs + 32 * j);
-    scale[j] = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
-    const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(p, _mm512_set1_epi32(0xFFFF0000)));
-    offset[j] = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), scale[j], zero);
-  }
 }
 
 // x [M, K] bfloat16 as [Mp, K], Mp a multiple of 16 (padding rows zero), and each row's sum per step.
@@ -125,13 +119,12 @@ void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride
     _tile_stored(1, c[1], 64);
     _tile_stored(2, c[2], 64);
     _tile_stored(3, c[3], 64);
-    __m512 scale[4], offset[4];
-    load_group(pairs + (s * kStep / group) * pair_stride, scale, offset);
+    const GroupScale g = load_group(pairs + (s * kStep / group) * pair_stride, 136.f);  // z - 8 s - 128 s
     for (int64_t i = 0; i < rows; ++i) {
       const __m512 sum = _mm512_set1_ps(x.sums[(r + i) * steps + s]);
       for (int j = 0; j < 4; ++j) {
         float* a = acc + i * kBlock + 16 * j;
-        const __m512 part = _mm512_fmadd_ps(scale[j], _mm512_load_ps(c[j] + i * kTile), _mm512_mul_ps(offset[j], sum));
+        const __m512 part = _mm512_fmadd_ps(g.scale[j], _mm512_load_ps(c[j] + i * kTile), _mm512_mul_ps(g.offset[j], sum));
         _mm512_store_ps(a, _mm512_add_ps(_mm512_load_ps(a), part));
       }
     }
@@ -142,13 +135,8 @@ void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride
 at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t group) {
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bfloat16 [M, K]");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(1) * 2 == k,
-              "packed int4 weight must be contiguous uint8 [N, K/2]");
-  TORCH_CHECK(n % kBlock == 0 && group % kStep == 0 && k % group == 0,
-              "N must be a multiple of 64, and K of the group, itself a multiple of 32");
-  TORCH_CHECK(scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.is_contiguous() &&
-                  scales_zeros.numel() == (k / group) * n * 2,
-              "scales_zeros must be contiguous bfloat16 [K/group, N, 2]");
+  check_int4(packed, scales_zeros, k, group);
+  TORCH_CHECK(group % kStep == 0, "the group must be a multiple of 32");
   const Activations xa = activations(x);
   at::Tensor y = at::empty({m, n}, x.options());
   const uint8_t* wp = packed.data_ptr<uint8_t>();

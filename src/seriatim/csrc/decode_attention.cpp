@@ -10,6 +10,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -17,11 +19,7 @@
 namespace {
 
 using at::BFloat16;
-
-inline __m512 load16(const BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
+using namespace seriatim;
 
 constexpr int kMaxDim = 256;  // head dimensions up to this (16 vectors of 16)
 
@@ -31,12 +29,12 @@ void attend_one(const BFloat16* q, int64_t dim, int64_t length, float scale, Key
                 std::vector<float>& scores, BFloat16* out) {
   const int64_t vecs = dim / 16;
   __m512 qv[kMaxDim / 16];
-  for (int64_t d = 0; d < vecs; ++d) qv[d] = _mm512_mul_ps(load16(q + 16 * d), _mm512_set1_ps(scale));
+  for (int64_t d = 0; d < vecs; ++d) qv[d] = _mm512_mul_ps(load_bf16(q + 16 * d), _mm512_set1_ps(scale));
   float top = -INFINITY;
   for (int64_t j = 0; j < length; ++j) {
     const BFloat16* k = key(j);
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < vecs; ++d) acc = _mm512_fmadd_ps(qv[d], load16(k + 16 * d), acc);
+    for (int64_t d = 0; d < vecs; ++d) acc = _mm512_fmadd_ps(qv[d], load_bf16(k + 16 * d), acc);
     scores[j] = _mm512_reduce_add_ps(acc);
     top = std::max(top, scores[j]);
   }
@@ -47,12 +45,11 @@ void attend_one(const BFloat16* q, int64_t dim, int64_t length, float scale, Key
     const float p = std::exp(scores[j] - top);
     total += p;
     const BFloat16* v = value(j);
-    for (int64_t d = 0; d < vecs; ++d) sum[d] = _mm512_fmadd_ps(_mm512_set1_ps(p), load16(v + 16 * d), sum[d]);
+    for (int64_t d = 0; d < vecs; ++d) sum[d] = _mm512_fmadd_ps(_mm512_set1_ps(p), load_bf16(v + 16 * d), sum[d]);
   }
   const __m512 inv = _mm512_set1_ps(1.f / total);
   for (int64_t d = 0; d < vecs; ++d)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * d),
-                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(sum[d], inv))));
+    store_bf16(out + 16 * d, _mm512_mul_ps(sum[d], inv));
 }
 
 void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {

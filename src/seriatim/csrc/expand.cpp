@@ -10,27 +10,15 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include <cstdint>
 
 namespace {
 
-constexpr int64_t kBlock = 64;  // output rows per block of the packed int4 layout
+using namespace seriatim;
 
-// scales_zeros holds (scale, zero) bfloat16 pairs: as 32-bit lanes, the scale is the low half.
-struct GroupScale {
-  __m512 scale[4], offset[4];  // weight = q * scale + offset, offset = zero - 8 * scale
-};
-
-inline GroupScale load_group(const uint16_t* pairs) {
-  GroupScale g;
-  for (int j = 0; j < 4; ++j) {
-    __m512i p = _mm512_loadu_si512(pairs + 32 * j);
-    g.scale[j] = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
-    __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(p, _mm512_set1_epi32(0xFFFF0000)));
-    g.offset[j] = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), g.scale[j], zero);
-  }
-  return g;
-}
+constexpr int64_t kBlock = kInt4Block;
 
 // One input column of a block: byte i has row i in its low nibble and row 32 + i in its high one.
 // w[j] gets rows 16j .. 16j+15.
@@ -42,17 +30,6 @@ inline void dequant_column(const uint8_t* col, const GroupScale& g, __m512 w[4])
   w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, lo)), g.scale[1], g.offset[1]);
   w[2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(a, 4)), g.scale[2], g.offset[2]);
   w[3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), g.scale[3], g.offset[3]);
-}
-
-void check_int4(const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t k, int64_t group) {
-  const int64_t n = packed.size(0);
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(1) * 2 == k,
-              "packed int4 weight must be contiguous uint8 [N, K/2]");
-  TORCH_CHECK(n % kBlock == 0 && group > 0 && k % group == 0, "N must be a multiple of 64 and K of the group");
-  TORCH_CHECK(scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.is_contiguous() &&
-                  scales_zeros.dim() == 3 && scales_zeros.size(0) == k / group && scales_zeros.size(1) == n &&
-                  scales_zeros.size(2) == 2,
-              "scales_zeros must be contiguous bfloat16 [K/group, N, 2]");
 }
 
 // The int4 weight expanded to dense bfloat16, transposed: [K, N] (a block's column is 64 contiguous outputs).
@@ -68,7 +45,7 @@ at::Tensor int4_dequantize_t(const at::Tensor& packed, const at::Tensor& scales_
   at::parallel_for(0, k / group, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t gi = g0; gi < g1; ++gi) {
       for (int64_t b = 0; b < n / kBlock; ++b) {
-        const GroupScale g = load_group(sp + 2 * b * kBlock + gi * 2 * n);
+        const GroupScale g = load_group(sp + 2 * b * kBlock + gi * 2 * n, 8.f);
         const uint8_t* block = wp + b * kBlock * k / 2;
         for (int64_t c = gi * group; c < (gi + 1) * group; ++c) {
           __m512 w[4];

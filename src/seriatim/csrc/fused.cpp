@@ -9,25 +9,15 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 
 namespace {
 
 using at::BFloat16;
-
-// Up to 16 bfloat16 values at p (the first `count`) as float32 lanes; the rest of the lanes zero.
-inline __m512 load16(const BFloat16* p, int64_t count) {
-  const __mmask16 mask = count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1);
-  const __m256i raw = _mm256_maskz_loadu_epi16(mask, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// The first `count` lanes of v to bfloat16 at p, rounded to nearest even.
-inline void store16(BFloat16* p, __m512 v, int64_t count) {
-  const __mmask16 mask = count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1);
-  _mm256_mask_storeu_epi16(p, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-}
+using namespace seriatim;
 
 // v rounded to bfloat16 and back (the eager path's cast before Llama's weight multiply).
 inline __m512 round_bf16(__m512 v) {
@@ -35,9 +25,6 @@ inline __m512 round_bf16(__m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-inline __m512 load16(const float* p, int64_t count) {
-  return _mm512_maskz_loadu_ps(count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1), p);
-}
 
 // Rows of `width` values: x is [..., width] with contiguous rows, possibly a strided view of a wider tensor.
 struct Rows {
@@ -77,16 +64,16 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, b
       BFloat16* dst = yp + i * d;
       __m512 squares = _mm512_setzero_ps();
       for (int64_t j = 0; j < d; j += 16) {
-        const __m512 v = load16(src + j, d - j);
+        const __m512 v = load_bf16(src + j, d - j);
         squares = _mm512_fmadd_ps(v, v, squares);
       }
       const float sum = _mm512_reduce_add_ps(squares);
       const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(sum / static_cast<float>(d) + static_cast<float>(eps)));
       for (int64_t j = 0; j < d; j += 16) {
-        const __m512 h = _mm512_mul_ps(load16(src + j, d - j), inv);
-        const __m512 out = w32 ? _mm512_mul_ps(h, load16(w32 + part * d + j, d - j))
-                               : _mm512_mul_ps(load16(w16 + part * d + j, d - j), round_bf16(h));
-        store16(dst + j, out, d - j);
+        const __m512 h = _mm512_mul_ps(load_bf16(src + j, d - j), inv);
+        const __m512 out = w32 ? _mm512_mul_ps(h, load_f32(w32 + part * d + j, d - j))
+                               : _mm512_mul_ps(load_bf16(w16 + part * d + j, d - j), round_bf16(h));
+        store_bf16(dst + j, out, d - j);
       }
     }
   });
@@ -116,9 +103,9 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
       BFloat16* dst = yp + i * dh;
       for (int64_t j = 0; j < half; j += 16) {
         const int64_t n = half - j;
-        const __m512 a = load16(src + j, n), b = load16(src + j + half, n);
-        store16(dst + j, _mm512_fmsub_ps(a, load16(c + j, n), _mm512_mul_ps(b, load16(s + j, n))), n);
-        store16(dst + j + half, _mm512_fmadd_ps(b, load16(c + j + half, n), _mm512_mul_ps(a, load16(s + j + half, n))), n);
+        const __m512 a = load_bf16(src + j, n), b = load_bf16(src + j + half, n);
+        store_bf16(dst + j, _mm512_fmsub_ps(a, load_bf16(c + j, n), _mm512_mul_ps(b, load_bf16(s + j, n))), n);
+        store_bf16(dst + j + half, _mm512_fmadd_ps(b, load_bf16(c + j + half, n), _mm512_mul_ps(a, load_bf16(s + j + half, n))), n);
       }
     }
   });
@@ -152,7 +139,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
       const BFloat16* gate = src + row * 2 * width;
       for (int64_t j = 0; j < width; j += 16) {
         const int64_t n = width - j;
-        const __m512 g = load16(gate + j, n);
+        const __m512 g = load_bf16(gate + j, n);
         // 1 / (1 + e^-g): the 14-bit reciprocal and one Newton step (division costs ~4x as much).
         // The exponent is capped where e^x still fits a float (88), so the reciprocal never meets infinity.
         const __m512 e = exp16(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), g), _mm512_set1_ps(88.f)));
@@ -160,7 +147,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
         __m512 r = _mm512_rcp14_ps(d);
         r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, one), r);
         const __m512 silu = _mm512_mul_ps(g, r);
-        store16(dst + row * width + j, _mm512_mul_ps(silu, load16(gate + width + j, n)), n);
+        store_bf16(dst + row * width + j, _mm512_mul_ps(silu, load_bf16(gate + width + j, n)), n);
       }
     }
   });

@@ -1,0 +1,61 @@
+// AVX-512 helpers shared by seriatim's CPU kernels: bfloat16 loads and stores, and torch's packed int4 form.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace seriatim {
+
+inline __mmask16 first(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+}
+
+// Up to 16 bfloat16 values at p (the first `count`) as float32 lanes; the other lanes zero.
+inline __m512 load_bf16(const at::BFloat16* p, int64_t count = 16) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(first(count), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+inline __m512 load_f32(const float* p, int64_t count = 16) { return _mm512_maskz_loadu_ps(first(count), p); }
+
+// The first `count` lanes of v to bfloat16 at p, rounded to nearest even.
+inline void store_bf16(at::BFloat16* p, __m512 v, int64_t count = 16) {
+  _mm256_mask_storeu_epi16(p, first(count), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+
+// Packed int4 (torch's CPU layout): per block of 64 outputs and per input column, 32 bytes, output i in the
+// low nibble of byte i and output 32 + i in its high nibble. scales_zeros [K/group, N, 2] holds bfloat16
+// (scale, zero) pairs, and a weight is (q - 8) * scale + zero.
+constexpr int64_t kInt4Block = 64;
+
+inline void check_int4(const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t k, int64_t group) {
+  const int64_t n = packed.size(0);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(1) * 2 == k,
+              "packed int4 weight must be contiguous uint8 [N, K/2]");
+  TORCH_CHECK(n % kInt4Block == 0 && group > 0 && k % group == 0, "N must be a multiple of 64 and K of the group");
+  TORCH_CHECK(scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.is_contiguous() &&
+                  scales_zeros.dim() == 3 && scales_zeros.size(0) == k / group && scales_zeros.size(1) == n &&
+                  scales_zeros.size(2) == 2,
+              "scales_zeros must be contiguous bfloat16 [K/group, N, 2]");
+}
+
+// One group's scale and offset for a block's 64 outputs (vector j: outputs 16j..16j+15), with
+// offset = zero - bias * scale: the weight is q * scale + offset for bias 8.
+struct GroupScale {
+  __m512 scale[4], offset[4];
+};
+
+inline GroupScale load_group(const uint16_t* pairs, float bias) {
+  GroupScale g;
+  for (int j = 0; j < 4; ++j) {
+    const __m512i p = _mm512_loadu_si512(pairs + 32 * j);  // the scale is each 32-bit lane's low half
+    g.scale[j] = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
+    const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(p, _mm512_set1_epi32(0xFFFF0000)));
+    g.offset[j] = _mm512_fnmadd_ps(_mm512_set1_ps(bias), g.scale[j], zero);
+  }
+  return g;
+}
+
+}  // namespace seriatim
