@@ -1,12 +1,12 @@
 """seriatim's own CPU kernels (csrc/), compiled once per machine and cached.
 
 - expand.cpp: packed int4 weights expanded to dense bfloat16 in one AVX-512 pass (long chunks).
-- fused.cpp: RMSNorm and rotary embedding as one op each for bfloat16 activations (decode overhead).
+- fused.cpp: RMSNorm, rotary embedding and silu(gate) * up as one op each for bfloat16 activations.
 - amx_mm.cpp: int4 and int8 weights times 8 to 63 activation rows on AMX tiles (batched decode).
 - decode_attention.cpp: one query per sequence over its cached keys and values, read in place.
 
-The first use compiles them (about 20 s, with a notice) into `<cache>/kernels/<key>`, the key
-being a hash of the source, the flags and the PyTorch version; later processes load the built library
+The first use compiles them (about 30 s, with a notice) into `<cache>/kernels/<key>`, the key
+being a hash of the sources, the flags and the PyTorch version; later processes load the built library
 directly. Where they cannot be had (no AVX-512, no compiler, `SERIATIM_KERNELS=0`), `ops()` returns
 None and the callers use tensor ops instead: slower, and the same numbers up to bfloat16 rounding.
 """
@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = sorted(CSRC.glob("*.cpp"))
 NAME = "seriatim_kernels"
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16", "-mamx-int8"]
+# AMX code is compiled in everywhere but runs only where `amx()` allows it.
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
+         "-mamx-tile", "-mamx-bf16", "-mamx-int8"]
 
 
 def _cpu_supports() -> bool:
@@ -50,16 +52,17 @@ def _build(folder: Path) -> None:
     # ninja comes with the package's dependencies, into the environment's bin folder, which need not be on PATH.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     folder.mkdir(parents=True, exist_ok=True)
-    print("seriatim: compiling its CPU kernels (once per machine, about 20 s)...", file=sys.stderr, flush=True)
+    print("seriatim: compiling its CPU kernels (once per machine, about 30 s)...", file=sys.stderr, flush=True)
     cpp_extension.load(NAME, [str(p) for p in SOURCES], extra_cflags=FLAGS, build_directory=str(folder), is_python_module=False)
 
 
 @functools.cache
 def amx() -> bool:
-    """Whether the AMX kernel (amx_mm.cpp) may run: the CPU has AMX-BF16 and Linux grants its tile state."""
+    """Whether the AMX kernels (amx_mm.cpp) may run: the CPU has AMX (tiles, BF16 and INT8 products) and
+    Linux grants the tile state."""
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     init = getattr(torch._C._cpu, "_init_amx", None)  # asks Linux for the permission (arch_prctl)
-    return " amx_bf16" in flags and " amx_tile" in flags and init is not None and bool(init())
+    return all(f" {f}" in flags for f in ("amx_tile", "amx_bf16", "amx_int8")) and init is not None and bool(init())
 
 
 @functools.cache
