@@ -299,3 +299,22 @@ def test_logits_shape_checked(logits):
         sample(logits.expand(2, V), make_states(SamplingParams(), 1))
     with pytest.raises(ValueError):
         sample(logits[None, :-1], make_states(SamplingParams(), 1))
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 5, 8, 20])
+def test_top_k_candidates_rank_exactly_as_the_full_stable_sort(k):
+    """The top-k path sorts only the candidates at or above each row's k-th value: with ties across
+    the k-th place (and -inf entries), its first k equal the full stable sort's, ids included."""
+    from seriatim.sampling import _ranked
+
+    gen = torch.Generator().manual_seed(k)
+    logits = torch.randint(0, 6, (4, 50), generator=gen).float()  # many equal values
+    logits[1, 10:] = -torch.inf
+    logits[2] = 1.0  # one value everywhere
+    top_k = torch.tensor([[k], [k], [k], [max(1, k // 2)]])
+    values, ids = _ranked(logits, top_k)
+    full_values, full_ids = logits.sort(dim=-1, descending=True, stable=True)
+    assert values.shape[-1] >= k
+    for row, kr in enumerate(top_k[:, 0].tolist()):
+        assert torch.equal(ids[row, :kr], full_ids[row, :kr])
+        assert torch.equal(values[row, :kr], full_values[row, :kr])

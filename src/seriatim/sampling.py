@@ -220,15 +220,32 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch
     return logits
 
 
+def _ranked(logits: torch.Tensor, top_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits in descending order, equal logits by ascending id, and their ids: [B, C] each.
+
+    C covers at least every row's top k. With a top-k on every row, only the candidates at or above
+    each row's k-th value are sorted (all of them, ties included, so the order is the full stable
+    sort's): ~0.3 ms instead of ~3 ms for a 49k vocabulary."""
+    vocab = logits.shape[-1]
+    if int(top_k.max()) < vocab:
+        kth = logits.topk(int(top_k.max()), dim=-1).values.gather(-1, top_k - 1)  # [B, 1]
+        count = int((logits >= kth).sum(dim=-1).max())
+        if count < vocab:
+            ids = logits.topk(count, dim=-1).indices.sort(dim=-1).values  # by id, then stably by value
+            values, order = logits.gather(-1, ids).sort(dim=-1, descending=True, stable=True)
+            return values, ids.gather(-1, order)
+    return logits.sort(dim=-1, descending=True, stable=True)
+
+
 def _truncate(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     """Top-k, then top-p, then min-p, on temperature-scaled logits; cut tokens become -inf."""
     dev, vocab = logits.device, logits.shape[-1]
     top_k = torch.tensor([[s.params.top_k or vocab] for s in states], device=dev)
     top_p = _column(states, "top_p", dev)
     min_p = _column(states, "min_p", dev)
-    # Stable sort: among equal logits the lower id ranks first, so cuts are deterministic.
-    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
-    drop = torch.arange(vocab, device=dev) >= top_k
+    # Among equal logits the lower id ranks first, so cuts are deterministic.
+    sorted_logits, order = _ranked(logits, top_k)
+    drop = torch.arange(sorted_logits.shape[-1], device=dev) >= top_k
     sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
@@ -238,7 +255,7 @@ def _truncate(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor
     # The top token always survives: top_k >= 1, no mass precedes it, and it is the max.
     drop |= sorted_logits < sorted_logits[:, :1] + torch.log(min_p)
     sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return torch.full_like(logits, -math.inf).scatter_(-1, order, sorted_logits)
 
 
 def _truncates(params: SamplingParams, vocab: int) -> bool:
