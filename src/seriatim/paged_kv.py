@@ -188,10 +188,10 @@ class DecodeBatch:
     def attend(self, k_store: torch.Tensor, v_store: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, scale: float) -> torch.Tensor:
         """Store the new keys/values, then attend -> [B, H, Dh]."""
+        if (ops := cpu_kernels.for_tensor(q)) is not None:  # one op: stores, then reads the cache in place
+            return ops.decode_attention(q, k, v, k_store, v_store, self.rows, self.write, self.read, self.lengths, scale)
         k_store.index_copy_(1, self.write, k[self.rows].transpose(0, 1))
         v_store.index_copy_(1, self.write, v[self.rows].transpose(0, 1))
-        if (ops := cpu_kernels.for_tensor(q)) is not None:  # reads the cache in place, no padding
-            return ops.decode_attention(q[self.rows], k_store, v_store, self.read, self.lengths, scale)
         (batch, width), (kv_heads, _, dim) = self.read.shape, k_store.shape
         keys = k_store.index_select(1, self.read.view(-1)).view(kv_heads, batch, width, dim).transpose(0, 1)
         values = v_store.index_select(1, self.read.view(-1)).view(kv_heads, batch, width, dim).transpose(0, 1)

@@ -52,44 +52,61 @@ void attend_one(const BFloat16* q, int64_t dim, int64_t length, float scale, Key
     store_bf16(out + 16 * d, _mm512_mul_ps(sum[d], inv));
 }
 
-void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
-              "q, k and v must be bfloat16");
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be contiguous [B, H, Dh]");
-  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == k.size(2) &&
-                  v.stride(1) == v.size(2) && k.stride(0) == v.stride(0),
-              "k and v must be [Hkv, positions, Dh] with each position's head contiguous");
-  const int64_t heads = q.size(1), kv_heads = k.size(0), dim = q.size(2);
-  TORCH_CHECK(k.size(2) == dim && dim % 16 == 0 && dim <= kMaxDim && heads % kv_heads == 0,
-              "head dimension must be a multiple of 16 up to 256, and query heads a multiple of key/value heads");
+// A [T, heads, Dh] bfloat16 tensor whose heads are contiguous (rows may be a strided view).
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2),
+              name, " must be bfloat16 [T, heads, Dh] with each row's heads contiguous");
 }
 
-// q [B, H, Dh]; k/v the cache [Hkv, S, Dh]; sequence b reads the slots slots[b, :lengths[b]] -> [B, H, Dh].
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
-                            const at::Tensor& lengths, double scale) {
-  check(q, k, v);
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 2 && slots.is_contiguous() && slots.size(0) == q.size(0),
+// The new token of each decoding sequence b (row rows[b] of the flat batch q [T, H, Dh], k/v [T, Hkv, Dh]):
+// its key and value are stored at slot write[b] of the cache [Hkv, S, Dh], then its query attends over the
+// slots slots[b, :lengths[b]] -> [B, H, Dh]. One op for the store and the attention: the decode's
+// gathers, cache writes and attention took six per layer.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                            at::Tensor& v_cache, const at::Tensor& rows, const at::Tensor& write,
+                            const at::Tensor& slots, const at::Tensor& lengths, double scale) {
+  check_rows(q, "q");
+  check_rows(k, "k");
+  check_rows(v, "v");
+  TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes() && k_cache.dim() == 3,
+              "the caches must be contiguous bfloat16 [Hkv, S, Dh]");
+  const int64_t heads = q.size(1), kv_heads = k_cache.size(0), dim = q.size(2), capacity = k_cache.size(1);
+  TORCH_CHECK(k.size(1) == kv_heads && v.size(1) == kv_heads && k.size(2) == dim && k_cache.size(2) == dim &&
+                  dim % 16 == 0 && dim <= kMaxDim && heads % kv_heads == 0,
+              "head dimension must be a multiple of 16 up to 256, and query heads a multiple of key/value heads");
+  const int64_t batch = rows.numel(), width = slots.size(1);
+  for (const at::Tensor* t : {&rows, &write, &lengths})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == batch, "rows, write and lengths must be int64 [B]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 2 && slots.is_contiguous() && slots.size(0) == batch,
               "slots must be contiguous int64 [B, width]");
-  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.numel() == q.size(0), "lengths must be int64 [B]");
-  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = k.size(0);
-  const int64_t group = heads / kv_heads, width = slots.size(1), head_stride = k.stride(0);
-  const int64_t* sp = slots.data_ptr<int64_t>();
-  const int64_t* lp = lengths.data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b) TORCH_CHECK(lp[b] >= 1 && lp[b] <= width, "lengths must lie in [1, width]");
-  at::Tensor out = at::empty_like(q);
+  const int64_t *rp = rows.data_ptr<int64_t>(), *wp = write.data_ptr<int64_t>();
+  const int64_t *sp = slots.data_ptr<int64_t>(), *lp = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(rp[b] >= 0 && rp[b] < q.size(0) && wp[b] >= 0 && wp[b] < capacity, "row or slot out of range");
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= width, "lengths must lie in [1, width]");
+    for (int64_t j = 0; j < lp[b]; ++j) TORCH_CHECK(sp[b * width + j] >= 0 && sp[b * width + j] < capacity, "slot out of range");
+  }
+  at::Tensor out = at::empty({batch, heads, dim}, q.options());
   const BFloat16 *qp = q.data_ptr<BFloat16>(), *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
+  BFloat16 *kc = k_cache.data_ptr<BFloat16>(), *vc = v_cache.data_ptr<BFloat16>();
   BFloat16* op = out.data_ptr<BFloat16>();
+  const int64_t head_stride = capacity * dim;
+  // One task per (sequence, key/value head): it stores that head's new key and value, then attends. No
+  // other task reads the slot it writes (a sequence's new slot is in a block of its own).
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores(width);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / kv_heads, kvh = t % kv_heads;
-      const int64_t* row = sp + b * width;
-      const BFloat16 *kh = kp + kvh * head_stride, *vh = vp + kvh * head_stride;
-      auto key = [&](int64_t j) { return kh + row[j] * dim; };
-      auto value = [&](int64_t j) { return vh + row[j] * dim; };
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t h = kvh * group + g;
-        attend_one(qp + (b * heads + h) * dim, dim, lp[b], static_cast<float>(scale), key, value, scores,
+      const int64_t b = t / kv_heads, kvh = t % kv_heads, row = rp[b];
+      BFloat16 *kh = kc + kvh * head_stride, *vh = vc + kvh * head_stride;
+      std::copy_n(kp + row * k.stride(0) + kvh * dim, dim, kh + wp[b] * dim);
+      std::copy_n(vp + row * v.stride(0) + kvh * dim, dim, vh + wp[b] * dim);
+      const int64_t* seq = sp + b * width;
+      auto key = [&](int64_t j) { return kh + seq[j] * dim; };
+      auto value = [&](int64_t j) { return vh + seq[j] * dim; };
+      for (int64_t g = 0; g < heads / kv_heads; ++g) {
+        const int64_t h = kvh * (heads / kv_heads) + g;
+        attend_one(qp + row * q.stride(0) + h * dim, dim, lp[b], static_cast<float>(scale), key, value, scores,
                    op + (b * heads + h) * dim);
       }
     }
@@ -100,7 +117,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(seriatim, lib) {
-  lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor lengths, float scale) -> Tensor");
+  lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, "
+          "Tensor write, Tensor slots, Tensor lengths, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(seriatim, CPU, lib) {
