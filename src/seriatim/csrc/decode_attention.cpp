@@ -4,7 +4,7 @@
 // short context (it is built for long query blocks), and for a batch the keys must first be gathered
 // into a padded tensor. Here each (sequence, key/value head) pair is a small loop: scores for its
 // group of query heads, softmax, weighted sum of values, in float32, reading keys and values where
-// they lie in the cache (contiguous, or at the slots of a paged block table).
+// they lie in the cache (at the slots of the sequence's block table), after storing the new ones.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
