@@ -23,8 +23,9 @@ def test_float32_cuda_matches_cpu(tiny_llama):
 def test_auto_mode_on_cuda_generates_and_samples_reproducibly(tiny_llama):
     llm = LLM(str(tiny_llama[0] / "Q4_1.gguf"))
     assert llm.device.type == "cuda"
-    params = SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=16, ignore_eos=True)
-    assert llm.generate("hello", params)[0].token_ids == llm.generate("hello", params)[0].token_ids
+    for top_k in (0, 20):  # the full sort, and the top-k candidates only
+        params = SamplingParams(temperature=0.9, top_p=0.9, top_k=top_k, seed=5, max_tokens=16, ignore_eos=True)
+        assert llm.generate("hello", params)[0].token_ids == llm.generate("hello", params)[0].token_ids
 
 
 @pytest.mark.real_model
