@@ -105,11 +105,11 @@ class PagedSpan:
 class PagedAttention:
     """`model.AttentionBackend` over a `PagedKVCache` for a flat batch of spans.
 
-    With `batch_decodes`, the single-token spans of the pass attend together (`DecodeBatch`): one
-    call per layer instead of one per sequence (seriatim's decode-attention kernel for bfloat16 on the
-    CPU, else a gather and one SDPA call). The float32 reference keeps one
-    call per sequence, because a padded batch can change the summation order in the last bits and its
-    greedy tokens are promised to be batch-invariant.
+    With `batch_decodes`, the single-token spans of the pass attend together (`DecodeBatch`): one call
+    per layer instead of one per sequence (seriatim's decode-attention kernel for bfloat16 on the CPU,
+    else a gather and one SDPA call). The float32 reference keeps one call per sequence, because a
+    padded batch can change the summation order in the last bits and its greedy tokens are promised
+    to be batch-invariant.
     """
 
     def __init__(self, cache: PagedKVCache, spans: list[PagedSpan], batch_decodes: bool = False):
@@ -160,8 +160,8 @@ class PagedAttention:
 @dataclass
 class DecodeBatch:
     """The single-token spans of a pass in a pooled layer, attended together: by the decode-attention
-    kernel, which reads each sequence's slots in place, or with each sequence's keys gathered into one
-    padded [B, Hkv, width, Dh] batch and masked to its own length."""
+    kernel, which stores the new keys and values and reads each sequence's slots in place, or with each
+    sequence's keys gathered into one padded [B, Hkv, width, Dh] batch and masked to its own length."""
 
     rows: torch.Tensor  # [B] their rows in the flat batch
     write: torch.Tensor  # [B] slot of each new token
