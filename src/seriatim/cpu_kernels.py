@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .hardware import cpu_flags
 from .registry import cache_dir
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,7 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512
 
 
 def _cpu_supports() -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return all(f" {f}" in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"))
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= cpu_flags()
 
 
 def _build_dir() -> Path:
@@ -60,9 +60,8 @@ def _build(folder: Path) -> None:
 def amx() -> bool:
     """Whether the AMX kernels (amx_mm.cpp) may run: the CPU has AMX (tiles, BF16 and INT8 products) and
     Linux grants the tile state."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     init = getattr(torch._C._cpu, "_init_amx", None)  # asks Linux for the permission (arch_prctl)
-    return all(f" {f}" in flags for f in ("amx_tile", "amx_bf16", "amx_int8")) and init is not None and bool(init())
+    return {"amx_tile", "amx_bf16", "amx_int8"} <= cpu_flags() and init is not None and bool(init())
 
 
 @functools.cache

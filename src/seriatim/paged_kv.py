@@ -15,6 +15,7 @@ without prefix caching.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -167,7 +168,6 @@ class DecodeBatch:
     write: torch.Tensor  # [B] slot of each new token
     read: torch.Tensor  # [B, width] slots of each sequence's positions, padded with slot 0
     lengths: torch.Tensor  # [B] positions each sequence sees (its cached ones and the new one)
-    mask: torch.Tensor  # [B, 1, 1, width]: key j is visible to sequence b's query when j < length_b
 
     @classmethod
     def of(cls, spans: list[tuple[int, PagedSpan]], device: torch.device) -> DecodeBatch:
@@ -182,8 +182,14 @@ class DecodeBatch:
             write=torch.cat([_as_tensor(span.write, device) for _, span in spans]),
             read=read,
             lengths=lengths,
-            mask=(torch.arange(width, device=device)[None, :] < lengths[:, None])[:, None, None, :],
         )
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """[B, 1, 1, width]: key j is visible to sequence b's query when j < length_b (SDPA path only,
+        made once per pass)."""
+        width = self.read.shape[1]
+        return (torch.arange(width, device=self.read.device)[None, :] < self.lengths[:, None])[:, None, None, :]
 
     def attend(self, k_store: torch.Tensor, v_store: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -154,7 +154,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]"""
-        ops = _our_kernels(self.scales_zeros.dtype)
+        ops = cpu_kernels.for_tensor(self.scales_zeros)
         expandable = self.out_features % PACK_BLOCK == 0 and _int4_layout_known()
         path = product_path(x.shape[0], ops, expandable and self.in_features % GROUP == 0,
                             DENSE_FROM_ROWS if ops is not None else INT4_DENSE_FROM_ROWS_UNEXPANDED)
@@ -166,7 +166,7 @@ class Int4Linear(nn.Module):
 
     def dequantize_t(self) -> torch.Tensor:
         """[K, N] (the transpose of `dequantize`): one pass of our kernel where it runs."""
-        ops = _our_kernels(self.scales_zeros.dtype)
+        ops = cpu_kernels.for_tensor(self.scales_zeros)
         if ops is None:
             return self.dequantize().T
         return ops.int4_dequantize_t(self.weight, self.scales_zeros, GROUP)
@@ -197,7 +197,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]"""
-        ops = _our_kernels(self.scale.dtype)
+        ops = cpu_kernels.for_tensor(self.scale)
         path = product_path(x.shape[0], ops, self.out_features % 32 == 0 and self.in_features % 64 == 0, DENSE_FROM_ROWS)
         if path == "amx":
             return ops.int8_mm_amx(x, self.weight, self.scale)
@@ -221,11 +221,6 @@ class Int8Embedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.table.embed(tokens)
-
-
-def _our_kernels(dtype: torch.dtype) -> object | None:
-    """seriatim's compiled kernels where they serve this weight: bfloat16 on an AVX-512 CPU (cpu_kernels)."""
-    return cpu_kernels.ops() if dtype == torch.bfloat16 else None
 
 
 def product_path(rows: int, ops: object | None, amx_fits: bool, dense_from: int) -> str:
