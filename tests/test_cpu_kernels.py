@@ -9,11 +9,9 @@ import torch
 
 from seriatim import cpu_kernels, model
 from seriatim.quant import (
-    AMX_FROM_ROWS,
-    DENSE_FROM_ROWS,
-    DENSE_FROM_ROWS_AMX,
     GROUP,
-    INT4_DENSE_FROM_ROWS_UNEXPANDED,
+    INT4_CROSSOVERS,
+    INT8_CROSSOVERS,
     Int4Linear,
     Int8Linear,
     int8_rows,
@@ -41,25 +39,28 @@ def test_kernel_expands_exactly_like_the_tensor_ops(shape):
     assert torch.equal(got, module.dequantize().T)
 
 
-def test_paths_by_rows(monkeypatch):
+@pytest.mark.parametrize("at", [INT4_CROSSOVERS, INT8_CROSSOVERS])
+def test_paths_by_rows(monkeypatch, at):
     kernels = object()
     for amx in (False, True):
         monkeypatch.setattr(cpu_kernels, "amx", lambda amx=amx: amx)
-        dense = DENSE_FROM_ROWS_AMX if amx else DENSE_FROM_ROWS
-        assert product_path(1, kernels, True, DENSE_FROM_ROWS) == "kernel"
-        assert product_path(AMX_FROM_ROWS, kernels, True, DENSE_FROM_ROWS) == ("amx" if amx else "kernel")
-        assert product_path(dense - 1, kernels, True, DENSE_FROM_ROWS) == ("amx" if amx else "kernel")
-        assert product_path(dense, kernels, True, DENSE_FROM_ROWS) == "dense"
-        assert product_path(AMX_FROM_ROWS, kernels, False, DENSE_FROM_ROWS) == "kernel"  # shape unfit for AMX
-        assert product_path(AMX_FROM_ROWS, None, True, DENSE_FROM_ROWS) == "kernel"  # no compiled kernels
+        dense = at.dense_amx if amx else at.dense
+        assert product_path(1, kernels, True, at) == "kernel"
+        assert product_path(at.amx, kernels, True, at) == ("amx" if amx else "kernel")
+        assert product_path(dense - 1, kernels, True, at) == ("amx" if amx else "kernel")
+        assert product_path(dense, kernels, True, at) == "dense"
+        assert product_path(at.amx, kernels, False, at) == "kernel"  # shape unfit for AMX
+        assert product_path(at.amx, None, True, at) == "kernel"  # no compiled kernels
+        assert product_path(at.dense_unaided, None, True, at) == "dense"
 
 
 def test_without_the_kernel_the_tensor_ops_expand_from_more_rows(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "ops", lambda: None)
     module = int4_module(128, 64)
-    assert product_path(INT4_DENSE_FROM_ROWS_UNEXPANDED - 1, None, True, INT4_DENSE_FROM_ROWS_UNEXPANDED) == "kernel"
+    unaided = INT4_CROSSOVERS.dense_unaided
+    assert product_path(unaided - 1, None, True, INT4_CROSSOVERS) == "kernel"
     assert torch.equal(module.dequantize_t(), module.dequantize().T)
-    x = torch.randn(INT4_DENSE_FROM_ROWS_UNEXPANDED, 64).bfloat16()
+    x = torch.randn(unaided, 64).bfloat16()
     assert torch.equal(module(x), x @ module.dequantize().T)
 
 
@@ -177,3 +178,19 @@ def test_amx_int8_product_matches_torchs_kernel(rows):
     expected = torch.ops.aten._weight_int8pack_mm(x, module.weight, module.scale)
     got = cpu_kernels.ops().int8_mm_amx(x, module.weight, module.scale)
     assert got.shape == expected.shape and rel(got, expected) < 1e-3
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 6, 17])
+def test_int8_vector_product_matches_torchs_kernel_and_amx(rows):
+    gen = torch.Generator().manual_seed(rows)
+    module = Int8Linear(*int8_rows(torch.randn(320, 576, generator=gen)), torch.bfloat16)
+    x = torch.randn(rows, 576, generator=gen)
+    x[:, 5] *= 100  # an outlier column: the activations are quantized per 64 columns
+    x = x.bfloat16()
+    expected = torch.ops.aten._weight_int8pack_mm(x, module.weight, module.scale)
+    got = cpu_kernels.ops().int8_gemv(x, module.weight, module.scale)
+    assert got.shape == expected.shape and rel(got, expected) < 1e-3
+    if cpu_kernels.amx():  # the same integer sums: equal up to the float32 summation order
+        assert rel(got, cpu_kernels.ops().int8_mm_amx(x, module.weight, module.scale)) < 1e-5
+    assert rel(module(x), expected) < 1e-3  # whichever path the module takes for this many rows

@@ -19,7 +19,8 @@ import torch
 
 from seriatim import LLM
 from seriatim.quant import (
-    INT4_DENSE_FROM_ROWS_UNEXPANDED,
+    INT4_CROSSOVERS,
+    INT8_CROSSOVERS,
     BlockWeight,
     Int4Linear,
     Int8Linear,
@@ -145,8 +146,9 @@ def test_many_rows_take_the_dense_path_and_agree_with_the_kernel(types):
     parts = [blocks(t, seed, rows=64)[0] for seed, t in enumerate(types * 2)]  # int4 packs 64 rows a block
     module = compact_linear(parts, torch.bfloat16)
     int4 = isinstance(module, Int4Linear)
-    x = torch.randn(INT4_DENSE_FROM_ROWS_UNEXPANDED + 8, COLS, generator=torch.Generator().manual_seed(4)).bfloat16()
-    by_rows = torch.cat([module(x[i : i + 4]) for i in range(0, len(x), 4)])  # the weight-only kernel
+    longest = max(max(c.dense_amx, c.dense, c.dense_unaided) for c in (INT4_CROSSOVERS, INT8_CROSSOVERS))
+    x = torch.randn(longest + 8, COLS, generator=torch.Generator().manual_seed(4)).bfloat16()
+    by_rows = torch.cat([module(x[i : i + 4]) for i in range(0, len(x), 4)])  # a few rows at a time
     dense = x @ (module.dequantize_t() if int4 else module.dequantize().T)  # expanded weight, one matmul
     got = module(x)
     assert torch.equal(got, dense) and not torch.equal(by_rows, dense)

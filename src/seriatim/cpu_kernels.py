@@ -31,12 +31,13 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = sorted(CSRC.glob("*.cpp"))
 NAME = "seriatim_kernels"
 # AMX code is compiled in everywhere but runs only where `amx()` allows it.
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
+# -fopenmp: at::parallel_for is a header template, and without it the kernels run on one thread.
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-mfma",
          "-mamx-tile", "-mamx-bf16", "-mamx-int8"]
 
 
 def _cpu_supports() -> bool:
-    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= cpu_flags()
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"} <= cpu_flags()
 
 
 def _build_dir() -> Path:
@@ -53,7 +54,7 @@ def _build(folder: Path) -> None:
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     folder.mkdir(parents=True, exist_ok=True)
     print("seriatim: compiling its CPU kernels (once per machine, about 30 s)...", file=sys.stderr, flush=True)
-    cpp_extension.load(NAME, [str(p) for p in SOURCES], extra_cflags=FLAGS, build_directory=str(folder), is_python_module=False)
+    cpp_extension.load(NAME, [str(p) for p in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False)
 
 
 @functools.cache

@@ -141,6 +141,8 @@ class PagedAttention:
             outs.append(attend(q[sl], keys, values, span.start, scale, None, self.masks))
         if self.decodes is None:
             return outs[0] if len(outs) == 1 else torch.cat(outs)
+        if not self.rows:  # a pass of decodes only: the kernel's rows are the batch's, in order
+            return self.decodes.attend(k_store, v_store, q, k, v, scale)
         out = q.new_empty(q.shape)
         out[self.decodes.rows] = self.decodes.attend(k_store, v_store, q, k, v, scale)
         for (sl, _), part in zip(self.rows, outs):

@@ -35,19 +35,28 @@ INT4_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K)
 INT8_TYPES = (QT.Q8_0, QT.Q6_K, QT.Q5_K, QT.Q5_0)
 COMPACT_TYPES = INT4_TYPES + INT8_TYPES  # kept as blocks until the compact modules are built
 ROW_CHUNK = 4096  # rows dequantized at a time: a large embedding never exists whole in float32
-# Which product serves a chunk of `rows` activation rows (measured on SmolLM2, 2 cores, weights from
-# memory). torch's weight-only kernels are matrix-vector products in a loop: fastest at a few rows,
-# then linear in rows (a 512-row prefill chunk took ~14x a dense bfloat16 matmul). Our AMX kernels
-# (csrc/amx_mm.cpp) multiply 16 rows per weight read: slower at 1-4 rows, ~1.7x faster at 16 and ~1.9x
-# at 32 (int4 layers, and SmolLM2's int8 head alike). For long chunks, expanding the weight and one dense
-# matmul wins: from 64 rows where AMX runs; else from 32 (int4 with our one-pass expansion,
-# csrc/expand.cpp; int8, whose expansion is a conversion and a scaling), or 128 for int4 expanded
-# with tensor ops (~1 ms per 2M weights).
-AMX_FROM_ROWS = 8
-DENSE_FROM_ROWS_AMX = 64
-DENSE_FROM_ROWS = 32
-INT4_DENSE_FROM_ROWS_UNEXPANDED = 128
+# Which product serves a chunk of `rows` activation rows (measured on SmolLM2's shapes, 2 cores, weights
+# from memory; `Crossovers` below). torch's weight-only kernels are matrix-vector products in a loop:
+# fastest at one row, then linear in rows (a 512-row chunk took 7x a dense bfloat16 matmul). Our AMX
+# kernels (csrc/amx_mm.cpp) multiply 16 rows per weight read: 2.7x faster than torch's at 16 rows and
+# 2.8x at 64. For long chunks, expanding the weight and one dense matmul wins; the int4 expansion costs
+# little (csrc/expand.cpp), the int8 head's is a float conversion of 28M weights, so dense wins late.
+# Below AMX's rows, int8 runs our vector kernel (csrc/int8_gemv.cpp), ~1.4x torch's.
 PACK_BLOCK = 64  # output rows per block in the CPU int4 kernel's packed layout (AVX-512 and AVX2)
+
+
+@dataclass(frozen=True)
+class Crossovers:
+    """From how many activation rows each product takes over."""
+
+    amx: int  # our AMX kernel, where it runs
+    dense_amx: int  # expanded weight and a dense matmul, where AMX runs
+    dense: int  # the same, with our kernels but without AMX
+    dense_unaided: int  # the same, without our kernels (expansion by tensor ops)
+
+
+INT4_CROSSOVERS = Crossovers(amx=2, dense_amx=128, dense=48, dense_unaided=128)
+INT8_CROSSOVERS = Crossovers(amx=4, dense_amx=512, dense=160, dense_unaided=128)
 
 
 @dataclass
@@ -156,8 +165,7 @@ class Int4Linear(nn.Module):
         """x: [M, K] -> [M, N]"""
         ops = cpu_kernels.for_tensor(self.scales_zeros)
         expandable = self.out_features % PACK_BLOCK == 0 and _int4_layout_known()
-        path = product_path(x.shape[0], ops, expandable and self.in_features % GROUP == 0,
-                            DENSE_FROM_ROWS if ops is not None else INT4_DENSE_FROM_ROWS_UNEXPANDED)
+        path = product_path(x.shape[0], ops, expandable and self.in_features % GROUP == 0, INT4_CROSSOVERS)
         if path == "amx":
             return ops.int4_mm_amx(x, self.weight, self.scales_zeros, GROUP)
         if path == "dense" and expandable:
@@ -198,11 +206,14 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]"""
         ops = cpu_kernels.for_tensor(self.scale)
-        path = product_path(x.shape[0], ops, self.out_features % 32 == 0 and self.in_features % 64 == 0, DENSE_FROM_ROWS)
+        steps_fit = self.in_features % 64 == 0  # our kernels quantize the activations per 64 columns
+        path = product_path(x.shape[0], ops, self.out_features % 32 == 0 and steps_fit, INT8_CROSSOVERS)
         if path == "amx":
             return ops.int8_mm_amx(x, self.weight, self.scale)
         if path == "dense":
             return F.linear(x, self.dequantize())
+        if ops is not None and steps_fit:
+            return ops.int8_gemv(x, self.weight, self.scale)
         return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
 
     def dequantize(self) -> torch.Tensor:
@@ -223,13 +234,14 @@ class Int8Embedding(nn.Module):
         return self.table.embed(tokens)
 
 
-def product_path(rows: int, ops: object | None, amx_fits: bool, dense_from: int) -> str:
-    """'kernel' (torch's weight-only), 'amx' (ours) or 'dense' for a chunk of `rows` activation rows;
-    `dense_from` is where the dense path starts when the AMX kernels don't run (see AMX_FROM_ROWS)."""
+def product_path(rows: int, ops: object | None, amx_fits: bool, at: Crossovers) -> str:
+    """'kernel' (a vector kernel: ours or torch's weight-only), 'amx' (ours) or 'dense' for a chunk of
+    `rows` activation rows, given whether our kernels are built and the weight's shape suits AMX."""
     amx = ops is not None and amx_fits and cpu_kernels.amx()
-    if rows >= (DENSE_FROM_ROWS_AMX if amx else dense_from):
+    dense_from = at.dense_amx if amx else at.dense if ops is not None else at.dense_unaided
+    if rows >= dense_from:
         return "dense"
-    return "amx" if amx and rows >= AMX_FROM_ROWS else "kernel"
+    return "amx" if amx and rows >= at.amx else "kernel"
 
 
 @functools.cache

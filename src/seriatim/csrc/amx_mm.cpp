@@ -165,47 +165,38 @@ at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
 // unsigned bytes): sum w q = 256 sum w hi + sum w lo, two integer products (16 x 64 int8 per instruction,
 // int32 sums), scaled per step in float32.
 
-constexpr int kStep8 = 64;     // int8 values along K in one tile row
+constexpr int kStep8 = kQuantStep;  // int8 values along K in one tile row
 constexpr int64_t kWidth8 = 2 * kTile;  // outputs per pass: two (hi, lo) pairs of C tiles
 
-struct QuantizedRows {
-  std::vector<int8_t> hi;    // B-tile layout: [(r / 16) block][k / 4][4 * (r % 16) + k % 4]
-  std::vector<uint8_t> lo;   // the same layout
+// The int16 activations (simd.h) split as 256 hi + lo, in B-tile layout: [(r / 16) block][k / 4][4 * (r % 16) + k % 4].
+struct SplitRows {
+  std::vector<int8_t> hi;
+  std::vector<uint8_t> lo;
   std::vector<float> scale;  // [M][K / 64]
 };
 
-QuantizedRows quantize_rows(const at::Tensor& x, int64_t mp) {
-  const int64_t m = x.size(0), k = x.size(1), steps = k / kStep8;
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const float* xp = xf.data_ptr<float>();
-  QuantizedRows q{std::vector<int8_t>(mp * k, 0), std::vector<uint8_t>(mp * k, 0), std::vector<float>(m * steps)};
+SplitRows split_rows(const at::Tensor& x, int64_t mp) {
+  const int64_t m = x.size(0), k = x.size(1);
+  QuantizedActivations q = quantize_activations(x);
+  SplitRows t{std::vector<int8_t>(mp * k, 0), std::vector<uint8_t>(mp * k, 0), std::move(q.scale)};
   for (int64_t r = 0; r < m; ++r)
-    for (int64_t s = 0; s < steps; ++s) {
-      const float* v = xp + r * k + s * kStep8;
-      float top = 0.f;
-      for (int64_t c = 0; c < kStep8; ++c) top = std::max(top, std::abs(v[c]));
-      const float step_scale = top > 0.f ? top / 32767.f : 1.f, inv = 1.f / step_scale;
-      q.scale[r * steps + s] = step_scale;
-      for (int64_t c = 0; c < kStep8; ++c) {
-        const int32_t value = static_cast<int32_t>(std::nearbyint(v[c] * inv));
-        const int64_t at = (r / kTile) * k * kTile + ((s * kStep8 + c) / 4) * 4 * kTile + 4 * (r % kTile) + c % 4;
-        q.hi[at] = static_cast<int8_t>(value >> 8);  // arithmetic shift: value = 256 hi + lo
-        q.lo[at] = static_cast<uint8_t>(value & 0xFF);
-      }
+    for (int64_t c = 0; c < k; ++c) {
+      const int32_t value = q.values[r * k + c];
+      const int64_t at = (r / kTile) * k * kTile + (c / 4) * 4 * kTile + 4 * (r % kTile) + c % 4;
+      t.hi[at] = static_cast<int8_t>(value >> 8);  // arithmetic shift: value = 256 hi + lo
+      t.lo[at] = static_cast<uint8_t>(value & 0xFF);
     }
-  return q;
+  return t;
 }
 
 // x [M, K] bfloat16 times int8 weight [N, K] with one scale per output row -> [M, N] bfloat16.
 at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bfloat16 [M, K]");
-  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.size(1) == k,
-              "weight must be contiguous int8 [N, K]");
-  TORCH_CHECK(n % kWidth8 == 0 && k % kStep8 == 0, "N must be a multiple of 32 and K of 64");
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == n, "scale must be [N]");
+  check_int8(weight, scale, k);
+  TORCH_CHECK(n % kWidth8 == 0, "N must be a multiple of 32");
   const int64_t mp = (m + kTile - 1) / kTile * kTile, steps = k / kStep8;
-  const QuantizedRows xq = quantize_rows(x, mp);
+  const SplitRows xq = split_rows(x, mp);
   const at::Tensor sf = scale.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({m, n}, x.options());
   const int8_t* wp = weight.data_ptr<int8_t>();

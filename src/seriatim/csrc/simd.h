@@ -4,7 +4,10 @@
 #include <ATen/ATen.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace seriatim {
 
@@ -56,6 +59,43 @@ inline GroupScale load_group(const uint16_t* pairs, float bias) {
     g.offset[j] = _mm512_fnmadd_ps(_mm512_set1_ps(bias), g.scale[j], zero);
   }
   return g;
+}
+
+// ---- int8 weights [N, K] with one scale per output row, times activations quantized to 16 bits ---------
+//
+// The integer kernels (amx_mm.cpp, gemv.cpp) quantize each activation row to int16 per 64 columns, the
+// step's largest magnitude at 32767: finer than the bfloat16 values themselves, and the same integers for
+// both kernels, so a sequence's logits barely depend on which of them ran.
+constexpr int64_t kQuantStep = 64;
+
+inline void check_int8(const at::Tensor& weight, const at::Tensor& scale, int64_t k) {
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.dim() == 2 && weight.size(1) == k,
+              "weight must be contiguous int8 [N, K]");
+  TORCH_CHECK(k % kQuantStep == 0, "K must be a multiple of 64");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == weight.size(0), "scale must be [N]");
+}
+
+struct QuantizedActivations {
+  std::vector<int16_t> values;  // [M, K]
+  std::vector<float> scale;     // [M, K / 64]: value * scale is the activation
+};
+
+inline QuantizedActivations quantize_activations(const at::Tensor& x) {
+  const int64_t m = x.size(0), k = x.size(1), steps = k / kQuantStep;
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  QuantizedActivations q{std::vector<int16_t>(m * k), std::vector<float>(m * steps)};
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t s = 0; s < steps; ++s) {
+      const float* v = xp + r * k + s * kQuantStep;
+      float top = 0.f;
+      for (int64_t c = 0; c < kQuantStep; ++c) top = std::max(top, std::abs(v[c]));
+      const float step_scale = top > 0.f ? top / 32767.f : 1.f, inv = 1.f / step_scale;
+      q.scale[r * steps + s] = step_scale;
+      for (int64_t c = 0; c < kQuantStep; ++c)
+        q.values[r * k + s * kQuantStep + c] = static_cast<int16_t>(std::nearbyint(v[c] * inv));
+    }
+  return q;
 }
 
 }  // namespace seriatim
