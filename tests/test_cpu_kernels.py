@@ -194,3 +194,15 @@ def test_int8_vector_product_matches_torchs_kernel_and_amx(rows):
     if cpu_kernels.amx():  # the same integer sums: equal up to the float32 summation order
         assert rel(got, cpu_kernels.ops().int8_mm_amx(x, module.weight, module.scale)) < 1e-5
     assert rel(module(x), expected) < 1e-3  # whichever path the module takes for this many rows
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(64, 32), (960, 576), (576, 1536)])
+def test_int4_vector_product_matches_torchs_kernel(shape):
+    module = int4_module(*shape, seed=3)
+    x = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(5)).bfloat16()
+    expected = torch.ops.aten._weight_int4pack_mm_for_cpu(x, module.weight, GROUP, module.scales_zeros)
+    got = cpu_kernels.ops().int4_gemv(x, module.weight, module.scales_zeros, GROUP)
+    # Exact weights and float32 sums in both; a wrong nibble or scale would be off by ~10%.
+    assert got.shape == expected.shape and rel(got, expected) < 1e-3
+    assert torch.equal(module(x), got)  # the module's path for one row

@@ -343,6 +343,10 @@ class _PromptAttention:
         start = k.shape[0] - q.shape[0]
         return attend(q, k.transpose(0, 1), v.transpose(0, 1), start, scale, window, {})
 
+    def decode_kernel_args(self, layer: int) -> None:
+        """Plain tensors: never the decode-attention kernel's pooled arguments."""
+        return None
+
 
 @torch.inference_mode()
 def prompt_logprobs(

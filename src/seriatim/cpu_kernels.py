@@ -32,12 +32,12 @@ SOURCES = sorted(CSRC.glob("*.cpp"))
 NAME = "seriatim_kernels"
 # AMX code is compiled in everywhere but runs only where `amx()` allows it.
 # -fopenmp: at::parallel_for is a header template, and without it the kernels run on one thread.
-FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-mfma",
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vbmi", "-mavx512vnni", "-mfma",
          "-mamx-tile", "-mamx-bf16", "-mamx-int8"]
 
 
 def _cpu_supports() -> bool:
-    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"} <= cpu_flags()
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512vbmi", "avx512_vnni"} <= cpu_flags()
 
 
 def _build_dir() -> Path:

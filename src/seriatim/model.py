@@ -14,6 +14,7 @@ without the model knowing.
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 from typing import Protocol
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from . import cpu_kernels
 from .config import ModelConfig
+from .fused_decode import FusedDecode
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
 
@@ -35,6 +37,12 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor:
         """q: [T, H, Dh], k/v: [T, Hkv, Dh] -> [T, H, Dh]. Scores are scaled by `scale`; with a `window`,
         a query at position p sees only the keys at positions (p - window, p]."""
+        ...
+
+    def decode_kernel_args(self, layer: int) -> tuple[torch.Tensor, ...] | None:
+        """When the pass is all decodes on seriatim's decode-attention kernel: that kernel's cache and batch
+        arguments for `layer` (k_cache, v_cache, rows, write, slots, lengths), for the fused layers
+        (fused_decode.py). Else None."""
         ...
 
 
@@ -178,9 +186,19 @@ class Transformer(nn.Module):
             # Scaled in the activation dtype, as the reference does (sqrt(D) rounds to bfloat16 first).
             x = x * torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(x.dtype)
         ropes = [rotary(positions, x.dtype) for rotary in self.rotary]
-        for layer, rope in zip(self.layers, self.rope_of_layer):
-            x = layer(x, ropes[rope], backend)
+        fused = self.fused_decode if self.fused_decode is not None and self.fused_decode.fits(len(tokens)) else None
+        for i, (layer, rope) in enumerate(zip(self.layers, self.rope_of_layer)):
+            if fused is not None and (attention := backend.decode_kernel_args(i)) is not None:
+                x = fused.run(i, x, ropes[rope], attention)  # the same layer as one op, bit for bit
+            else:
+                x = layer(x, ropes[rope], backend)
         return self.norm(x)
+
+    @functools.cached_property
+    def fused_decode(self) -> FusedDecode | None:
+        """The decoding layers as one op each, where the model's form and the hardware allow (made on
+        first use, once the weights are in place)."""
+        return FusedDecode.of(self)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, D] -> float32 logits [N, V]"""

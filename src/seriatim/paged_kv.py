@@ -149,6 +149,13 @@ class PagedAttention:
             out[sl] = part
         return out
 
+    def decode_kernel_args(self, layer: int) -> tuple[torch.Tensor, ...] | None:
+        """See `model.AttentionBackend.decode_kernel_args`."""
+        if self.decodes is None or self.rows or self.cache.windows[layer] is not None or cpu_kernels.for_tensor(self.cache.k) is None:
+            return None
+        index, d = self.cache.index[layer], self.decodes
+        return self.cache.k[index], self.cache.v[index], d.rows, d.write, d.read, d.lengths
+
     def _sliding(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  window: int) -> torch.Tensor:
         """Each sequence over its own ring of this sliding layer."""

@@ -41,7 +41,8 @@ ROW_CHUNK = 4096  # rows dequantized at a time: a large embedding never exists w
 # kernels (csrc/amx_mm.cpp) multiply 16 rows per weight read: 2.7x faster than torch's at 16 rows and
 # 2.8x at 64. For long chunks, expanding the weight and one dense matmul wins; the int4 expansion costs
 # little (csrc/expand.cpp), the int8 head's is a float conversion of 28M weights, so dense wins late.
-# Below AMX's rows, int8 runs our vector kernel (csrc/int8_gemv.cpp), ~1.4x torch's.
+# Below AMX's rows, our vector kernels (csrc/gemv.cpp) take int8, ~1.4x torch's, and int4 at one row,
+# ~1.3x; torch's take int4 at a few rows.
 PACK_BLOCK = 64  # output rows per block in the CPU int4 kernel's packed layout (AVX-512 and AVX2)
 
 
@@ -161,15 +162,23 @@ class Int4Linear(nn.Module):
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
         return cls(packed, sz.transpose(0, 1).contiguous().to(dtype))
 
+    def path(self, rows: int) -> str:
+        """Which product `forward` runs for `rows` activation rows (see `product_path`)."""
+        amx_fits = self._expandable() and self.in_features % GROUP == 0
+        return product_path(rows, cpu_kernels.for_tensor(self.scales_zeros), amx_fits, INT4_CROSSOVERS)
+
+    def _expandable(self) -> bool:
+        return self.out_features % PACK_BLOCK == 0 and _int4_layout_known()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]"""
-        ops = cpu_kernels.for_tensor(self.scales_zeros)
-        expandable = self.out_features % PACK_BLOCK == 0 and _int4_layout_known()
-        path = product_path(x.shape[0], ops, expandable and self.in_features % GROUP == 0, INT4_CROSSOVERS)
+        path = self.path(x.shape[0])
         if path == "amx":
-            return ops.int4_mm_amx(x, self.weight, self.scales_zeros, GROUP)
-        if path == "dense" and expandable:
+            return cpu_kernels.ops().int4_mm_amx(x, self.weight, self.scales_zeros, GROUP)
+        if path == "dense" and self._expandable():
             return x @ self.dequantize_t()
+        if x.shape[0] == 1 and (ops := cpu_kernels.for_tensor(self.scales_zeros)) is not None:
+            return ops.int4_gemv(x, self.weight, self.scales_zeros, GROUP)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, GROUP, self.scales_zeros)
 
     def dequantize_t(self) -> torch.Tensor:
@@ -203,17 +212,23 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", q)
         self.register_buffer("scale", scale.to(dtype))
 
+    def path(self, rows: int) -> str:
+        """Which product `forward` runs for `rows` activation rows (see `product_path`)."""
+        amx_fits = self.out_features % 32 == 0 and self._steps_fit()
+        return product_path(rows, cpu_kernels.for_tensor(self.scale), amx_fits, INT8_CROSSOVERS)
+
+    def _steps_fit(self) -> bool:
+        return self.in_features % 64 == 0  # our kernels quantize the activations per 64 columns
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]"""
-        ops = cpu_kernels.for_tensor(self.scale)
-        steps_fit = self.in_features % 64 == 0  # our kernels quantize the activations per 64 columns
-        path = product_path(x.shape[0], ops, self.out_features % 32 == 0 and steps_fit, INT8_CROSSOVERS)
+        path = self.path(x.shape[0])
         if path == "amx":
-            return ops.int8_mm_amx(x, self.weight, self.scale)
+            return cpu_kernels.ops().int8_mm_amx(x, self.weight, self.scale)
         if path == "dense":
             return F.linear(x, self.dequantize())
-        if ops is not None and steps_fit:
-            return ops.int8_gemv(x, self.weight, self.scale)
+        if cpu_kernels.for_tensor(self.scale) is not None and self._steps_fit():
+            return cpu_kernels.ops().int8_gemv(x, self.weight, self.scale)
         return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
 
     def dequantize(self) -> torch.Tensor:

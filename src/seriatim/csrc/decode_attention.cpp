@@ -10,6 +10,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "ops.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -57,6 +58,10 @@ void check_rows(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2),
               name, " must be bfloat16 [T, heads, Dh] with each row's heads contiguous");
 }
+
+}  // namespace
+
+namespace seriatim {
 
 // The new token of each decoding sequence b (row rows[b] of the flat batch q [T, H, Dh], k/v [T, Hkv, Dh]):
 // its key and value are stored at slot write[b] of the cache [Hkv, S, Dh], then its query attends over the
@@ -114,7 +119,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-}  // namespace
+}  // namespace seriatim
 
 TORCH_LIBRARY_FRAGMENT(seriatim, lib) {
   lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, "
@@ -122,5 +127,5 @@ TORCH_LIBRARY_FRAGMENT(seriatim, lib) {
 }
 
 TORCH_LIBRARY_IMPL(seriatim, CPU, lib) {
-  lib.impl("decode_attention", &decode_attention);
+  lib.impl("decode_attention", &seriatim::decode_attention);
 }

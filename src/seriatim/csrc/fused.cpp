@@ -9,6 +9,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "ops.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -36,6 +37,10 @@ Rows rows_of(const at::Tensor& x, int64_t width) {
   const at::Tensor flat = x.view({-1, width});  // fails loudly where the leading dims do not flatten
   return {flat.size(0), width, flat.stride(0)};
 }
+
+}  // namespace
+
+namespace seriatim {
 
 // y = x / rms(x) * weight over the last dimension of x. weight has shape [..., D] covering x's trailing
 // dimensions (one weight per head for a per-head norm). Llama rounds the normalised value to bfloat16
@@ -154,7 +159,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return y;
 }
 
-}  // namespace
+}  // namespace seriatim
 
 TORCH_LIBRARY_FRAGMENT(seriatim, lib) {
   lib.def("rms_norm(Tensor x, Tensor weight, float eps, bool scale_in_float32) -> Tensor");
@@ -163,7 +168,7 @@ TORCH_LIBRARY_FRAGMENT(seriatim, lib) {
 }
 
 TORCH_LIBRARY_IMPL(seriatim, CPU, lib) {
-  lib.impl("rms_norm", &rms_norm);
-  lib.impl("rotary", &rotary);
-  lib.impl("silu_mul", &silu_mul);
+  lib.impl("rms_norm", &seriatim::rms_norm);
+  lib.impl("rotary", &seriatim::rotary);
+  lib.impl("silu_mul", &seriatim::silu_mul);
 }

@@ -1,0 +1,76 @@
+"""A decoding pass's Llama-family layers as one C++ op each (csrc/decode_layer.cpp).
+
+model.py runs a layer as ~25 tensor ops and a dozen module calls. For a small model decoding one token
+per pass, that Python costs about as much as the arithmetic (SmolLM2: ~4.5 of ~9 ms per token). Where
+the model is the plain Llama form (RMSNorm before attention and MLP, rotary, full attention, SwiGLU,
+an optional QKV bias: Llama, SmolLM2, Qwen2) and a pass is all decodes whose products take the vector
+kernels, `FusedDecode` runs each layer as one op. The op calls the functions the modules reach, in the
+same order with the same arguments, so its output is the modules' bit for bit (tests/test_fused_decode.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import cpu_kernels
+from .quant import GROUP, Int4Linear, Int8Linear
+
+
+def _projection(module: nn.Module) -> list[torch.Tensor] | None:
+    """A projection's tensors as decode_layer.cpp reads them, or None for a form it does not take."""
+    if isinstance(module, Int4Linear):
+        return [module.weight, module.scales_zeros]
+    if isinstance(module, Int8Linear):
+        return [module.weight, module.scale]
+    if type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.bfloat16:
+        return [module.weight]
+    return None
+
+
+def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
+    return layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down
+
+
+class FusedDecode:
+    """Each layer's arguments for the op, gathered once; `run` takes the place of `DecoderLayer.forward`."""
+
+    def __init__(self, model: nn.Module, projections: list[list[list[torch.Tensor]]]):
+        cfg = model.cfg
+        self.model = model
+        # Per layer, the op's arguments before the rotary tables: the norms and projections.
+        self.weights = [
+            (layer.attn_norm.weight, layer.ffn_norm.weight, cfg.rms_norm_eps, qkv, layer.attn.qkv_bias, o, gate_up, down, GROUP)
+            for layer, (qkv, o, gate_up, down) in zip(model.layers, projections)
+        ]
+        self.heads, self.scale = cfg.num_heads, cfg.attn_scale
+        self.op = cpu_kernels.ops().decode_layer
+        self.fitting: dict[int, bool] = {}  # rows -> fits(rows)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> FusedDecode | None:
+        """For a model in the plain Llama form, in bfloat16 on a CPU with our kernels; else None."""
+        cfg = model.cfg
+        plain = not (cfg.qk_norm or cfg.post_norms or cfg.gemma_norms or cfg.embed_scale is not None)
+        windowless = all(cfg.layer_window(i) is None for i in range(cfg.num_layers))
+        if not (plain and windowless and cfg.activation == "silu") or cpu_kernels.for_tensor(model.norm.weight) is None:
+            return None
+        projections = []
+        for layer in model.layers:
+            parts = [_projection(m) for m in _projections(layer)]
+            if any(p is None for p in parts):
+                return None
+            projections.append(parts)
+        return cls(model, projections)
+
+    def fits(self, rows: int) -> bool:
+        """Whether every projection takes its vector kernel for `rows` rows, as the op assumes."""
+        if rows not in self.fitting:
+            modules = [m for layer in self.model.layers for m in _projections(layer)]
+            self.fitting[rows] = all(not hasattr(m, "path") or m.path(rows) == "kernel" for m in modules)
+        return self.fitting[rows]
+
+    def run(self, index: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: tuple) -> torch.Tensor:
+        """Layer `index` on x [T, D] -> [T, D]; `attention` is the decode-attention kernel's cache and batch
+        arguments (see model.AttentionBackend.decode_kernel_args)."""
+        return self.op(x, *self.weights[index], *rope, self.heads, *attention, self.scale)
