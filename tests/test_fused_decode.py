@@ -44,3 +44,25 @@ def test_not_for_other_forms(tiny_gemma3, tiny_llm):
     """Gemma's extra norms and sliding layers, and the float32 reference, keep the modules."""
     assert FusedDecode.of(tiny_llm.model) is None
     assert FusedDecode.of(LLM(str(tiny_gemma3 / "Q8_0.gguf")).model) is None
+
+
+@needs_kernels
+def test_batched_decodes_fuse_on_the_products_the_modules_pick(tiny_llama, monkeypatch):
+    """Four sequences decoding together (AMX products where the CPU has AMX): the same tokens and
+    log-probabilities as the modules."""
+    llm = LLM(str(tiny_llama[0] / "Q4_1.gguf"), prefix_caching=False)
+    prompts = [[5, 9, 11], [40, 41, 42, 43, 44, 45, 46], [7], [100, 3]]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
+    results, batch_sizes = {}, []
+    original = FusedDecode.run
+    monkeypatch.setattr(FusedDecode, "run", lambda self, i, x, *a: batch_sizes.append(len(x)) or original(self, i, x, *a))
+    for fused in (False, True):
+        llm.model.__dict__.pop("fused_decode", None)
+        if not fused:
+            llm.model.__dict__["fused_decode"] = None
+        outs = llm.generate(prompts, params)
+        results[fused] = [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs]) for o in outs]
+    assert batch_sizes.count(4) >= 8 * llm.model.cfg.num_layers  # most steps decoded all four together
+    if cpu_kernels.amx():
+        assert llm.model.fused_decode.paths(4) == [1, 1, 1, 1]
+    assert results[True] == results[False]

@@ -3,8 +3,8 @@
 model.py runs a layer as ~25 tensor ops and a dozen module calls. For a small model decoding one token
 per pass, that Python costs about as much as the arithmetic (SmolLM2: ~4.5 of ~9 ms per token). Where
 the model is the plain Llama form (RMSNorm before attention and MLP, rotary, full attention, SwiGLU,
-an optional QKV bias: Llama, SmolLM2, Qwen2) and a pass is all decodes whose products take the vector
-kernels, `FusedDecode` runs each layer as one op. The op calls the functions the modules reach, in the
+an optional QKV bias: Llama, SmolLM2, Qwen2) and a pass is all decodes whose products take a vector or
+an AMX kernel (not the dense path), `FusedDecode` runs each layer as one op. The op calls the functions the modules reach, in the
 same order with the same arguments, so its output is the modules' bit for bit (tests/test_fused_decode.py).
 """
 
@@ -28,6 +28,14 @@ def _projection(module: nn.Module) -> list[torch.Tensor] | None:
     return None
 
 
+PATH_CODES = {"kernel": 0, "amx": 1}  # decode_layer.cpp's Path
+
+
+def _path(module: nn.Module, rows: int) -> int | None:
+    """A projection's product for `rows` rows as the op's code; None for the dense path."""
+    return PATH_CODES.get(module.path(rows)) if hasattr(module, "path") else PATH_CODES["kernel"]
+
+
 def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
     return layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down
 
@@ -45,7 +53,7 @@ class FusedDecode:
         ]
         self.heads, self.scale = cfg.num_heads, cfg.attn_scale
         self.op = cpu_kernels.ops().decode_layer
-        self.fitting: dict[int, bool] = {}  # rows -> fits(rows)
+        self.by_rows: dict[int, list[int] | None] = {}  # rows -> paths(rows)
 
     @classmethod
     def of(cls, model: nn.Module) -> FusedDecode | None:
@@ -63,14 +71,17 @@ class FusedDecode:
             projections.append(parts)
         return cls(model, projections)
 
-    def fits(self, rows: int) -> bool:
-        """Whether every projection takes its vector kernel for `rows` rows, as the op assumes."""
-        if rows not in self.fitting:
-            modules = [m for layer in self.model.layers for m in _projections(layer)]
-            self.fitting[rows] = all(not hasattr(m, "path") or m.path(rows) == "kernel" for m in modules)
-        return self.fitting[rows]
+    def paths(self, rows: int) -> list[int] | None:
+        """The op's product codes for qkv, o, gate_up and down (0: vector kernel, 1: AMX) at `rows` rows, as
+        the modules choose them; None where a module would take another path (a dense chunk)."""
+        if rows not in self.by_rows:
+            per_layer = {tuple(_path(m, rows) for m in _projections(layer)) for layer in self.model.layers}
+            codes = per_layer.pop() if len(per_layer) == 1 else (None,)
+            self.by_rows[rows] = None if None in codes else list(codes)
+        return self.by_rows[rows]
 
-    def run(self, index: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: tuple) -> torch.Tensor:
+    def run(self, index: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], paths: list[int],
+            attention: tuple) -> torch.Tensor:
         """Layer `index` on x [T, D] -> [T, D]; `attention` is the decode-attention kernel's cache and batch
         arguments (see model.AttentionBackend.decode_kernel_args)."""
-        return self.op(x, *self.weights[index], *rope, self.heads, *attention, self.scale)
+        return self.op(x, *self.weights[index], paths, *rope, self.heads, *attention, self.scale)

@@ -186,10 +186,11 @@ class Transformer(nn.Module):
             # Scaled in the activation dtype, as the reference does (sqrt(D) rounds to bfloat16 first).
             x = x * torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(x.dtype)
         ropes = [rotary(positions, x.dtype) for rotary in self.rotary]
-        fused = self.fused_decode if self.fused_decode is not None and self.fused_decode.fits(len(tokens)) else None
+        fused = self.fused_decode
+        paths = fused.paths(len(tokens)) if fused is not None else None
         for i, (layer, rope) in enumerate(zip(self.layers, self.rope_of_layer)):
-            if fused is not None and (attention := backend.decode_kernel_args(i)) is not None:
-                x = fused.run(i, x, ropes[rope], attention)  # the same layer as one op, bit for bit
+            if paths is not None and (attention := backend.decode_kernel_args(i)) is not None:
+                x = fused.run(i, x, ropes[rope], paths, attention)  # the same layer as one op, bit for bit
             else:
                 x = layer(x, ropes[rope], backend)
         return self.norm(x)

@@ -11,6 +11,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "ops.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -131,6 +132,10 @@ void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride
   }
 }
 
+}  // namespace
+
+namespace seriatim {
+
 // x [M, K] bfloat16 times the packed int4 weight [N, K/2] with scales_zeros [K/group, N, 2] -> [M, N].
 at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t group) {
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
@@ -156,6 +161,10 @@ at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
   });
   return y;
 }
+
+}  // namespace seriatim
+
+namespace {
 
 // ---- int8 [N, K], one scale per output row: computed transposed, C^T[n, m], weight rows as A tiles ------
 //
@@ -188,6 +197,10 @@ SplitRows split_rows(const at::Tensor& x, int64_t mp) {
     }
   return t;
 }
+
+}  // namespace
+
+namespace seriatim {
 
 // x [M, K] bfloat16 times int8 weight [N, K] with one scale per output row -> [M, N] bfloat16.
 at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
@@ -250,7 +263,7 @@ at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::
   return y;
 }
 
-}  // namespace
+}  // namespace seriatim
 
 TORCH_LIBRARY_FRAGMENT(seriatim, lib) {
   lib.def("int4_mm_amx(Tensor x, Tensor packed, Tensor scales_zeros, int group) -> Tensor");
@@ -258,6 +271,6 @@ TORCH_LIBRARY_FRAGMENT(seriatim, lib) {
 }
 
 TORCH_LIBRARY_IMPL(seriatim, CPU, lib) {
-  lib.impl("int4_mm_amx", &int4_mm_amx);
-  lib.impl("int8_mm_amx", &int8_mm_amx);
+  lib.impl("int4_mm_amx", &seriatim::int4_mm_amx);
+  lib.impl("int8_mm_amx", &seriatim::int8_mm_amx);
 }
