@@ -24,33 +24,57 @@ using namespace seriatim;
 
 constexpr int kMaxDim = 256;  // head dimensions up to this (16 vectors of 16)
 
-// One query head q [dim] over `length` keys/values found by key(j), value(j) -> out [dim].
+constexpr int64_t kAhead = 8;  // keys and values prefetched this many positions ahead
+
+inline void prefetch_row(const BFloat16* p, int64_t dim) {
+  for (int64_t d = 0; d < dim; d += 32) _mm_prefetch(reinterpret_cast<const char*>(p + d), _MM_HINT_T0);
+}
+
+// The `group` query heads sharing one key/value head (q: [group, dim], contiguous) over `length` keys and
+// values found by key(j), value(j) -> out [group, dim]. Each key and value is read once for the group;
+// softmax runs 16 scores at a time. `scores` holds [group][length].
 template <typename Key, typename Value>
-void attend_one(const BFloat16* q, int64_t dim, int64_t length, float scale, Key key, Value value,
-                std::vector<float>& scores, BFloat16* out) {
+void attend_group(const BFloat16* q, int64_t group, int64_t dim, int64_t length, float scale, Key key, Value value,
+                  std::vector<float>& scores, BFloat16* out) {
   const int64_t vecs = dim / 16;
-  __m512 qv[kMaxDim / 16];
-  for (int64_t d = 0; d < vecs; ++d) qv[d] = _mm512_mul_ps(load_bf16(q + 16 * d), _mm512_set1_ps(scale));
-  float top = -INFINITY;
+  std::vector<__m512> qv(group * vecs), sum(group * vecs, _mm512_setzero_ps());
+  for (int64_t i = 0; i < group * vecs; ++i) qv[i] = _mm512_mul_ps(load_bf16(q + 16 * i), _mm512_set1_ps(scale));
   for (int64_t j = 0; j < length; ++j) {
     const BFloat16* k = key(j);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < vecs; ++d) acc = _mm512_fmadd_ps(qv[d], load_bf16(k + 16 * d), acc);
-    scores[j] = _mm512_reduce_add_ps(acc);
-    top = std::max(top, scores[j]);
+    if (j + kAhead < length) prefetch_row(key(j + kAhead), dim);
+    __m512 kv[kMaxDim / 16];
+    for (int64_t d = 0; d < vecs; ++d) kv[d] = load_bf16(k + 16 * d);
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t d = 0; d < vecs; ++d) acc = _mm512_fmadd_ps(qv[g * vecs + d], kv[d], acc);
+      scores[g * length + j] = _mm512_reduce_add_ps(acc);
+    }
   }
-  __m512 sum[kMaxDim / 16];
-  for (int64_t d = 0; d < vecs; ++d) sum[d] = _mm512_setzero_ps();
-  float total = 0.f;
+  std::vector<float> inv(group);
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores.data() + g * length;
+    __m512 top = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < length; j += 16) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, first(length - j), s + j));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    for (int64_t j = 0; j < length; j += 16) {
+      const __m512 p = _mm512_maskz_mov_ps(first(length - j), exp16(_mm512_sub_ps(load_f32(s + j, length - j), m)));
+      _mm512_mask_storeu_ps(s + j, first(length - j), p);
+      total = _mm512_add_ps(total, p);
+    }
+    inv[g] = 1.f / _mm512_reduce_add_ps(total);
+  }
   for (int64_t j = 0; j < length; ++j) {
-    const float p = std::exp(scores[j] - top);
-    total += p;
     const BFloat16* v = value(j);
-    for (int64_t d = 0; d < vecs; ++d) sum[d] = _mm512_fmadd_ps(_mm512_set1_ps(p), load_bf16(v + 16 * d), sum[d]);
+    if (j + kAhead < length) prefetch_row(value(j + kAhead), dim);
+    __m512 vv[kMaxDim / 16];
+    for (int64_t d = 0; d < vecs; ++d) vv[d] = load_bf16(v + 16 * d);
+    for (int64_t g = 0; g < group; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * length + j]);
+      for (int64_t d = 0; d < vecs; ++d) sum[g * vecs + d] = _mm512_fmadd_ps(p, vv[d], sum[g * vecs + d]);
+    }
   }
-  const __m512 inv = _mm512_set1_ps(1.f / total);
-  for (int64_t d = 0; d < vecs; ++d)
-    store_bf16(out + 16 * d, _mm512_mul_ps(sum[d], inv));
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < vecs; ++d) store_bf16(out + g * dim + 16 * d, _mm512_mul_ps(sum[g * vecs + d], _mm512_set1_ps(inv[g])));
 }
 
 // A [T, heads, Dh] bfloat16 tensor whose heads are contiguous (rows may be a strided view).
@@ -100,20 +124,17 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   // One task per (sequence, key/value head): it stores that head's new key and value, then attends. No
   // other task reads the slot it writes (a sequence's new slot is in a block of its own).
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(width);
+    std::vector<float> scores((heads / kv_heads) * width);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / kv_heads, kvh = t % kv_heads, row = rp[b];
+      const int64_t b = t / kv_heads, kvh = t % kv_heads, row = rp[b], group = heads / kv_heads;
       BFloat16 *kh = kc + kvh * head_stride, *vh = vc + kvh * head_stride;
       std::copy_n(kp + row * k.stride(0) + kvh * dim, dim, kh + wp[b] * dim);
       std::copy_n(vp + row * v.stride(0) + kvh * dim, dim, vh + wp[b] * dim);
       const int64_t* seq = sp + b * width;
       auto key = [&](int64_t j) { return kh + seq[j] * dim; };
       auto value = [&](int64_t j) { return vh + seq[j] * dim; };
-      for (int64_t g = 0; g < heads / kv_heads; ++g) {
-        const int64_t h = kvh * (heads / kv_heads) + g;
-        attend_one(qp + row * q.stride(0) + h * dim, dim, lp[b], static_cast<float>(scale), key, value, scores,
-                   op + (b * heads + h) * dim);
-      }
+      attend_group(qp + row * q.stride(0) + kvh * group * dim, group, dim, lp[b], static_cast<float>(scale), key, value,
+                   scores, op + (b * heads + kvh * group) * dim);
     }
   });
   return out;

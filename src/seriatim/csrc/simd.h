@@ -28,6 +28,18 @@ inline void store_bf16(at::BFloat16* p, __m512 v, int64_t count = 16) {
   _mm256_mask_storeu_epi16(p, first(count), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
 }
 
+// exp(x) to float32 precision (relative error ~2e-7): 2^(x log2 e) split into 2^n, applied with scalef
+// (which saturates to 0 and infinity instead of wrapping), and 2^f, |f| <= 1/2, by its Taylor series.
+inline __m512 exp16(__m512 x) {
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));  // x log2(e)
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));  // (t - n) ln 2
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
 // Packed int4 (torch's CPU layout): per block of 64 outputs and per input column, 32 bytes, output i in the
 // low nibble of byte i and output 32 + i in its high nibble. scales_zeros [K/group, N, 2] holds bfloat16
 // (scale, zero) pairs, and a weight is (q - 8) * scale + zero.
