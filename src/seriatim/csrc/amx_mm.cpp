@@ -28,7 +28,6 @@ constexpr int kTile = 16;       // rows of a tile, and activation rows per pass
 constexpr int kStep = 32;       // bfloat16 values in a tile row (64 bytes): columns per step
 constexpr int64_t kBlock = kInt4Block;  // four C tiles
 constexpr int kTileElems = kTile * kStep;
-constexpr uint16_t kBias = 0x4300;  // bfloat16 128.0; 0x4300 | q is 128 + q for q < 16
 
 // Every tile 16 rows of 64 bytes. Tile state belongs to a thread: set up per parallel chunk, then released.
 struct Tiles {
@@ -52,25 +51,13 @@ struct Tiles {
 // (torch's form: w = (q - 8) s + z), sum x w = s S + (z - 136 s) sum x, applied in float32. Making tile
 // rows takes a few integer ops per 128 weights.
 
-// Columns c and c + 1 of a block (32 bytes each; byte i holds output i in its low nibble and output
-// 32 + i in its high one) -> row r of the four B tiles: (128 + q_c, 128 + q_c+1) for 16 outputs each.
-inline void nibble_pairs(const uint8_t* col, uint16_t* row) {
-  const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col));
-  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + 32));
-  const __m256i lo = _mm256_unpacklo_epi8(a, b), hi = _mm256_unpackhi_epi8(a, b);  // within 128-bit lanes
-  const __m512i w0 = _mm512_cvtepu8_epi16(_mm256_permute2x128_si256(lo, hi, 0x20));  // bytes 0..15 of both
-  const __m512i w1 = _mm512_cvtepu8_epi16(_mm256_permute2x128_si256(lo, hi, 0x31));  // bytes 16..31
-  const __m512i mask = _mm512_set1_epi16(0x0F), bias = _mm512_set1_epi16(kBias);
-  // (w & 0x0F) | bias in one ternary-logic op: truth table 0xEA is (A & B) | C.
-  _mm512_storeu_si512(row, _mm512_ternarylogic_epi32(w0, mask, bias, 0xEA));                    // outputs 0..15
-  _mm512_storeu_si512(row + kTileElems, _mm512_ternarylogic_epi32(w1, mask, bias, 0xEA));       // 16..31
-  _mm512_storeu_si512(row + 2 * kTileElems, _mm512_or_si512(_mm512_srli_epi16(w0, 4), bias));   // 32..47
-  _mm512_storeu_si512(row + 3 * kTileElems, _mm512_or_si512(_mm512_srli_epi16(w1, 4), bias));   // 48..63
-}
-
 // The four B tiles of step s of a block.
-inline void step_tiles(const uint8_t* block, int64_t s, uint16_t* tiles) {
-  for (int r = 0; r < kTile; ++r) nibble_pairs(block + (s * kStep + 2 * r) * (kBlock / 2), tiles + r * kStep);
+inline void step_tiles(const NibblePairs& nibbles, const uint8_t* block, int64_t s, uint16_t* tiles) {
+  for (int r = 0; r < kTile; ++r) {
+    __m512i w[4];
+    nibbles(block + (s * kStep + 2 * r) * (kBlock / 2), w);
+    for (int t = 0; t < 4; ++t) _mm512_store_si512(tiles + t * kTileElems + r * kStep, w[t]);
+  }
 }
 
 // x [M, K] bfloat16 as [Mp, K], Mp a multiple of 16 (padding rows zero), and each row's sum per step.
@@ -99,10 +86,11 @@ void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride
   alignas(64) float c[4][kTile * kTile];
   const int64_t steps = k / kStep;
   std::fill(acc, acc + kTile * kBlock, 0.f);
-  step_tiles(block, 0, tiles[0]);
+  const NibblePairs nibbles;
+  step_tiles(nibbles, block, 0, tiles[0]);
   for (int64_t s = 0; s < steps; ++s) {
     const uint16_t* cur = tiles[s & 1];
-    if (s + 1 < steps) step_tiles(block, s + 1, tiles[(s + 1) & 1]);
+    if (s + 1 < steps) step_tiles(nibbles, block, s + 1, tiles[(s + 1) & 1]);
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -125,8 +113,7 @@ void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride
       const __m512 sum = _mm512_set1_ps(x.sums[(r + i) * steps + s]);
       for (int j = 0; j < 4; ++j) {
         float* a = acc + i * kBlock + 16 * j;
-        const __m512 part = _mm512_fmadd_ps(g.scale[j], _mm512_load_ps(c[j] + i * kTile), _mm512_mul_ps(g.offset[j], sum));
-        _mm512_store_ps(a, _mm512_add_ps(_mm512_load_ps(a), part));
+        _mm512_store_ps(a, _mm512_fmadd_ps(g.scale[j], _mm512_load_ps(c[j] + i * kTile), _mm512_fmadd_ps(g.offset[j], sum, _mm512_load_ps(a))));
       }
     }
   }

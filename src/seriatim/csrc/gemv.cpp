@@ -32,35 +32,18 @@ constexpr int kPrefetch = 2048;  // bytes ahead of the weights being read (measu
 
 // ---- int4 ---------------------------------------------------------------------------------------------
 
-// Byte indices for _mm512_permutexvar_epi8: 32-bit lane o gets (column c, column c + 1) of block output
-// `first + o`, each byte in the low half of a 16-bit word (columns c and c + 1 are bytes 0..31 and 32..63).
-inline __m512i pair_index(int first) {
-  alignas(64) uint8_t idx[64];
-  for (int o = 0; o < 16; ++o) {
-    idx[4 * o] = idx[4 * o + 1] = static_cast<uint8_t>(first + o);
-    idx[4 * o + 2] = idx[4 * o + 3] = static_cast<uint8_t>(32 + first + o);
-  }
-  return _mm512_load_si512(idx);
-}
-
 // One 64-output block of x [K] (as bfloat16 pairs) times the packed weight -> y [64].
 void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride, int64_t group, int64_t k,
                 const uint32_t* x, const float* sums, at::BFloat16* y) {
-  const __m512i idx_lo = pair_index(0), idx_hi = pair_index(16);
-  const __m512i mask = _mm512_set1_epi16(0x0F), bias = _mm512_set1_epi16(0x4300);  // bfloat16 128.0
+  const NibblePairs nibbles;
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   for (int64_t g = 0; g < k / group; ++g) {
     __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t c = g * group; c < (g + 1) * group; c += 2) {
       const uint8_t* at = block + c * (kBlock / 2);
       _mm_prefetch(reinterpret_cast<const char*>(at + kPrefetch), _MM_HINT_T0);
-      const __m512i z = _mm512_loadu_si512(at);
-      const __m512i a = _mm512_permutexvar_epi8(idx_lo, z), b = _mm512_permutexvar_epi8(idx_hi, z);
-      // (v & 0x0F) | bias in one ternary-logic op (truth table 0xEA: (A & B) | C): 0x4300 | q is 128 + q.
-      const __m512i w[4] = {_mm512_ternarylogic_epi32(a, mask, bias, 0xEA),                         // outputs 0..15
-                            _mm512_ternarylogic_epi32(b, mask, bias, 0xEA),                         // 16..31
-                            _mm512_ternarylogic_epi32(_mm512_srli_epi16(a, 4), mask, bias, 0xEA),   // 32..47
-                            _mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 4), mask, bias, 0xEA)};  // 48..63
+      __m512i w[4];
+      nibbles(at, w);
       const __m512bh xc = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(x[c / 2])));
       for (int j = 0; j < 4; ++j) part[j] = _mm512_dpbf16_ps(part[j], reinterpret_cast<__m512bh>(w[j]), xc);
     }

@@ -56,6 +56,37 @@ inline void check_int4(const at::Tensor& packed, const at::Tensor& scales_zeros,
               "scales_zeros must be contiguous bfloat16 [K/group, N, 2]");
 }
 
+// Columns c and c + 1 of a block of torch's packed int4 (64 bytes) -> four vectors of bfloat16 pairs
+// (128 + q_c, 128 + q_c+1), exact (bits 0x4300 | q), for outputs 0..15, 16..31, 32..47 and 48..63: the
+// operands of a bfloat16 dot product, or four tile rows. Two byte permutes and a few bit ops.
+class NibblePairs {
+ public:
+  NibblePairs() : low_(index(0)), high_(index(16)), mask_(_mm512_set1_epi16(0x0F)), bias_(_mm512_set1_epi16(0x4300)) {}
+
+  void operator()(const uint8_t* columns, __m512i w[4]) const {
+    const __m512i z = _mm512_loadu_si512(columns);
+    const __m512i a = _mm512_permutexvar_epi8(low_, z), b = _mm512_permutexvar_epi8(high_, z);
+    // (v & 0x0F) | bias in one ternary-logic op: truth table 0xEA is (A & B) | C.
+    w[0] = _mm512_ternarylogic_epi32(a, mask_, bias_, 0xEA);
+    w[1] = _mm512_ternarylogic_epi32(b, mask_, bias_, 0xEA);
+    w[2] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(a, 4), mask_, bias_, 0xEA);
+    w[3] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 4), mask_, bias_, 0xEA);
+  }
+
+ private:
+  // 32-bit lane o gets byte first + o of column c and of column c + 1, each in the low half of a 16-bit word.
+  static __m512i index(int first) {
+    alignas(64) uint8_t idx[64];
+    for (int o = 0; o < 16; ++o) {
+      idx[4 * o] = idx[4 * o + 1] = static_cast<uint8_t>(first + o);
+      idx[4 * o + 2] = idx[4 * o + 3] = static_cast<uint8_t>(32 + first + o);
+    }
+    return _mm512_load_si512(idx);
+  }
+
+  __m512i low_, high_, mask_, bias_;
+};
+
 // One group's scale and offset for a block's 64 outputs (vector j: outputs 16j..16j+15), with
 // offset = zero - bias * scale: the weight is q * scale + offset for bias 8.
 struct GroupScale {
