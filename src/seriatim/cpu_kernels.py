@@ -2,13 +2,16 @@
 
 - expand.cpp: packed int4 weights expanded to dense bfloat16 in one AVX-512 pass (long chunks).
 - fused.cpp: RMSNorm, rotary embedding and silu(gate) * up as one op each for bfloat16 activations.
-- amx_mm.cpp: int4 and int8 weights times 8 to 63 activation rows on AMX tiles (batched decode).
+- gemv.cpp: int4 weights times one activation row, int8 times a few (decode steps' vector products).
+- amx_mm.cpp: int4 and int8 weights times a few to a hundred activation rows on AMX tiles (batched decode).
 - decode_attention.cpp: one query per sequence over its cached keys and values, read in place.
+- decode_layer.cpp: a Llama-family decoder layer of a decoding pass as one op (fused_decode.py).
 
 The first use compiles them (about 30 s, with a notice) into `<cache>/kernels/<key>`, the key
 being a hash of the sources, the flags and the PyTorch version; later processes load the built library
-directly. Where they cannot be had (no AVX-512, no compiler, `SERIATIM_KERNELS=0`), `ops()` returns
-None and the callers use tensor ops instead: slower, and the same numbers up to bfloat16 rounding.
+directly. Where they cannot be had (no AVX-512 with BF16, VBMI and VNNI, no compiler,
+`SERIATIM_KERNELS=0`), `ops()` returns None and the callers use tensor ops instead: slower, and the
+same numbers up to bfloat16 rounding.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ SOURCES = sorted(CSRC.glob("*.cpp"))
 NAME = "seriatim_kernels"
 # AMX code is compiled in everywhere but runs only where `amx()` allows it.
 # -fopenmp: at::parallel_for is a header template, and without it the kernels run on one thread.
-FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vbmi", "-mavx512vnni", "-mfma",
-         "-mamx-tile", "-mamx-bf16", "-mamx-int8"]
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vbmi",
+         "-mavx512vnni", "-mfma", "-mamx-tile", "-mamx-bf16", "-mamx-int8"]
 
 
 def _cpu_supports() -> bool:
@@ -54,7 +57,8 @@ def _build(folder: Path) -> None:
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     folder.mkdir(parents=True, exist_ok=True)
     print("seriatim: compiling its CPU kernels (once per machine, about 30 s)...", file=sys.stderr, flush=True)
-    cpp_extension.load(NAME, [str(p) for p in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False)
+    cpp_extension.load(NAME, [str(p) for p in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                       build_directory=str(folder), is_python_module=False)
 
 
 @functools.cache
@@ -67,8 +71,9 @@ def amx() -> bool:
 
 @functools.cache
 def ops() -> object | None:
-    """`torch.ops.seriatim` (int4_dequantize_t, rms_norm, rotary, silu_mul, int4_mm_amx, int8_mm_amx,
-    decode_attention), or None where unavailable. The AMX ones may run only where `amx()` says so."""
+    """`torch.ops.seriatim` (int4_dequantize_t, rms_norm, rotary, silu_mul, int4_gemv, int8_gemv, int4_mm_amx,
+    int8_mm_amx, decode_attention, decode_layer), or None where unavailable. The AMX ones (and decode_layer
+    given AMX paths) may run only where `amx()` says so."""
     if os.environ.get("SERIATIM_KERNELS", "1") == "0" or not _cpu_supports():
         return None
     folder = _build_dir()

@@ -4,9 +4,9 @@ model.py runs a layer as ~25 tensor ops and a dozen module calls. For a small mo
 per pass, that Python costs about as much as the arithmetic (SmolLM2: ~4.5 of ~9 ms per token). Where
 the model is the plain Llama form (RMSNorm before attention and MLP, rotary, full attention, SwiGLU,
 an optional QKV bias: Llama, SmolLM2, Qwen2) and a pass is all decodes whose products take a vector or
-an AMX kernel (not the dense path), `FusedDecode` runs each layer as one op. The op calls the functions the modules reach, in the
-same order with the same arguments, so its output is the modules' bit for bit (tests/test_fused_decode.py).
-"""
+an AMX kernel (not the dense path), `FusedDecode` runs each layer as one op. The op calls the functions
+the modules reach, in the same order with the same arguments, so its output is the modules' bit for bit
+(tests/test_fused_decode.py)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ class FusedDecode:
         self.model = model
         # Per layer, the op's arguments before the rotary tables: the norms and projections.
         self.weights = [
-            (layer.attn_norm.weight, layer.ffn_norm.weight, cfg.rms_norm_eps, qkv, layer.attn.qkv_bias, o, gate_up, down, GROUP)
+            (layer.attn_norm.weight, layer.ffn_norm.weight, cfg.rms_norm_eps, qkv, layer.attn.qkv_bias, o, gate_up,
+             down, GROUP)
             for layer, (qkv, o, gate_up, down) in zip(model.layers, projections)
         ]
         self.heads, self.scale = cfg.num_heads, cfg.attn_scale

@@ -151,7 +151,8 @@ class PagedAttention:
 
     def decode_kernel_args(self, layer: int) -> tuple[torch.Tensor, ...] | None:
         """See `model.AttentionBackend.decode_kernel_args`."""
-        if self.decodes is None or self.rows or self.cache.windows[layer] is not None or cpu_kernels.for_tensor(self.cache.k) is None:
+        kernel = cpu_kernels.for_tensor(self.cache.k) is not None
+        if self.decodes is None or self.rows or self.cache.windows[layer] is not None or not kernel:
             return None
         index, d = self.cache.index[layer], self.decodes
         return self.cache.k[index], self.cache.v[index], d.rows, d.write, d.read, d.lengths

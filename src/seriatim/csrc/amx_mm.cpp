@@ -1,4 +1,4 @@
-// Compact weights (quant.py) times a few dozen activation rows on AMX tiles (batched decode).
+// Compact weights (quant.py) times a few to a hundred activation rows on AMX tiles (batched decode, short chunks).
 //
 // torch's weight-only kernels (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) are matrix-vector
 // products in a loop over activation rows: a step of sixteen sequences costs about sixteen of one. Here
