@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from seriatim import cpu_kernels, model
 from seriatim.quant import (
@@ -206,3 +207,26 @@ def test_int4_vector_product_matches_torchs_kernel(shape):
     # Exact weights and float32 sums in both; a wrong nibble or scale would be off by ~10%.
     assert got.shape == expected.shape and rel(got, expected) < 1e-3
     assert torch.equal(module(x), got)  # the module's path for one row
+
+
+@needs_kernels
+@pytest.mark.parametrize("dim, group", [(16, 1), (48, 3), (64, 7), (128, 2), (256, 5)])
+def test_decode_attention_matches_sdpa_for_head_sizes(dim, group):
+    """Every head size the kernel takes (its code is specialised per multiple of 16) and groups of query
+    heads larger than the four whose sums it keeps in registers; lengths below, at and above 16 keys."""
+    gen = torch.Generator().manual_seed(dim)
+    kv_heads, lengths = 2, torch.tensor([1, 16, 37])
+    batch, width = len(lengths), int(lengths.max())
+    k_cache = torch.randn(kv_heads, batch * width, dim, generator=gen).bfloat16()
+    v_cache = torch.randn(kv_heads, batch * width, dim, generator=gen).bfloat16()
+    q = torch.randn(batch, kv_heads * group, dim, generator=gen).bfloat16()
+    k, v = (torch.randn(batch, kv_heads, dim, generator=gen).bfloat16() for _ in range(2))
+    slots = torch.arange(batch * width).view(batch, width)
+    write = slots[torch.arange(batch), lengths - 1]
+    got = cpu_kernels.ops().decode_attention(q, k, v, k_cache, v_cache, torch.arange(batch), write, slots, lengths, 0.3)
+    for b, n in enumerate(lengths.tolist()):
+        keys, values = k_cache[:, slots[b, :n]].float(), v_cache[:, slots[b, :n]].float()  # [Hkv, n, Dh]
+        assert torch.equal(keys[:, -1].bfloat16(), k[b]) and torch.equal(values[:, -1].bfloat16(), v[b])
+        queries = q[b].float().view(kv_heads, group, dim)
+        expected = F.scaled_dot_product_attention(queries, keys, values, scale=0.3).reshape(-1, dim)
+        assert rel(got[b], expected) < 5e-3  # bfloat16 output rounding; a misplaced head is ~1
