@@ -133,7 +133,8 @@ def format_concurrency(results: list[dict], meta: dict) -> str:
     ok = [r for r in results if "error" not in r]
     levels = list(ok[0]["levels"]) if ok else []
     lines = [f"model {meta['model']}  device {meta['device']}  threads {meta['threads']}  "
-             f"{_CONCURRENT} new tokens per request, all submitted at once (aggregate tok/s | mean TTFT ms)"]
+             f"{_CONCURRENT} new tokens per request, all submitted at once; medians of {meta['runs']} runs "
+             "(aggregate tok/s | mean TTFT ms)"]
     lines.append(f"{'requests':>8} " + " ".join(f"{r['engine']:>28}" for r in ok))
     for level in levels:
         cells = [f"{r['levels'][level]['tok_s']:13.1f} | {r['levels'][level]['ttft_ms']:9.0f} ms" for r in ok]
@@ -151,12 +152,12 @@ def format_concurrency(results: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def run_concurrency_bench(model: str, threads: int, levels: list[int], engines: list[str], as_json: bool,
+def run_concurrency_bench(model: str, threads: int, levels: list[int], runs: int, engines: list[str], as_json: bool,
                           device: str = "cpu") -> None:
     path, ids = _model_and_ids(model)
-    meta = {"model": path, "device": device, "threads": threads, "levels": levels}
-    runs = "concurrency=" + ",".join(map(str, levels))
-    results = _run_engines(engines, path, threads, runs, ids, device, f" at {', '.join(map(str, levels))} concurrent")
+    meta = {"model": path, "device": device, "threads": threads, "levels": levels, "runs": runs}
+    spec = f"concurrency={','.join(map(str, levels))};{runs}"
+    results = _run_engines(engines, path, threads, spec, ids, device, f" at {', '.join(map(str, levels))} concurrent")
     print(json.dumps({"meta": meta, "results": results}, indent=2) if as_json else format_concurrency(results, meta))
 
 

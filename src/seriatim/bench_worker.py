@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -165,15 +166,20 @@ def measure(engine: str, path: str, threads: int, runs: int, ids: list[int], dev
     return result
 
 
-def measure_concurrency(engine: str, path: str, threads: int, levels: list[int], ids: list[int], device: str) -> dict:
-    """Aggregate decode rate and mean time to first token with `level` requests submitted at once."""
+def measure_concurrency(engine: str, path: str, threads: int, levels: list[int], runs: int, ids: list[int],
+                        device: str) -> dict:
+    """Aggregate decode rate and mean time to first token with `level` requests submitted at once: the
+    medians of `runs` repetitions, with the samples."""
     runner = _make_runner(engine, path, threads, device)
     prompts = [ids[7 * i : 7 * i + CONCURRENT_PROMPT] for i in range(max(levels))]
     runner.batch(prompts[:2], 4)  # warm-up
     result = {"engine": engine, "levels": {}}
     for level in levels:
-        seconds, ttft = runner.batch(prompts[:level], CONCURRENT_TOKENS)
-        result["levels"][level] = {"tok_s": level * CONCURRENT_TOKENS / seconds, "ttft_ms": 1000 * ttft}
+        samples = [runner.batch(prompts[:level], CONCURRENT_TOKENS) for _ in range(runs)]
+        tok_s = [level * CONCURRENT_TOKENS / seconds for seconds, _ in samples]
+        ttft_ms = [1000 * ttft for _, ttft in samples]
+        result["levels"][level] = {"tok_s": statistics.median(tok_s), "ttft_ms": statistics.median(ttft_ms),
+                                   "tok_s_samples": tok_s, "ttft_ms_samples": ttft_ms}
     if engine == "seriatim":
         result.update(_shared_prefix(path, threads, ids, device))
     return result
@@ -196,8 +202,9 @@ def _shared_prefix(path: str, threads: int, ids: list[int], device: str) -> dict
 if __name__ == "__main__":
     engine, path, threads, runs, device = sys.argv[1:6]
     stdin = json.load(sys.stdin)
-    if runs.startswith("concurrency="):
-        levels = [int(x) for x in runs.removeprefix("concurrency=").split(",")]
-        print(json.dumps(measure_concurrency(engine, path, int(threads), levels, stdin, device)))
+    if runs.startswith("concurrency="):  # concurrency=LEVELS;REPEATS
+        levels, repeats = runs.removeprefix("concurrency=").split(";")
+        print(json.dumps(measure_concurrency(engine, path, int(threads), [int(x) for x in levels.split(",")],
+                                             int(repeats), stdin, device)))
     else:
         print(json.dumps(measure(engine, path, int(threads), int(runs), stdin, device)))

@@ -172,7 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         run_serve_bench(args.model, threads, _levels("--serve", args.serve), args.json, args.device)
     elif args.concurrency:
         levels = _levels("--concurrency", args.concurrency)
-        run_concurrency_bench(args.model, threads, levels, engines, args.json, args.device)
+        run_concurrency_bench(args.model, threads, levels, args.runs, engines, args.json, args.device)
     else:
         run_bench(args.model, threads, args.runs, engines, args.json, args.device)
 
