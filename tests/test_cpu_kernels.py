@@ -230,3 +230,16 @@ def test_decode_attention_matches_sdpa_for_head_sizes(dim, group):
         queries = q[b].float().view(kv_heads, group, dim)
         expected = F.scaled_dot_product_attention(queries, keys, values, scale=0.3).reshape(-1, dim)
         assert rel(got[b], expected) < 5e-3  # bfloat16 output rounding; a misplaced head is ~1
+
+
+@needs_kernels
+@pytest.mark.parametrize("vocab", [1, 15, 16, 49152, 151_937])
+def test_argmax_rows_equals_torch(vocab):
+    """The first index of the largest value, ties and NaN (torch counts it largest) included."""
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randint(-3, 4, (7, vocab), generator=gen).float()  # few values: many ties
+    x[1] = -torch.inf
+    x[2, vocab // 2] = torch.nan
+    x[3] = torch.randn(vocab, generator=gen)
+    x[4, -1] = 10.0  # the largest in the tail lanes
+    assert torch.equal(cpu_kernels.ops().argmax_rows(x), x.argmax(dim=-1))

@@ -6,6 +6,7 @@
 - amx_mm.cpp: int4 and int8 weights times a few to a hundred activation rows on AMX tiles (batched decode).
 - decode_attention.cpp: one query per sequence over its cached keys and values, read in place.
 - decode_layer.cpp: a Llama-family decoder layer of a decoding pass as one op (fused_decode.py).
+- argmax.cpp: row-wise argmax of float32 logits (greedy picks), torch.argmax's indices.
 
 The first use compiles them (about 30 s, with a notice) into `<cache>/kernels/<key>`, the key
 being a hash of the sources, the flags and the PyTorch version; later processes load the built library
@@ -72,7 +73,7 @@ def amx() -> bool:
 @functools.cache
 def ops() -> object | None:
     """`torch.ops.seriatim` (int4_dequantize_t, rms_norm, rotary, silu_mul, int4_gemv, int8_gemv, int4_mm_amx,
-    int8_mm_amx, decode_attention, decode_layer), or None where unavailable. The AMX ones (and decode_layer
+    int8_mm_amx, decode_attention, decode_layer, argmax_rows), or None where unavailable. The AMX ones (and decode_layer
     given AMX paths) may run only where `amx()` says so."""
     if os.environ.get("SERIATIM_KERNELS", "1") == "0" or not _cpu_supports():
         return None

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import cpu_kernels
+
 MAX_LOGPROBS = 20
 
 
@@ -323,6 +325,14 @@ def _logprobs(logits: torch.Tensor, states: list[SamplingState], token_ids: list
     return out
 
 
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax of [B, V] float32 (first index of the largest; NaN counts as largest): on the CPU by
+    seriatim's kernel where built (torch's argmax is single-threaded), the same indices."""
+    if x.device.type == "cpu" and (ops := cpu_kernels.ops()) is not None:
+        return ops.argmax_rows(x)
+    return x.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, states: list[SamplingState]) -> SampleOutput:
     """Pick one token per row of ``logits`` [B, V]; does not ``append`` it to the states."""
     if logits.dim() != 2 or logits.shape[0] != len(states):
@@ -331,8 +341,8 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> SampleOutput:
         raise ValueError(f"logits have {logits.shape[1]} columns but a state expects another vocab size")
     x = logits.float()
     if all(s.params.greedy and not s.params.penalised and s.bias_ids is None for s in states):
-        tokens = x.argmax(dim=-1)  # fast path: nothing to process, nothing to draw
+        tokens = _argmax(x)  # fast path: nothing to process, nothing to draw
     else:
-        tokens = (_process(x, states) + _gumbel(states, tuple(x.shape), x.device)).argmax(dim=-1)
+        tokens = _argmax(_process(x, states) + _gumbel(states, tuple(x.shape), x.device))
     token_ids = tokens.tolist()
     return SampleOutput(token_ids, _logprobs(x, states, token_ids))
