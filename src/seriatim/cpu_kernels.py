@@ -72,9 +72,9 @@ def amx() -> bool:
 
 @functools.cache
 def ops() -> object | None:
-    """`torch.ops.seriatim` (int4_dequantize_t, rms_norm, rotary, silu_mul, int4_gemv, int8_gemv, int4_mm_amx,
-    int8_mm_amx, decode_attention, decode_layer, argmax_rows), or None where unavailable. The AMX ones (and decode_layer
-    given AMX paths) may run only where `amx()` says so."""
+    """`torch.ops.seriatim` (int4_dequantize_t, rms_norm, rotary, silu_mul, int4_gemv, int8_gemv,
+    int4_mm_amx, int8_mm_amx, decode_attention, decode_layer, argmax_rows), or None where unavailable.
+    The AMX ones (and decode_layer given AMX paths) may run only where `amx()` says so."""
     if os.environ.get("SERIATIM_KERNELS", "1") == "0" or not _cpu_supports():
         return None
     folder = _build_dir()

@@ -120,10 +120,13 @@ class PagedAttention:
         self.masks: dict[MaskKey, torch.Tensor] = {}  # shared by the layers of one pass
         single = [(sl.start, span) for sl, span in self.spans if span.length == 1]
         # With the decode-attention kernel even a lone decode goes this way: it beats SDPA there too.
-        fewest = 1 if cpu_kernels.for_tensor(cache.k) is not None else 2
+        kernel = cpu_kernels.for_tensor(cache.k) is not None
+        fewest = 1 if kernel else 2
         self.decodes = DecodeBatch.of(single, cache.device) if batch_decodes and len(single) >= fewest else None
         # The spans attended one by one in the pooled layers.
         self.rows = [(sl, span) for sl, span in self.spans if self.decodes is None or span.length > 1]
+        # A pass of decodes only, on the decode-attention kernel: fused layers may run (decode_kernel_args).
+        self.kernel_decodes_only = kernel and self.decodes is not None and not self.rows
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
@@ -151,8 +154,7 @@ class PagedAttention:
 
     def decode_kernel_args(self, layer: int) -> tuple[torch.Tensor, ...] | None:
         """See `model.AttentionBackend.decode_kernel_args`."""
-        kernel = cpu_kernels.for_tensor(self.cache.k) is not None
-        if self.decodes is None or self.rows or self.cache.windows[layer] is not None or not kernel:
+        if not self.kernel_decodes_only or self.cache.windows[layer] is not None:
             return None
         index, d = self.cache.index[layer], self.decodes
         return self.cache.k[index], self.cache.v[index], d.rows, d.write, d.read, d.lengths

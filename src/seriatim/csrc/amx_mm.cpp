@@ -76,11 +76,7 @@ Activations activations(const at::Tensor& x) {
   const at::Tensor xc = x.contiguous();
   std::memcpy(a.rows.data(), xc.data_ptr<at::BFloat16>(), m * k * sizeof(uint16_t));
   const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t s = 0; s < k / kStep; ++s) {
-      const at::BFloat16* step = xp + r * k + s * kStep;
-      a.sums[r * (k / kStep) + s] = _mm512_reduce_add_ps(_mm512_add_ps(load_bf16(step), load_bf16(step + 16)));
-    }
+  for (int64_t r = 0; r < m; ++r) span_sums(xp + r * k, k, kStep, a.sums.data() + r * (k / kStep));
   return a;
 }
 

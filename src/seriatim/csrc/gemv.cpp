@@ -94,11 +94,11 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const int64_t k = x.size(1), n = packed.size(0);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(0) == 1, "x must be bfloat16 [1, K]");
   check_int4(packed, scales_zeros, k, group);
-  TORCH_CHECK(group % 2 == 0, "the group must be even");
+  TORCH_CHECK(group % 16 == 0, "the group must be a multiple of 16");
   const at::Tensor xc = x.contiguous();
   const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
-  std::vector<float> sums(k / group, 0.f);
-  for (int64_t c = 0; c < k; ++c) sums[c / group] += static_cast<float>(xp[c]);
+  std::vector<float> sums(k / group);
+  span_sums(xp, k, group, sums.data());
   at::Tensor y = at::empty({1, n}, x.options());
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales_zeros.data_ptr<at::BFloat16>());

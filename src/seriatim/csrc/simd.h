@@ -23,6 +23,15 @@ inline __m512 load_bf16(const at::BFloat16* p, int64_t count = 16) {
 
 inline __m512 load_f32(const float* p, int64_t count = 16) { return _mm512_maskz_loadu_ps(first(count), p); }
 
+// Sums of a bfloat16 row [k] over consecutive spans of `width` columns (width a multiple of 16) -> out [k / width].
+inline void span_sums(const at::BFloat16* row, int64_t k, int64_t width, float* out) {
+  for (int64_t s = 0; s < k / width; ++s) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < width; c += 16) acc = _mm512_add_ps(acc, load_bf16(row + s * width + c));
+    out[s] = _mm512_reduce_add_ps(acc);
+  }
+}
+
 // The first `count` lanes of v to bfloat16 at p, rounded to nearest even.
 inline void store_bf16(at::BFloat16* p, __m512 v, int64_t count = 16) {
   _mm256_mask_storeu_epi16(p, first(count), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
