@@ -174,7 +174,7 @@ def test_amx_int8_product_matches_torchs_kernel(rows):
     gen = torch.Generator().manual_seed(rows)
     module = Int8Linear(*int8_rows(torch.randn(320, 576, generator=gen)), torch.bfloat16)
     x = torch.randn(rows, 576, generator=gen)
-    x[:, 5] *= 100  # an outlier column, as hidden states have: the activations are quantized per 64 columns
+    x[:, 5] *= 100  # an outlier column, as hidden states have: it sets the row's quantization scale
     x = x.bfloat16()
     expected = torch.ops.aten._weight_int8pack_mm(x, module.weight, module.scale)
     got = cpu_kernels.ops().int8_mm_amx(x, module.weight, module.scale)
@@ -187,7 +187,7 @@ def test_int8_vector_product_matches_torchs_kernel_and_amx(rows):
     gen = torch.Generator().manual_seed(rows)
     module = Int8Linear(*int8_rows(torch.randn(320, 576, generator=gen)), torch.bfloat16)
     x = torch.randn(rows, 576, generator=gen)
-    x[:, 5] *= 100  # an outlier column: the activations are quantized per 64 columns
+    x[:, 5] *= 100  # an outlier column: it sets the row's quantization scale
     x = x.bfloat16()
     expected = torch.ops.aten._weight_int8pack_mm(x, module.weight, module.scale)
     got = cpu_kernels.ops().int8_gemv(x, module.weight, module.scale)

@@ -218,7 +218,7 @@ class Int8Linear(nn.Module):
         return product_path(rows, cpu_kernels.for_tensor(self.scale), amx_fits, INT8_CROSSOVERS)
 
     def _steps_fit(self) -> bool:
-        return self.in_features % 64 == 0  # our kernels quantize the activations per 64 columns
+        return self.in_features % 64 == 0  # our kernels step through K 64 columns at a time
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]"""

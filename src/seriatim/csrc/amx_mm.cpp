@@ -80,20 +80,34 @@ Activations activations(const at::Tensor& x) {
   return a;
 }
 
+// acc[row][64] += scale * c + offset * (row's activation sum) for the C tiles of one step.
+inline void int4_epilogue(const float (*c)[kTile * kTile], const GroupScale& g, const float* sums, int64_t steps,
+                          int64_t rows, float* acc) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m512 sum = _mm512_set1_ps(sums[i * steps]);
+    for (int j = 0; j < 4; ++j) {
+      float* a = acc + i * kBlock + 16 * j;
+      _mm512_store_ps(a, _mm512_fmadd_ps(g.scale[j], _mm512_load_ps(c[j] + i * kTile), _mm512_fmadd_ps(g.offset[j], sum, _mm512_load_ps(a))));
+    }
+  }
+}
+
 // One block of 64 outputs for activation rows [r, r + rows): acc[row][64] in float32.
 void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride, int64_t group,
                 const Activations& x, int64_t k, int64_t r, int64_t rows, float* acc) {
-  // Double-buffered: the next step's tiles are made while the AMX unit works on this step's. (Made
-  // again for each 16 rows: keeping a block's tiles for reuse measured slower, from L2 instead of L1.)
+  // Software-pipelined: while the AMX unit multiplies step s, the vector units make step s + 1's tiles
+  // and fold step s - 1's sums into acc (its C tiles were stored a step earlier, so no load waits on a
+  // tile store). (Tiles are made again for each 16 rows: keeping a block's tiles for reuse measured
+  // slower, from L2 instead of L1.)
   alignas(64) uint16_t tiles[2][4 * kTileElems];
-  alignas(64) float c[4][kTile * kTile];
+  alignas(64) float c[2][4][kTile * kTile];
   const int64_t steps = k / kStep;
+  const float* sums = x.sums.data() + r * steps;
   std::fill(acc, acc + kTile * kBlock, 0.f);
   const NibblePairs nibbles;
   step_tiles(nibbles, block, 0, tiles[0]);
   for (int64_t s = 0; s < steps; ++s) {
     const uint16_t* cur = tiles[s & 1];
-    if (s + 1 < steps) step_tiles(nibbles, block, s + 1, tiles[(s + 1) & 1]);
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -107,19 +121,15 @@ void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride
     _tile_dpbf16ps(2, 4, 5);
     _tile_loadd(6, cur + 3 * kTileElems, 64);
     _tile_dpbf16ps(3, 4, 6);
-    _tile_stored(0, c[0], 64);
-    _tile_stored(1, c[1], 64);
-    _tile_stored(2, c[2], 64);
-    _tile_stored(3, c[3], 64);
-    const GroupScale g = load_group(pairs + (s * kStep / group) * pair_stride, 136.f);  // z - 8 s - 128 s
-    for (int64_t i = 0; i < rows; ++i) {
-      const __m512 sum = _mm512_set1_ps(x.sums[(r + i) * steps + s]);
-      for (int j = 0; j < 4; ++j) {
-        float* a = acc + i * kBlock + 16 * j;
-        _mm512_store_ps(a, _mm512_fmadd_ps(g.scale[j], _mm512_load_ps(c[j] + i * kTile), _mm512_fmadd_ps(g.offset[j], sum, _mm512_load_ps(a))));
-      }
-    }
+    if (s + 1 < steps) step_tiles(nibbles, block, s + 1, tiles[(s + 1) & 1]);
+    if (s > 0) int4_epilogue(c[(s - 1) & 1], load_group(pairs + ((s - 1) * kStep / group) * pair_stride, 136.f), sums + s - 1, steps, rows, acc);
+    _tile_stored(0, c[s & 1][0], 64);
+    _tile_stored(1, c[s & 1][1], 64);
+    _tile_stored(2, c[s & 1][2], 64);
+    _tile_stored(3, c[s & 1][3], 64);
   }
+  // z - 8 s - 128 s: the offset of the bias 136 in the tiles' 128 + q.
+  int4_epilogue(c[(steps - 1) & 1], load_group(pairs + ((steps - 1) * kStep / group) * pair_stride, 136.f), sums + steps - 1, steps, rows, acc);
 }
 
 }  // namespace
@@ -159,10 +169,10 @@ namespace {
 // ---- int8 [N, K], one scale per output row: computed transposed, C^T[n, m], weight rows as A tiles ------
 //
 // The weight rows go to AMX's integer tiles straight from memory, untouched, so the head costs little
-// more than its one read. The activations are quantized to 16 bits per 64 columns (largest magnitude at
-// 32767), finer than their bfloat16 values, and the int16 q is split as 256 hi + lo (hi signed, lo
-// unsigned bytes): sum w q = 256 sum w hi + sum w lo, two integer products (16 x 64 int8 per instruction,
-// int32 sums), scaled per step in float32.
+// more than its one read. The activations are quantized to 16 bits with one scale per row (simd.h), and
+// the int16 q is split as 256 hi + lo (hi signed, lo unsigned bytes): sum w q = 256 sum w hi + sum w lo,
+// two integer products (16 x 64 int8 per instruction) whose int32 sums run over the whole row in the C
+// tiles (|sum| <= 255 * 127 K: exact for K up to 66k), stored and scaled once per block of outputs.
 
 constexpr int kStep8 = kQuantStep;  // int8 values along K in one tile row
 constexpr int64_t kWidth8 = 2 * kTile;  // outputs per pass: two (hi, lo) pairs of C tiles
@@ -208,12 +218,13 @@ at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::
   at::parallel_for(0, n / kWidth8, 8, [&](int64_t b0, int64_t b1) {
     Tiles tiles;
     alignas(64) int32_t c[4][kTile * kTile];  // (group 0 hi, lo), (group 1 hi, lo): [o][row]
-    alignas(64) float acc[2][kTile * kTile];   // [group][o][row]
     for (int64_t b = b0; b < b1; ++b) {
       const int8_t* rows = wp + b * kWidth8 * k;
       for (int64_t r = 0; r < m; r += kTile) {
-        const int64_t rows_here = std::min<int64_t>(kTile, m - r);
-        std::fill(&acc[0][0], &acc[0][0] + 2 * kTile * kTile, 0.f);
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
         for (int64_t s = 0; s < steps; ++s) {
           // The next block of weight rows is contiguous: fetch a share of it each step, so it is in cache
           // when its turn comes (the tile loads' 16 strided rows defeat the hardware prefetcher).
@@ -221,10 +232,6 @@ at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::
             for (int64_t line = s; line < kWidth8 * k / 64; line += steps)
               _mm_prefetch(reinterpret_cast<const char*>(rows + kWidth8 * k + 64 * line), _MM_HINT_T0);
           const int64_t at = (r / kTile) * k * kTile + s * kStep8 * kTile;
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
           _tile_loadd(6, xq.hi.data() + at, 64);
           _tile_loadd(7, xq.lo.data() + at, 64);
           _tile_loadd(4, rows + s * kStep8, k);
@@ -233,30 +240,22 @@ at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::
           _tile_loadd(5, rows + kTile * k + s * kStep8, k);
           _tile_dpbssd(2, 5, 6);
           _tile_dpbsud(3, 5, 7);
-          _tile_stored(0, c[0], 64);
-          _tile_stored(1, c[1], 64);
-          _tile_stored(2, c[2], 64);
-          _tile_stored(3, c[3], 64);
-          // Tile rows are outputs, columns activation rows: scale column i by that row's step scale.
-          alignas(64) float col_scale[kTile] = {};
-          for (int64_t i = 0; i < rows_here; ++i) col_scale[i] = xq.scale[(r + i) * steps + s];
-          const __m512 cs = _mm512_load_ps(col_scale), hi_weight = _mm512_set1_ps(256.f);
-          for (int g = 0; g < 2; ++g)
-            for (int o = 0; o < kTile; ++o) {
-              const __m512 hi = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * g] + o * kTile));
-              const __m512 lo = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * g + 1] + o * kTile));
-              float* a = acc[g] + o * kTile;
-              _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_fmadd_ps(hi, hi_weight, lo), cs, _mm512_load_ps(a)));
-            }
         }
-        // acc holds [group][o][row]: gather each row's 16 outputs (stride 16), scale per output, store.
+        _tile_stored(0, c[0], 64);
+        _tile_stored(1, c[1], 64);
+        _tile_stored(2, c[2], 64);
+        _tile_stored(3, c[3], 64);
+        // c holds [o][row]: gather each row's 16 outputs (stride 16), scale by the row and per output, store.
         const __m512i outputs = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                                    _mm512_set1_epi32(kTile));
-        for (int64_t i = 0; i < rows_here; ++i)
+        for (int64_t i = 0; i < std::min<int64_t>(kTile, m - r); ++i)
           for (int g = 0; g < 2; ++g) {
+            const __m512i at = _mm512_add_epi32(outputs, _mm512_set1_epi32(static_cast<int>(i)));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at, c[2 * g], 4));
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at, c[2 * g + 1], 4));
             const int64_t col = b * kWidth8 + g * kTile;
-            const __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(outputs, _mm512_set1_epi32(static_cast<int>(i))), acc[g], 4);
-            store_bf16(yp + (r + i) * n + col, _mm512_mul_ps(v, _mm512_loadu_ps(sc + col)));
+            const __m512 v = _mm512_fmadd_ps(hi, _mm512_set1_ps(256.f), lo);
+            store_bf16(yp + (r + i) * n + col, _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(xq.scale[r + i])), _mm512_loadu_ps(sc + col)));
           }
       }
     }

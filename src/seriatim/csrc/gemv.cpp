@@ -57,31 +57,31 @@ void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride
 
 // ---- int8 ---------------------------------------------------------------------------------------------
 
-// One output row (int8, K columns) times R quantized activation rows -> R float32 sums (unscaled by the row).
+// One output row (int8, K columns) times R quantized activation rows -> R sums, scaled by the rows' scales.
 template <int R>
-void int8_row(const int8_t* w, const int16_t* xq, const float* step_scale, int64_t k, float* out) {
-  const int64_t steps = k / kQuantStep;
+void int8_row(const int8_t* w, const int16_t* xq, const float* row_scale, int64_t k, float* out) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < steps; ++s) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + s * kQuantStep + kPrefetch), _MM_HINT_T0);
-    const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + s * kQuantStep)));
-    const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + s * kQuantStep + 32)));
+  for (int64_t c = 0; c < k; c += kQuantStep) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + c + kPrefetch), _MM_HINT_T0);
+    const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c)));
+    const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c + 32)));
     for (int r = 0; r < R; ++r) {
-      const int16_t* xs = xq + r * k + s * kQuantStep;
+      // int32 sums of a step (4 products per lane) cannot overflow; across steps they are added in float32.
+      const int16_t* xs = xq + r * k + c;
       __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xs));
       dot = _mm512_dpwssd_epi32(dot, w1, _mm512_loadu_si512(xs + 32));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(step_scale[r * steps + s]), acc[r]);
+      acc[r] = _mm512_add_ps(_mm512_cvtepi32_ps(dot), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) * row_scale[r];
 }
 
 template <int R>
 void int8_rows(const int8_t* wp, const QuantizedActivations& xq, int64_t r, int64_t k, const float* scale,
                int64_t n, int64_t o, at::BFloat16* y) {
   float out[R];
-  int8_row<R>(wp + o * k, xq.values.data() + r * k, xq.scale.data() + r * (k / kQuantStep), k, out);
+  int8_row<R>(wp + o * k, xq.values.data() + r * k, xq.scale.data() + r, k, out);
   for (int i = 0; i < R; ++i) y[(r + i) * n + o] = at::BFloat16(out[i] * scale[o]);
 }
 

@@ -115,10 +115,12 @@ inline GroupScale load_group(const uint16_t* pairs, float bias) {
 
 // ---- int8 weights [N, K] with one scale per output row, times activations quantized to 16 bits ---------
 //
-// The integer kernels (amx_mm.cpp, gemv.cpp) quantize each activation row to int16 per 64 columns, the
-// step's largest magnitude at 32767: finer than the bfloat16 values themselves, and the same integers for
-// both kernels, so a sequence's logits barely depend on which of them ran.
-constexpr int64_t kQuantStep = 64;
+// The integer kernels (amx_mm.cpp, gemv.cpp) quantize each activation row to int16 with one scale per row
+// (its largest magnitude at 32767): finer than the bfloat16 values themselves for all but the row's
+// smallest values, and the same integers for both kernels, so a sequence's logits barely depend on which
+// of them ran. One scale per row lets a product sum in integers over the whole row, with no rescaling
+// between steps of K.
+constexpr int64_t kQuantStep = 64;  // the kernels' step along K
 
 inline void check_int8(const at::Tensor& weight, const at::Tensor& scale, int64_t k) {
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.dim() == 2 && weight.size(1) == k,
@@ -129,24 +131,22 @@ inline void check_int8(const at::Tensor& weight, const at::Tensor& scale, int64_
 
 struct QuantizedActivations {
   std::vector<int16_t> values;  // [M, K]
-  std::vector<float> scale;     // [M, K / 64]: value * scale is the activation
+  std::vector<float> scale;     // [M]: value * scale is the activation
 };
 
 inline QuantizedActivations quantize_activations(const at::Tensor& x) {
-  const int64_t m = x.size(0), k = x.size(1), steps = k / kQuantStep;
+  const int64_t m = x.size(0), k = x.size(1);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
-  QuantizedActivations q{std::vector<int16_t>(m * k), std::vector<float>(m * steps)};
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t s = 0; s < steps; ++s) {
-      const float* v = xp + r * k + s * kQuantStep;
-      float top = 0.f;
-      for (int64_t c = 0; c < kQuantStep; ++c) top = std::max(top, std::abs(v[c]));
-      const float step_scale = top > 0.f ? top / 32767.f : 1.f, inv = 1.f / step_scale;
-      q.scale[r * steps + s] = step_scale;
-      for (int64_t c = 0; c < kQuantStep; ++c)
-        q.values[r * k + s * kQuantStep + c] = static_cast<int16_t>(std::nearbyint(v[c] * inv));
-    }
+  QuantizedActivations q{std::vector<int16_t>(m * k), std::vector<float>(m)};
+  for (int64_t r = 0; r < m; ++r) {
+    const float* v = xp + r * k;
+    float top = 0.f;
+    for (int64_t c = 0; c < k; ++c) top = std::max(top, std::abs(v[c]));
+    const float row_scale = top > 0.f ? top / 32767.f : 1.f, inv = 1.f / row_scale;
+    q.scale[r] = row_scale;
+    for (int64_t c = 0; c < k; ++c) q.values[r * k + c] = static_cast<int16_t>(std::nearbyint(v[c] * inv));
+  }
   return q;
 }
 
