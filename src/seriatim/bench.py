@@ -149,7 +149,30 @@ def format_concurrency(results: list[dict], meta: dict) -> str:
                          f"TTFT {at['ttft_ms'] / one['ttft_ms']:.1f}x")
         lines.append(f"shared 400-token system prompt, 15 requests after the first: prefix hit rate "
                      f"{100 * ours['prefix_hit_rate_after_first']:.0f}%")
-    return "\n".join(lines)
+    return "\n".join(lines + _format_steady(ok, levels))
+
+
+def _format_steady(ok: list[dict], levels: list[int]) -> list[str]:
+    """The closed-loop table: `level` requests kept in flight (a server's steady state)."""
+    steady = [r for r in ok if "steady" in r]
+    if not steady:
+        return []
+    lines = ["", "steady state: N requests kept in flight, the next submitted as one finishes, 4N requests "
+             "(at least 16) of 32-96 new tokens (aggregate tok/s | mean, median TTFT ms)"]
+    lines.append(f"{'requests':>8} " + " ".join(f"{r['engine']:>34}" for r in steady))
+    for level in levels:
+        cells = [f"{r['steady'][level]['tok_s']:10.1f} | {r['steady'][level]['ttft_ms']:6.0f}, "
+                 f"{r['steady'][level]['ttft_median_ms']:4.0f} ms" for r in steady]
+        lines.append(f"{level:>8} " + " ".join(f"{c:>34}" for c in cells))
+    ours = next((r for r in steady if r["engine"] == "seriatim"), None)
+    if ours:
+        one = ours["steady"][levels[0]]
+        for level in levels[1:]:
+            at = ours["steady"][level]
+            lines.append(f"seriatim at {level} in flight: {at['tok_s'] / one['tok_s']:.1f}x the aggregate rate of "
+                         f"{levels[0]}, mean TTFT {at['ttft_ms'] / one['ttft_ms']:.1f}x, median TTFT "
+                         f"{at['ttft_median_ms'] / one['ttft_median_ms']:.1f}x")
+    return lines
 
 
 def run_concurrency_bench(model: str, threads: int, levels: list[int], runs: int, engines: list[str], as_json: bool,

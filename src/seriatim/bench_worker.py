@@ -6,6 +6,7 @@ measured engine is imported, so peak memory is that engine's alone.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 PREFILL_TOKENS, TTFT_TOKENS, DECODE_TOKENS = 512, 128, 256
 CONCURRENT_PROMPT, CONCURRENT_TOKENS = 64, 64  # per request, in the concurrency benchmark
+STEADY_REQUESTS_PER_SLOT = 4  # the closed loop serves this many requests per slot in flight
 
 
 @dataclass
@@ -27,6 +29,9 @@ class Runner:
     bytes_per_token: int | None = None
     # All prompts submitted at once, `n` tokens each: (seconds until all are done, mean time to first token).
     batch: Callable[[list[list[int]], int], tuple[float, float]] | None = None
+    # A closed loop: `level` requests in flight, prompt i generating lengths[i] tokens, the next prompt
+    # submitted as one finishes -> (seconds until all are done, each request's time to first token).
+    steady: Callable[[list[list[int]], list[int], int], tuple[float, list[float]]] | None = None
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -52,7 +57,29 @@ def _seriatim(path: str, threads: int, device: str, deterministic: bool = False)
         return time.perf_counter() - start, sum(o.metrics.first_token - start for o in outs) / len(outs)
 
     first = lambda ids: llm.generate(ids, SamplingParams(temperature=0, max_tokens=1))[0].metrics.time_to_first_token
-    return Runner(first, decode, weight_bytes_read_per_token(llm.model), batch)
+    return Runner(first, decode, weight_bytes_read_per_token(llm.model), batch, functools.partial(closed_loop, llm.engine))
+
+
+def closed_loop(engine, prompts: list[list[int]], lengths: list[int], level: int) -> tuple[float, list[float]]:
+    """Greedy requests through `engine`, `level` in flight: prompt i generates lengths[i] tokens, and the
+    next prompt is submitted as soon as a request finishes -> (seconds, each request's time to first token)."""
+    from seriatim.sampling import SamplingParams
+
+    queue, submitted, ttft = list(zip(prompts, lengths)), {}, {}
+
+    def submit() -> None:
+        ids, n = queue.pop(0)
+        submitted[engine.add_request(ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))] = time.perf_counter()
+
+    start = time.perf_counter()
+    for _ in range(min(level, len(queue))):
+        submit()
+    while engine.has_unfinished():
+        for _, seq in engine.step():
+            ttft.setdefault(seq.request_id, time.perf_counter() - submitted[seq.request_id])
+            if seq.finished and queue:
+                submit()
+    return time.perf_counter() - start, list(ttft.values())
 
 
 def _llama_cpp(path: str, threads: int, device: str, flash: bool) -> Runner:
@@ -168,10 +195,11 @@ def measure(engine: str, path: str, threads: int, runs: int, ids: list[int], dev
 
 def measure_concurrency(engine: str, path: str, threads: int, levels: list[int], runs: int, ids: list[int],
                         device: str) -> dict:
-    """Aggregate decode rate and mean time to first token with `level` requests submitted at once: the
-    medians of `runs` repetitions, with the samples."""
+    """Aggregate decode rate and mean time to first token with `level` requests submitted at once, and
+    (engines that serve a queue) with `level` kept in flight: the medians of `runs` repetitions, with
+    the samples."""
     runner = _make_runner(engine, path, threads, device)
-    prompts = [ids[7 * i : 7 * i + CONCURRENT_PROMPT] for i in range(max(levels))]
+    prompts = [ids[7 * i : 7 * i + CONCURRENT_PROMPT] for i in range(STEADY_REQUESTS_PER_SLOT * max(levels))]
     runner.batch(prompts[:2], 4)  # warm-up
     result = {"engine": engine, "levels": {}}
     for level in levels:
@@ -180,9 +208,29 @@ def measure_concurrency(engine: str, path: str, threads: int, levels: list[int],
         ttft_ms = [1000 * ttft for _, ttft in samples]
         result["levels"][level] = {"tok_s": statistics.median(tok_s), "ttft_ms": statistics.median(ttft_ms),
                                    "tok_s_samples": tok_s, "ttft_ms_samples": ttft_ms}
+    if runner.steady is not None:
+        result["steady"] = {level: _steady(runner.steady, prompts, level, runs) for level in levels}
     if engine == "seriatim":
         result.update(_shared_prefix(path, threads, ids, device))
     return result
+
+
+def steady_lengths(count: int) -> list[int]:
+    """New tokens per request in the closed loop: 32 to 96 (mean ~64), spread so that requests finish at
+    different steps and new ones arrive while others decode, as in a server's steady state."""
+    return [32 + (37 * i) % 65 for i in range(count)]
+
+
+def _steady(steady: Callable, prompts: list[list[int]], level: int, runs: int) -> dict:
+    """`level` requests in flight through STEADY_REQUESTS_PER_SLOT x level requests (at least 16)."""
+    count = max(16, STEADY_REQUESTS_PER_SLOT * level)
+    lengths = steady_lengths(count)
+    samples = [steady(prompts[:count], lengths, level) for _ in range(runs)]
+    tok_s = [sum(lengths) / seconds for seconds, _ in samples]
+    mean_ms = [1000 * statistics.fmean(t) for _, t in samples]
+    median_ms = [1000 * statistics.median(t) for _, t in samples]
+    return {"requests": count, "tok_s": statistics.median(tok_s), "ttft_ms": statistics.median(mean_ms),
+            "ttft_median_ms": statistics.median(median_ms), "tok_s_samples": tok_s, "ttft_ms_samples": mean_ms}
 
 
 def _shared_prefix(path: str, threads: int, ids: list[int], device: str) -> dict:

@@ -11,7 +11,7 @@ needed.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 BlockKey = tuple[int, tuple[int, ...]]  # (hash of the previous block's key, this block's tokens)
@@ -42,7 +42,9 @@ class BlockManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.ref_counts = [0] * num_blocks
         self.block_keys: list[BlockKey | None] = [None] * num_blocks
-        self.free: deque[int] = deque(range(num_blocks))  # unused and unregistered
+        # Unused and unregistered, as a stack: the most recently released block is reused first, so a busy
+        # engine keeps cycling through the same, cache- and TLB-warm memory instead of walking the pool.
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))
         self.cached: dict[BlockKey, int] = {}  # registered full blocks
         self.evictable: OrderedDict[int, None] = OrderedDict()  # registered, unused: LRU order
         self.stats = PrefixStats()
@@ -84,7 +86,7 @@ class BlockManager:
         if need > self.num_available:
             return False
         for _ in range(max(need, 0)):
-            block = self.free.popleft() if self.free else self._evict()
+            block = self.free.pop() if self.free else self._evict()
             self.ref_counts[block] = 1
             table.blocks.append(block)
         return True

@@ -27,7 +27,7 @@ using namespace seriatim;
 
 constexpr int kMaxDim = 256;  // head dimensions up to this (16 vectors of 16)
 constexpr int kHeadsPerPass = 4;  // query heads whose value sums stay in registers together
-constexpr int64_t kAhead = 8;  // keys and values prefetched this many positions ahead
+constexpr int64_t kAhead = 24;  // keys and values prefetched this many positions ahead
 
 inline void prefetch_row(const BFloat16* p, int64_t dim) {
   for (int64_t d = 0; d < dim; d += 32) _mm_prefetch(reinterpret_cast<const char*>(p + d), _MM_HINT_T0);
