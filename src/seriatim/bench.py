@@ -129,24 +129,31 @@ def run_bench(model: str, threads: int, runs: int, engines: list[str], as_json: 
     print(json.dumps({"meta": meta, "results": results}, indent=2) if as_json else format_table(results, meta))
 
 
+def _per_level(engines: list[dict], levels: list[int], key: str, cell, width: int) -> list[str]:
+    """A table with a row per level and a column per engine: cell(engine[key][level])."""
+    lines = [f"{'requests':>8} " + " ".join(f"{r['engine']:>{width}}" for r in engines)]
+    lines += [f"{level:>8} " + " ".join(f"{cell(r[key][level]):>{width}}" for r in engines) for level in levels]
+    return lines
+
+
+def _ratios(ours: dict, levels: list[int], describe) -> list[str]:
+    """describe(level, figures at level, figures at the first level) for every level after the first."""
+    return [describe(level, ours[level], ours[levels[0]]) for level in levels[1:]]
+
+
 def format_concurrency(results: list[dict], meta: dict) -> str:
     ok = [r for r in results if "error" not in r]
     levels = list(ok[0]["levels"]) if ok else []
     lines = [f"model {meta['model']}  device {meta['device']}  threads {meta['threads']}  "
              f"{_CONCURRENT} new tokens per request, all submitted at once; medians of {meta['runs']} runs "
              "(aggregate tok/s | mean TTFT ms)"]
-    lines.append(f"{'requests':>8} " + " ".join(f"{r['engine']:>28}" for r in ok))
-    for level in levels:
-        cells = [f"{r['levels'][level]['tok_s']:13.1f} | {r['levels'][level]['ttft_ms']:9.0f} ms" for r in ok]
-        lines.append(f"{level:>8} " + " ".join(f"{c:>28}" for c in cells))
+    lines += _per_level(ok, levels, "levels", lambda f: f"{f['tok_s']:13.1f} | {f['ttft_ms']:9.0f} ms", 28)
     lines += [f"{r['engine']}: skipped: {r['error']}" for r in results if "error" in r]
     ours = next((r for r in ok if r["engine"] == "seriatim"), None)
     if ours:
-        one = ours["levels"][levels[0]]
-        for level in levels[1:]:
-            at = ours["levels"][level]
-            lines.append(f"seriatim at {level}: {at['tok_s'] / one['tok_s']:.1f}x the aggregate rate of {levels[0]}, "
-                         f"TTFT {at['ttft_ms'] / one['ttft_ms']:.1f}x")
+        lines += _ratios(ours["levels"], levels, lambda level, at, one: (
+            f"seriatim at {level}: {at['tok_s'] / one['tok_s']:.1f}x the aggregate rate of {levels[0]}, "
+            f"TTFT {at['ttft_ms'] / one['ttft_ms']:.1f}x"))
         lines.append(f"shared 400-token system prompt, 15 requests after the first: prefix hit rate "
                      f"{100 * ours['prefix_hit_rate_after_first']:.0f}%")
     return "\n".join(lines + _format_steady(ok, levels))
@@ -159,19 +166,14 @@ def _format_steady(ok: list[dict], levels: list[int]) -> list[str]:
         return []
     lines = ["", "steady state: N requests kept in flight, the next submitted as one finishes, 4N requests "
              "(at least 16) of 32-96 new tokens (aggregate tok/s | mean, median TTFT ms)"]
-    lines.append(f"{'requests':>8} " + " ".join(f"{r['engine']:>34}" for r in steady))
-    for level in levels:
-        cells = [f"{r['steady'][level]['tok_s']:10.1f} | {r['steady'][level]['ttft_ms']:6.0f}, "
-                 f"{r['steady'][level]['ttft_median_ms']:4.0f} ms" for r in steady]
-        lines.append(f"{level:>8} " + " ".join(f"{c:>34}" for c in cells))
+    lines += _per_level(steady, levels, "steady",
+                        lambda f: f"{f['tok_s']:10.1f} | {f['ttft_ms']:6.0f}, {f['ttft_median_ms']:4.0f} ms", 34)
     ours = next((r for r in steady if r["engine"] == "seriatim"), None)
     if ours:
-        one = ours["steady"][levels[0]]
-        for level in levels[1:]:
-            at = ours["steady"][level]
-            lines.append(f"seriatim at {level} in flight: {at['tok_s'] / one['tok_s']:.1f}x the aggregate rate of "
-                         f"{levels[0]}, mean TTFT {at['ttft_ms'] / one['ttft_ms']:.1f}x, median TTFT "
-                         f"{at['ttft_median_ms'] / one['ttft_median_ms']:.1f}x")
+        lines += _ratios(ours["steady"], levels, lambda level, at, one: (
+            f"seriatim at {level} in flight: {at['tok_s'] / one['tok_s']:.1f}x the aggregate rate of {levels[0]}, "
+            f"mean TTFT {at['ttft_ms'] / one['ttft_ms']:.1f}x, median TTFT "
+            f"{at['ttft_median_ms'] / one['ttft_median_ms']:.1f}x"))
     return lines
 
 
