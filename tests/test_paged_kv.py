@@ -53,6 +53,41 @@ def test_bfloat16_decodes_by_the_kernel_equal_sdpa(decodes_only):
         assert not torch.equal(got, expected)  # a different path (float32 inside, one rounding)
 
 
+def _prompts_pass(batched: bool, dtype: torch.dtype = torch.float32) -> tuple[PagedAttention, torch.Tensor, PagedKVCache]:
+    """Two decodes, three whole prompts of 5 tokens side by side, one of 3, and a chunk continuing a prompt."""
+    gen = torch.Generator().manual_seed(1)
+    cache = PagedKVCache(CFG, num_blocks=64, block_size=BLOCK, dtype=dtype, device=torch.device("cpu"))
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    seqs = [([5, 2], 6, 1), ([10, 11], 0, 5), ([13, 3], 0, 5), ([20, 22], 0, 5), ([30], 0, 3), ([40, 41], 4, 3),
+            ([50, 51], 5, 1)]
+    spans = [PagedSpan(start, new, cache.slots(t, start, start + new), cache.slots(t, 0, start + new))
+             for t, start, new in seqs]
+    tokens = sum(new for *_, new in seqs)
+    q = torch.randn(tokens, CFG.num_heads, CFG.head_dim, generator=gen).to(dtype)
+    k, v = (torch.randn(tokens, CFG.num_kv_heads, CFG.head_dim, generator=gen).to(dtype) for _ in range(2))
+    backend = PagedAttention(cache, spans, batch_decodes=batched)
+    return backend, backend.attend(0, q, k, v, CFG.attn_scale, None), cache
+
+
+def test_whole_prompts_of_one_length_attend_in_one_call_as_one_by_one():
+    batched, got, cache = _prompts_pass(True)
+    assert batched.decodes is not None  # the two decodes attend together, around the prompts
+    assert [[sl.start for sl, _ in part] for part in batched.parts] == [[1, 6, 11], [16], [19]]
+    _, expected, reference_cache = _prompts_pass(False)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(cache.k, reference_cache.k) and torch.equal(cache.v, reference_cache.v)
+
+
+def test_whole_prompts_in_bfloat16_with_the_decode_kernel_around_them():
+    _, got, cache = _prompts_pass(True, torch.bfloat16)
+    _, expected, reference_cache = _prompts_pass(False, torch.bfloat16)
+    prompts = slice(1, 22)  # the same SDPA arithmetic on the prompts; the decodes may take the kernel
+    torch.testing.assert_close(got[prompts], expected[prompts], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    assert torch.equal(cache.k, reference_cache.k) and torch.equal(cache.v, reference_cache.v)
+
+
 SLIDING = dataclasses.replace(CFG, num_layers=2, sliding_window=6, sliding_layers=(True, False))
 
 
