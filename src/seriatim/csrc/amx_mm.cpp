@@ -105,6 +105,10 @@ void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride
   const float* sums = x.sums.data() + r * steps;
   std::fill(acc, acc + kTile * kBlock, 0.f);
   const NibblePairs nibbles;
+  // Step s's sums, stored in c[s & 1], into acc; z - 8 s - 128 s is the offset of the bias 136 in 128 + q.
+  auto fold = [&](int64_t s) {
+    int4_epilogue(c[s & 1], load_group(pairs + (s * kStep / group) * pair_stride, 136.f), sums + s, steps, rows, acc);
+  };
   step_tiles(nibbles, block, 0, tiles[0]);
   for (int64_t s = 0; s < steps; ++s) {
     const uint16_t* cur = tiles[s & 1];
@@ -122,14 +126,13 @@ void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride
     _tile_loadd(6, cur + 3 * kTileElems, 64);
     _tile_dpbf16ps(3, 4, 6);
     if (s + 1 < steps) step_tiles(nibbles, block, s + 1, tiles[(s + 1) & 1]);
-    if (s > 0) int4_epilogue(c[(s - 1) & 1], load_group(pairs + ((s - 1) * kStep / group) * pair_stride, 136.f), sums + s - 1, steps, rows, acc);
+    if (s > 0) fold(s - 1);
     _tile_stored(0, c[s & 1][0], 64);
     _tile_stored(1, c[s & 1][1], 64);
     _tile_stored(2, c[s & 1][2], 64);
     _tile_stored(3, c[s & 1][3], 64);
   }
-  // z - 8 s - 128 s: the offset of the bias 136 in the tiles' 128 + q.
-  int4_epilogue(c[(steps - 1) & 1], load_group(pairs + ((steps - 1) * kStep / group) * pair_stride, 136.f), sums + steps - 1, steps, rows, acc);
+  fold(steps - 1);
 }
 
 }  // namespace
@@ -218,6 +221,8 @@ at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::
   at::parallel_for(0, n / kWidth8, 8, [&](int64_t b0, int64_t b1) {
     Tiles tiles;
     alignas(64) int32_t c[4][kTile * kTile];  // (group 0 hi, lo), (group 1 hi, lo): [o][row]
+    const __m512i outputs = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               _mm512_set1_epi32(kTile));  // offsets of a row's 16 outputs in c
     for (int64_t b = b0; b < b1; ++b) {
       const int8_t* rows = wp + b * kWidth8 * k;
       for (int64_t r = 0; r < m; r += kTile) {
@@ -246,8 +251,6 @@ at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::
         _tile_stored(2, c[2], 64);
         _tile_stored(3, c[3], 64);
         // c holds [o][row]: gather each row's 16 outputs (stride 16), scale by the row and per output, store.
-        const __m512i outputs = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                   _mm512_set1_epi32(kTile));
         for (int64_t i = 0; i < std::min<int64_t>(kTile, m - r); ++i)
           for (int g = 0; g < 2; ++g) {
             const __m512i at = _mm512_add_epi32(outputs, _mm512_set1_epi32(static_cast<int>(i)));
