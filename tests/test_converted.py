@@ -66,3 +66,29 @@ def test_llm_writes_then_reads_the_cache(tiny_llama, tmp_path, monkeypatch):
     assert len(list((tmp_path / "converted").iterdir())) == 1
     monkeypatch.setattr("seriatim.llm.build_model", lambda *a: pytest.fail("converted again"))
     assert LLM(path).generate("hello", params)[0].token_ids == first
+
+
+def test_writing_an_entry_removes_the_stale_ones(tiny_llama, tmp_path, monkeypatch):
+    """Entries whose source changed or vanished, and entries without a source record, are removed;
+    another precision of an unchanged file stays."""
+    monkeypatch.setenv("SERIATIM_CACHE", str(tmp_path / "cache"))
+    ckpt, tokenizer = load(tiny_llama[0] / "Q4_0.gguf", COMPACT, None)
+    model = build_model(ckpt, COMPACT, torch.device("cpu"))
+    kept, changed, gone = (tmp_path / name for name in ("kept.gguf", "changed.gguf", "gone.gguf"))
+    for path in (kept, changed, gone):
+        path.write_bytes((tiny_llama[0] / "Q4_0.gguf").read_bytes())
+    converted.save(kept, "other-precision", model, tokenizer)
+    converted.save(changed, COMPACT.name, model, tokenizer)
+    converted.save(gone, COMPACT.name, model, tokenizer)
+    legacy = tmp_path / "cache" / "converted" / "legacy-0123456789abcdef"
+    legacy.mkdir()
+    (legacy / "meta.json").write_text("{}")
+    old = converted._entry(changed, COMPACT.name)
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 1))
+    gone.unlink()
+
+    converted.save(changed, COMPACT.name, model, tokenizer)
+
+    entries = set((tmp_path / "cache" / "converted").iterdir())
+    assert entries == {converted._entry(kept, "other-precision"), converted._entry(changed, COMPACT.name)}
+    assert old not in entries and converted.load(changed, COMPACT.name, torch.bfloat16) is not None

@@ -3,7 +3,9 @@
 Turning a GGUF file into the fast form (parsing its metadata and vocabulary, regrouping blocks into
 int4/int8, packing) takes seconds; the result is saved in PyTorch's own format next to the config and
 the tokenizer, keyed by the file's path, size and modification time, the precision and the PyTorch
-version (the int4 packing is PyTorch's), and read back on the next load.
+version (the int4 packing is PyTorch's), and read back on the next load. Each entry records its source
+file; writing one removes the entries whose source is gone or has changed since (a reinstalled
+package, a deleted checkout), which no load could ever hit again.
 """
 
 from __future__ import annotations
@@ -37,10 +39,32 @@ def wanted(path: Path) -> bool:
     return path.is_file() and path.stat().st_size >= MIN_BYTES
 
 
-def _entry(path: Path, precision_name: str) -> Path:
+def _source(path: Path) -> dict:
+    """What identifies a model file's contents to the cache: its full path, size and modification time."""
     st = path.stat()
-    ident = f"{FORMAT}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{precision_name}|{torch.__version__}"
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _entry(path: Path, precision_name: str) -> Path:
+    src = _source(path)
+    ident = f"{FORMAT}|{src['path']}|{src['size']}|{src['mtime_ns']}|{precision_name}|{torch.__version__}"
     return cache_dir() / "converted" / f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+
+def _stale(entry: Path) -> bool:
+    """An entry no load can hit: its source file is gone or changed, or it predates source records."""
+    try:
+        src = json.loads((entry / "source.json").read_text())
+        return _source(Path(src["path"])) != src
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+
+
+def _prune(keep: Path) -> None:
+    """Remove the stale entries beside `keep` (entries still being written are skipped)."""
+    for entry in keep.parent.iterdir():
+        if entry != keep and entry.is_dir() and ".tmp" not in entry.name and _stale(entry):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def save(path: Path, precision_name: str, model: Transformer, tokenizer: Tokenizer) -> None:
@@ -60,7 +84,9 @@ def save(path: Path, precision_name: str, model: Transformer, tokenizer: Tokeniz
         tmp.mkdir(parents=True, exist_ok=True)
         torch.save(tensors, tmp / "weights.pt")
         (tmp / "meta.json").write_text(json.dumps(meta))
+        (tmp / "source.json").write_text(json.dumps(_source(path)))
         tmp.rename(entry)  # atomic: a reader never sees half an entry
+        _prune(entry)
     except OSError as e:
         if not entry.is_dir():  # another process finishing first is no failure
             log.warning("could not cache the converted weights in %s: %s", entry, e)
