@@ -22,6 +22,38 @@ def test_stream_concatenates_to_generate(tiny_llm):
     assert deltas[-1].finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
 
 
+def test_streams_read_interleaved_each_get_their_own_tokens(tiny_llm):
+    """Two open streams, and a generate() while a stream is paused: each caller gets exactly its own
+    request's deltas (a step's deltas for the others are kept for them), and nothing hangs."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [prompt_ids(tiny_llm, n, n) for n in (5, 9, 7)]
+    alone = [tiny_llm.generate(p, params)[0].token_ids for p in prompts]
+    a, b = tiny_llm.stream(prompts[0], params), tiny_llm.stream(prompts[1], params)
+    first = next(a).token_ids
+    together = tiny_llm.generate(prompts[2], params)[0].token_ids  # runs a's request to its end meanwhile
+    got_b = [t for d in b for t in d.token_ids]
+    got_a = first + [t for d in a for t in d.token_ids]
+    assert [got_a, got_b, together] == alone
+    assert not tiny_llm.engine.has_unfinished() and not tiny_llm._outbox
+
+
+def test_a_stream_left_early_is_cancelled(tiny_llm):
+    stream = tiny_llm.stream(prompt_ids(tiny_llm, 5), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    next(stream)
+    stream.close()
+    assert not tiny_llm.engine.has_unfinished() and not tiny_llm._outbox
+
+
+def test_a_rejected_prompt_queues_none_of_its_batch(tiny_llm):
+    too_long = [5] * tiny_llm.config.context_length
+    with pytest.raises(ValueError, match="context"):
+        tiny_llm.generate([prompt_ids(tiny_llm, 5), too_long], SamplingParams(max_tokens=4))
+    assert not tiny_llm.engine.has_unfinished()
+    before = tiny_llm.engine.stats.generated_tokens
+    tiny_llm.generate(prompt_ids(tiny_llm, 5), SamplingParams(max_tokens=3, ignore_eos=True))
+    assert tiny_llm.engine.stats.generated_tokens - before == 3
+
+
 def test_seed_reproducible_and_seeds_differ(tiny_llm):
     p = prompt_ids(tiny_llm, 6)
     runs = [tiny_llm.generate(p, SamplingParams(temperature=1.0, seed=s, max_tokens=20, ignore_eos=True))[0]

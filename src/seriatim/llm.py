@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections import deque
 from collections.abc import Iterator, Sequence as Seq
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .registry import DEFAULT_MODEL, resolve_model
 from .paged_kv import PagedKVCache
 from .sampling import SamplingParams
 from .scheduler import SchedulerConfig
+from .sequence import Sequence
 from .tokenizer import Tokenizer
 
 Prompt = str | Seq[int]
@@ -96,6 +98,8 @@ class LLM:
             max_step_tokens, max_running, capacity, prefix_caching=prefix_caching, deterministic=deterministic
         )
         self.engine = Engine(self.model, self.tokenizer, self.device, dtype, scheduling)
+        # Deltas made for requests started by generate() or stream(), not yet read by their caller.
+        self._outbox: dict[int, deque[tuple[Delta, Sequence]]] = {}
 
     def _load(self, path: Path, progress: bool) -> tuple[Transformer, Tokenizer]:
         """The model and tokenizer: from the converted-weights cache in the compact fast mode when this
@@ -118,26 +122,59 @@ class LLM:
     ) -> list[CompletionOutput]:
         """Generate for one prompt or many (strings or token-id lists); one result per prompt, in order."""
         params = params or SamplingParams()
-        batch = [prompts] if _is_single_prompt(prompts) else list(prompts)
-        ids = [self.add_request(p, params) for p in batch]
+        ids = self._submit([prompts] if _is_single_prompt(prompts) else list(prompts), params)
         finished = {}
-        while self.engine.has_unfinished():
-            for delta, seq in self.engine.step():
-                if delta.finish_reason is not None:
-                    finished[delta.request_id] = seq.result()
+        try:
+            for rid in ids:  # all run together: the engine batches them whichever is being read
+                for delta, seq in self._take(rid):
+                    if delta.finish_reason is not None:
+                        finished[rid] = seq.result()
+        finally:
+            self._forget(ids)
         return [finished[i] for i in ids]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[Delta]:
         """Yield text deltas as tokens are generated; they concatenate to the final text."""
-        rid = self.add_request(prompt, params or SamplingParams())
+        ids = self._submit([prompt], params or SamplingParams())
         try:
-            while True:
-                for delta, _ in self.engine.step():
-                    if delta.request_id == rid:
-                        yield delta
-                        if delta.finish_reason is not None:
-                            return
+            yield from (delta for delta, _ in self._take(ids[0]))
         finally:
+            self._forget(ids)
+
+    def _submit(self, prompts: list[Prompt], params: SamplingParams) -> list[int]:
+        """Queue every prompt or none: one that fails validation withdraws those queued before it."""
+        ids: list[int] = []
+        try:
+            for p in prompts:
+                ids.append(self.add_request(p, params))
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        self._outbox.update((rid, deque()) for rid in ids)
+        return ids
+
+    def _take(self, rid: int) -> Iterator[tuple[Delta, Sequence]]:
+        """Request `rid`'s deltas in order, stepping the engine while none is waiting. Every delta a step
+        makes goes to its own request's queue, so streams and `generate` calls read interleaved never
+        take each other's tokens."""
+        queue = self._outbox[rid]
+        while True:
+            while queue:
+                delta, seq = queue.popleft()
+                yield delta, seq
+                if delta.finish_reason is not None:
+                    return
+            if rid not in self.engine.requests:  # aborted from outside: no more deltas will come
+                return
+            for delta, seq in self.engine.step():
+                if (waiting := self._outbox.get(delta.request_id)) is not None:
+                    waiting.append((delta, seq))
+
+    def _forget(self, ids: list[int]) -> None:
+        """Stop routing deltas to these requests and cancel those still running (a stream left early)."""
+        for rid in ids:
+            self._outbox.pop(rid, None)
             self.engine.abort(rid)
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> CompletionOutput:
