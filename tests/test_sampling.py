@@ -318,3 +318,20 @@ def test_top_k_candidates_rank_exactly_as_the_full_stable_sort(k):
     for row, kr in enumerate(top_k[:, 0].tolist()):
         assert torch.equal(ids[row, :kr], full_ids[row, :kr])
         assert torch.equal(values[row, :kr], full_values[row, :kr])
+
+
+@pytest.mark.parametrize("extreme", [dict(temperature=1e-39), dict(temperature=1e-30, top_p=0.5, top_k=5),
+                                     dict(temperature=0.7, repetition_penalty=1e-39)])
+def test_extreme_parameters_stay_finite_and_tend_to_greedy(logits, extreme):
+    """A temperature far below 1 (past float32's range when dividing) gives the argmax, as its limit;
+    a near-zero repetition penalty gives no NaN (the seen tokens with positive logits win)."""
+    params = SamplingParams(seed=3, **extreme)
+    states = make_states(params, 8, PROMPT, OUTPUT)
+    tokens = sample(logits.repeat(8, 1), states).token_ids
+    probs = process_logits(logits, states[0]).exp()
+    assert not probs.isnan().any() and torch.isclose(probs.sum(), torch.tensor(1.0))
+    if params.repetition_penalty == 1:
+        assert tokens == [int(logits.argmax())] * 8
+    else:
+        boosted = [t for t in set(PROMPT) | set(OUTPUT) if logits[t] > 0]
+        assert set(tokens) <= set(boosted)

@@ -8,7 +8,8 @@ Processing order, applied to each row's logits (computed in float32):
 3. Presence and frequency penalties (OpenAI), over output tokens only:
    ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``.
 4. ``temperature == 0``: greedy, the argmax (ties go to the lowest token id). Stop here.
-5. Divide by ``temperature``.
+5. Divide by ``temperature`` (after subtracting the row's maximum, which leaves the distribution
+   as it is and keeps a tiny temperature from overflowing: as it tends to 0, sampling tends to greedy).
 6. Top-k: keep the ``top_k`` highest logits (0 disables).
 7. Top-p (nucleus): keep the smallest set of most probable tokens whose
    cumulative probability reaches ``top_p``; the most probable token is always kept.
@@ -215,7 +216,9 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch
     in_output = counts > 0
     seen = in_output | torch.stack([s.prompt_mask for s in sub])
     rep = _column(sub, "repetition_penalty", dev)
-    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    # Clamped: a penalty near 0 would send seen logits to inf, and inf - inf to NaN further on.
+    big = torch.finfo(x.dtype).max
+    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x).clamp(-big, big)
     x = x - _column(sub, "frequency_penalty", dev) * counts - _column(sub, "presence_penalty", dev) * in_output
     logits = logits.clone()
     logits[rows] = x
@@ -276,7 +279,9 @@ def _process(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         x = x.masked_fill(greedy & ~is_max, -math.inf)
     # Greedy rows divide by 1: their single finite logit survives every cut below.
     temperature = torch.tensor([[s.params.temperature or 1.0] for s in states], device=x.device)
-    x = x / temperature
+    # Shifted by the row's maximum first: the same distribution, and a tiny temperature sends the other
+    # tokens to -inf (greedy, its limit) instead of overflowing the top ones to inf.
+    x = (x - x.amax(-1, keepdim=True)) / temperature
     if any(_truncates(s.params, x.shape[-1]) for s in states):
         x = _truncate(x, states)
     return x
