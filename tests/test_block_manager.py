@@ -20,7 +20,7 @@ def check_invariants(bm: BlockManager, tables: list[BlockTable]) -> None:
     assert all(bm.block_keys[b] == k for k, b in bm.cached.items())
 
 
-def test_identical_prefix_shares_blocks_and_counts_hits():
+def test_identical_prefix_shares_blocks():
     bm = BlockManager(num_blocks=8, block_size=4)
     prompt = list(range(10))  # two full blocks and a partial one
     first = BlockTable()
@@ -30,7 +30,6 @@ def test_identical_prefix_shares_blocks_and_counts_hits():
     second = BlockTable()
     assert bm.reuse_prefix(second, prompt + [99]) == 8
     assert second.blocks == first.blocks[:2] and bm.ref_counts[first.blocks[0]] == 2
-    assert bm.stats.hit_tokens == 8 and bm.stats.queried_tokens == 21
     check_invariants(bm, [first, second])
 
 

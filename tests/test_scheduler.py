@@ -155,6 +155,20 @@ def test_seeded_sampling_is_independent_of_batch_and_preemption(tiny_llm):
     assert_idle(engine)
 
 
+def test_hit_rate_counts_each_admission_once(tiny_llm):
+    """A request waiting for memory looks its prefix up again every step; only its admission counts."""
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine = engine_for(tiny_llm, block_size=4, kv_capacity_tokens=24)  # room for one 20-position request
+    first, second = (engine.add_request(prompt(16, seed), params) for seed in (1, 2))
+    steps = []
+    while engine.has_unfinished():
+        steps.append({d.request_id for d, _ in engine.step()})
+    assert steps.index({second}) > steps.index({first}) + 2  # it waited several steps
+    stats = engine.scheduler.blocks.stats
+    assert engine.scheduler.preemptions == 0 and (stats.queried_tokens, stats.hit_tokens) == (32, 0)
+    assert_idle(engine)
+
+
 def test_prefix_caching_can_be_disabled(tiny_llm):
     engine = engine_for(tiny_llm, block_size=16, prefix_caching=False)
     for _ in range(2):

@@ -30,6 +30,11 @@ class PrefixStats:
     queried_tokens: int = 0
     hit_tokens: int = 0
 
+    def record(self, queried: int, hit: int) -> None:
+        """One admitted sequence: `queried` tokens looked up, `hit` of them found cached."""
+        self.queried_tokens += queried
+        self.hit_tokens += hit
+
     @property
     def hit_rate(self) -> float:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
@@ -64,8 +69,9 @@ class BlockManager:
         """Point an empty table at cached blocks matching the start of `tokens`; returns tokens covered.
 
         At least one token is left uncovered: its forward pass yields the logits to sample from.
+        The caller records the lookup in `stats` once the sequence is admitted (a sequence waiting for
+        memory looks up again at every step).
         """
-        self.stats.queried_tokens += len(tokens)
         parent = 0
         for i in range((len(tokens) - 1) // self.block_size):
             key = (parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
@@ -76,9 +82,7 @@ class BlockManager:
             table.blocks.append(block)
             table.keys.append(key)
             parent = hash(key)
-        covered = len(table.blocks) * self.block_size
-        self.stats.hit_tokens += covered
-        return covered
+        return len(table.blocks) * self.block_size
 
     def grow(self, table: BlockTable, num_tokens: int) -> bool:
         """Make `table` hold `num_tokens` positions; False (and no change) if the pool is short."""

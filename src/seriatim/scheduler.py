@@ -106,6 +106,8 @@ class Scheduler:
             seq.num_cached = 0
             return 0
         self.running.append(seq)
+        if reuse:
+            self.blocks.stats.record(len(tokens), seq.num_cached)
         return n
 
     def _preempt(self, seq: Sequence) -> None:
