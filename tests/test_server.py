@@ -88,6 +88,30 @@ def test_chat_matches_the_engine(client, tiny_llm):
         [{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=10)).text
 
 
+def test_text_offsets_point_into_the_text(tiny_llm):
+    """A token that is part of a multi-byte character points where that character starts; offsets stay
+    inside the text the tokens decode to, with special tokens dropped or kept as the text has them."""
+    from seriatim.server.formatting import TextOffsets
+
+    tok = tiny_llm.tokenizer
+    ids = tok.encode("aお😀b", add_special_tokens=False)
+    assert len(ids) > len("aお😀b")  # some characters take several byte tokens
+    for skip, extra in ((True, []), (False, [0, 1])):  # 0, 1: the tiny tokenizer's special tokens
+        all_ids = extra + ids
+        offsets = TextOffsets(tok, 0, skip_special_tokens=skip)(all_ids)
+        expected = [len(tok.decode(all_ids[:i], skip_special_tokens=skip).rstrip("\ufffd"))
+                    for i in range(len(all_ids))]
+        assert offsets == expected and max(offsets) < len(tok.decode(all_ids, skip_special_tokens=skip))
+
+
+def test_completion_top_logprobs_include_the_sampled_token(client):
+    out = client.completions.create(model=MODEL, prompt="The quick", max_tokens=24, temperature=2.0, seed=1,
+                                    logprobs=1, extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    assert all(tok in top and top[tok] == chosen for tok, top, chosen in zip(lp.tokens, lp.top_logprobs, lp.token_logprobs))
+    assert any(len(top) == 2 for top in lp.top_logprobs)  # a draw that was not the most probable token
+
+
 def test_completion_logprobs_and_echo(client, tiny_llm):
     prompt = "The quick brown fox"
     expected = greedy(tiny_llm, prompt, 6, ignore_eos=True, logprobs=3)
@@ -97,7 +121,8 @@ def test_completion_logprobs_and_echo(client, tiny_llm):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
     for got, exp in zip(lp.token_logprobs, expected.logprobs):
         assert got == pytest.approx(exp.logprob, abs=1e-5)
-    assert all(1 <= len(top) <= 3 for top in lp.top_logprobs)
+    # The top 3 and, as OpenAI always includes it, the chosen token.
+    assert all(3 <= len(top) <= 4 and tok in top for tok, top in zip(lp.tokens, lp.top_logprobs))
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
 
     echo = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=2, echo=True,
@@ -210,7 +235,21 @@ def test_invalid_requests_are_400_naming_the_problem(server, tiny_llm):
     assert "context" in err["message"] and err["code"] == "context_length_exceeded"
     err = error_of(post("/v1/completions", {**base, "temperature": "hot"}), 400)
     assert err["param"] == "temperature"
-    error_of(httpx.post(url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    err = error_of(httpx.post(url + "/v1/completions", content=b'{"prompt": "x",',
+                              headers={"content-type": "application/json"}), 400)
+    assert "JSON" in err["message"] and err["param"] is None
+    for path, body in [("/v1/completions", {**base, "prompt": "\ud800 hi"}),
+                       ("/v1/completions", {**base, "stop": ["\udfff"]}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud83d"}]}),
+                       ("/tokenize", {"prompt": "\ud800"})]:
+        raw = json.dumps(body).encode()  # the lone surrogate written as its JSON escape, \udXXX
+        err = error_of(httpx.post(url + path, content=raw, headers={"content-type": "application/json"}), 400)
+        assert "surrogate" in err["message"]
+    err = error_of(post("/v1/completions", {**base, "stream_options": {"include_usage": True}}), 400)
+    assert "stream_options" in err["message"]
+    for key in ("٥", " 5", "5_0"):
+        err = error_of(post("/v1/completions", {**base, "logit_bias": {key: 1}}), 400)
+        assert err["param"] == "logit_bias"
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
     err = error_of(post("/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}}), 400)
     assert "structured output is not supported" in err["message"] and err["param"] == "response_format"
@@ -219,6 +258,9 @@ def test_invalid_requests_are_400_naming_the_problem(server, tiny_llm):
     assert "logprobs" in err["message"]
     err = error_of(post("/v1/chat/completions", {"model": MODEL, "messages": []}), 400)
     assert err["param"] == "messages"
+    err = error_of(post("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": None}]}), 400)
+    assert "needs content" in err["message"]
+    assert httpx.get(url + "/health").status_code == 200  # still serving
 
 
 def test_unknown_model_and_route_are_404(server):
@@ -246,6 +288,8 @@ def test_api_key_body_limit_cap_queue_and_timeout(strict_server):
     err = error_of(httpx.post(url + "/v1/completions", json={**body, "prompt": "x" * 5000}, headers=auth), 413)
     assert "4096" in err["message"]
     error_of(httpx.post(url + "/v1/completions", json={**body, "n": 5}, headers=auth), 400)  # --max-n 4
+    err = error_of(httpx.post(url + "/v1/completions", json={**body, "n": 2}, headers=auth), 400)
+    assert "--max-queue" in err["message"]  # two choices could never fit a queue of one: not a 429
 
     strict_server.slow.delay = 0.5  # 8 tokens take longer than the 2 s timeout: a stream is in flight for 2 s
     try:

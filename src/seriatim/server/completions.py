@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from ..async_engine import EngineShutDown, prompt_logprobs
 from ..sampling import MAX_LOGPROBS
 from .errors import APIError, invalid
-from .formatting import TokenTexts, completion_logprobs
+from .formatting import TextOffsets, TokenTexts, completion_logprobs
 from .generation import Choice, Job, check_n, check_prompt, max_new_tokens, sampling_params
 from .schemas import CompletionRequest
 from .streaming import event_stream, run_to_completion, sse
@@ -69,7 +69,9 @@ async def create_completion(body: CompletionRequest, request: Request, state, me
                     lambda ids=ids: prompt_logprobs(llm.model, ids, body.logprobs, llm.device))
             except EngineShutDown:
                 raise APIError(503, "the server is shutting down") from None
-            prompt_lps[i] = completion_logprobs(texts, entries, ids, 0)[0]
+            # The echoed text is the prompt decoded with its special tokens (or as given, when given as text).
+            prompt_lps[i] = completion_logprobs(texts, entries, ids,
+                                                TextOffsets(llm.tokenizer, 0, skip_special_tokens=False))
 
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.config.model_name
     job = Job(engine, metrics, choices, config.request_timeout)
@@ -90,7 +92,8 @@ async def create_completion(body: CompletionRequest, request: Request, state, me
         text = (prompt_texts[p] if echo else "") + c.text
         logprobs = None
         if body.logprobs is not None:
-            generated, _ = completion_logprobs(texts, c.logprobs, c.token_ids, len(prompt_texts[p]) if echo else 0)
+            start = len(prompt_texts[p]) if echo else 0
+            generated = completion_logprobs(texts, c.logprobs, c.token_ids, _generated_offsets(llm.tokenizer, start))
             logprobs = _concat(prompt_lps[p], generated) if echo else generated
         out.append({"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
     usage = job.usage(sum(len(ids) for _, ids in prompts))
@@ -106,24 +109,28 @@ async def _stream(job, body, texts, prompts, prompt_texts, prompt_lps, n, rid, c
             obj["usage"] = None
         return sse(obj)
 
-    offsets = {c.index: 0 for c in job.choices}
+    offsets = {c.index: _generated_offsets(texts.tokenizer, len(prompt_texts[c.index // n]) if body.echo else 0)
+               for c in job.choices}
     for c in job.choices:
         p = c.index // n
         if body.echo:
             yield chunk(c.index, prompt_texts[p], prompt_lps[p])
-            offsets[c.index] = len(prompt_texts[p])
         if c.finish_reason is not None:  # echo with max_tokens 0
             yield chunk(c.index, "", None, c.finish_reason)
     async for c, delta in job.events():
         logprobs = None
         if body.logprobs is not None and delta.token_ids:
-            logprobs, offsets[c.index] = completion_logprobs(
-                texts, [lp for lp in delta.logprobs or []], delta.token_ids, offsets[c.index])
+            logprobs = completion_logprobs(texts, delta.logprobs or [], delta.token_ids, offsets[c.index])
         if delta.text or logprobs or delta.finish_reason:
             yield chunk(c.index, delta.text, logprobs, delta.finish_reason)
     if include_usage:
         yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
                    "usage": job.usage(sum(len(ids) for _, ids in prompts))})
+
+
+def _generated_offsets(tokenizer, start: int) -> TextOffsets:
+    """Offsets of generated tokens in a choice's text, which leaves special tokens out (engine.py)."""
+    return TextOffsets(tokenizer, start, skip_special_tokens=True)
 
 
 def _concat(a: dict | None, b: dict) -> dict:

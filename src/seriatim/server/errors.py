@@ -55,10 +55,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """A readable message for pydantic's errors, naming the first offending field."""
     messages, param = [], None
     for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        kind = err.get("type", "")
+        # A JSON syntax error's location is a character offset, not a parameter.
+        loc = [] if kind == "json_invalid" else [str(p) for p in err.get("loc", ()) if p != "body"]
         field = ".".join(loc)
         param = param or (loc[0] if loc else None)
-        kind = err.get("type", "")
         if kind == "extra_forbidden":
             messages.append(f"unrecognized request argument supplied: {field}")
         elif kind == "missing":

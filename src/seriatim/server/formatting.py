@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 
+from ..detokenizer import IncrementalDetokenizer
 from ..sampling import TokenLogprobs
 
 
@@ -24,19 +25,12 @@ class TokenTexts:
         self.tokenizer = tokenizer
         self._text: dict[int, str] = {}
         self._bytes: dict[int, bytes] = {}
-        self._visible: dict[int, str] = {}
 
     def piece(self, token_id: int) -> str:
         """The token decoded alone (special tokens spelled out)."""
         if token_id not in self._text:
             self._text[token_id] = self.tokenizer.decode([token_id])
         return self._text[token_id]
-
-    def visible(self, token_id: int) -> str:
-        """The token's text as it appears in generated text (special tokens dropped)."""
-        if token_id not in self._visible:
-            self._visible[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=True)
-        return self._visible[token_id]
 
     def raw_bytes(self, token_id: int) -> bytes:
         if token_id not in self._bytes:
@@ -66,23 +60,42 @@ class TokenTexts:
         return piece
 
 
+class TextOffsets:
+    """Where each token's text starts, for tokens decoded one after another into a text from `start` on.
+
+    Offsets follow the incremental decoding the text itself came from, so they stay inside it: a token
+    that is only part of a multi-byte character points at where that character begins."""
+
+    def __init__(self, tokenizer, start: int, *, skip_special_tokens: bool):
+        self._text = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+        self.position = start
+
+    def __call__(self, token_ids: list[int]) -> list[int]:
+        out = []
+        for tid in token_ids:
+            out.append(self.position)
+            self.position += len(self._text.push(tid))
+        return out
+
+
 def completion_logprobs(texts: TokenTexts, entries: list[TokenLogprobs | None], token_ids: list[int],
-                        offset: int) -> tuple[dict, int]:
-    """OpenAI completions `logprobs` (tokens, token_logprobs, top_logprobs, text_offset) and the
-    offset after the last token.
+                        offsets: TextOffsets) -> dict:
+    """OpenAI completions `logprobs`: tokens, token_logprobs, top_logprobs (the top N and, as OpenAI
+    always includes it, the chosen token) and text_offset.
 
     `entries[i]` is None where no log-probability exists (an echoed prompt's first token).
-    `offset` is where the first token's text starts in the choice's text.
     """
-    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    top_logprobs = []
     for tid, lp in zip(token_ids, entries):
-        tokens.append(texts.label(tid))
-        token_logprobs.append(None if lp is None else _finite(lp.logprob))
-        top_logprobs.append(None if lp is None else {texts.label(t): _finite(p) for t, p in lp.top})
-        text_offset.append(offset)
-        offset += len(texts.visible(tid))
-    out = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}
-    return out, offset
+        if lp is None:
+            top_logprobs.append(None)
+            continue
+        top = {texts.label(t): _finite(p) for t, p in lp.top}
+        top.setdefault(texts.label(tid), _finite(lp.logprob))
+        top_logprobs.append(top)
+    return {"tokens": [texts.label(t) for t in token_ids],
+            "token_logprobs": [None if lp is None else _finite(lp.logprob) for lp in entries],
+            "top_logprobs": top_logprobs, "text_offset": offsets(token_ids)}
 
 
 def chat_logprobs(texts: TokenTexts, entries: list[TokenLogprobs]) -> list[dict]:

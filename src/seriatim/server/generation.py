@@ -59,6 +59,9 @@ def check_n(n: int | None, prompts: int, config: ServerConfig) -> int:
         raise invalid(f"n must be in [1, {config.max_n}], got {n}", "n")
     if prompts * n > config.max_choices:
         raise invalid(f"{prompts} prompts x n={n} is more than {config.max_choices} choices in one request", "n")
+    if prompts * n > config.max_queue:  # every choice is one engine request: such a request could never start
+        raise invalid(f"{prompts} prompts x n={n} choices is more than the server's queue of {config.max_queue} "
+                      "requests (--max-queue) can ever hold", "n")
     return n
 
 
@@ -67,10 +70,9 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, seed_
     if req.logit_bias is not None:
         logit_bias = {}
         for k, v in req.logit_bias.items():
-            try:
-                logit_bias[int(k)] = v
-            except ValueError:
-                raise invalid(f"logit_bias keys must be token ids (integers), got {k!r}", "logit_bias") from None
+            if not (k.isascii() and k.lstrip("-").isdigit()):  # int() would also take " 5", "5_0", "٥"
+                raise invalid(f"logit_bias keys must be token ids (integers), got {k!r}", "logit_bias")
+            logit_bias[int(k)] = v
     stop = req.stop
     if isinstance(stop, list):
         stop = tuple(stop) or None

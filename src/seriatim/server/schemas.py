@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      model_validator)
 
 Number = StrictFloat | StrictInt
+
+
+def _unicode(text: str) -> str:
+    # JSON's \ud800 escapes decode to lone surrogates, which are not Unicode text and no tokenizer takes.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"contains a lone UTF-16 surrogate ({text[e.start]!r}), which is not valid Unicode") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode)]  # text that reaches the tokenizer
 
 
 class _Strict(BaseModel):
@@ -25,7 +38,7 @@ class _Sampling(_Strict):
     temperature: Number | None = None
     top_p: Number | None = None
     n: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | list[Text] | None = None
     seed: StrictInt | None = None
     presence_penalty: Number | None = None
     frequency_penalty: Number | None = None
@@ -39,9 +52,15 @@ class _Sampling(_Strict):
     repetition_penalty: Number | None = None
     ignore_eos: StrictBool | None = None
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
 
 class CompletionRequest(_Sampling):
-    prompt: StrictStr | list[StrictStr | StrictInt | list[StrictInt]]
+    prompt: Text | list[Text | StrictInt | list[StrictInt]]
     max_tokens: StrictInt | None = None
     logprobs: StrictInt | None = None
     echo: StrictBool | None = False
@@ -51,13 +70,19 @@ class CompletionRequest(_Sampling):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None  # None only for an assistant turn (OpenAI's tool-call form)
     name: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _content_unless_assistant(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
 
 class ResponseFormat(BaseModel):
@@ -77,7 +102,7 @@ class ChatCompletionRequest(_Sampling):
 
 class TokenizeRequest(_Strict):
     model: StrictStr | None = None
-    prompt: StrictStr | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: StrictBool = True
 
