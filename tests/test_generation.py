@@ -160,3 +160,19 @@ def test_request_metrics_time_every_token(tiny_llm):
         assert m.output_tokens == 6 and m.arrival <= m.scheduled <= m.first_token <= m.last_token <= m.finished
         assert m.inter_token_latency == pytest.approx((m.last_token - m.first_token) / 5)
         assert 0 < m.inter_token_latency <= m.max_inter_token
+
+
+def test_held_back_text_that_completes_a_stop_at_the_length_limit_finishes_as_stop(tiny_llm):
+    """The last allowed token leaves a character incomplete; flushed, its U+FFFD completes the stop string."""
+    from seriatim.detokenizer import IncrementalDetokenizer
+    from seriatim.sampling import SamplingState
+    from seriatim.sequence import Sequence
+
+    tok = tiny_llm.tokenizer
+    ids = tok.encode("aお", add_special_tokens=False)[:-1]  # "a" and part of "お"
+    params = SamplingParams(max_tokens=len(ids), stop=("a\ufffd",))
+    seq = Sequence(0, [5], params, SamplingState(params, [5], tiny_llm.config.vocab_size, "cpu"),
+                   IncrementalDetokenizer(tok, skip_special_tokens=True), frozenset(), 100)
+    deltas = [seq.append(t, None) for t in ids]
+    assert [d.finish_reason for d in deltas] == [None] * (len(ids) - 1) + ["stop"]
+    assert seq.text == "" and "".join(d.text for d in deltas) == ""

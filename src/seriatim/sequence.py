@@ -75,7 +75,8 @@ class Sequence:
             if self.stops.stopped:
                 self._finish("stop", "")
             elif len(self.output_ids) >= self.params.max_tokens or self.length >= self.max_length:
-                text += self._finish("length", self.stops.push(self.detokenizer.flush()))
+                rest = self.stops.push(self.detokenizer.flush())  # held-back bytes may complete a stop string
+                text += self._finish("stop" if self.stops.stopped else "length", rest)
         self.text += text
         return Delta(
             self.request_id, text, [token], [logprobs] if self.logprobs is not None else None,
