@@ -59,6 +59,12 @@ def test_bad_dtype(tiny_llama):
         LLM(str(tiny_llama[0] / "hf"), dtype="int3")
 
 
+@pytest.mark.parametrize("memory", [-5, 0, 100])
+def test_kv_cache_memory_below_one_block(tiny_llama, memory):
+    with pytest.raises(ValueError, match=f"kv_cache_memory of {memory} bytes is too small: this model needs at least"):
+        LLM(str(tiny_llama[0] / "hf"), dtype="float32", kv_cache_memory=memory)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

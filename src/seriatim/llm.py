@@ -89,17 +89,25 @@ class LLM:
         dtype = self.precision.activations
         if kv_cache_memory is None:  # a quarter of the free RAM (GPU memory on CUDA), at most 4 GiB
             kv_cache_memory = min(available_memory(self.device.type) // 4, 4 << 30)
-        rings = PagedKVCache.ring_bytes(self.config, dtype, max_running)
-        if kv_cache_memory <= rings:
-            raise ValueError(f"kv_cache_memory of {kv_cache_memory} bytes is too small: the sliding-window layers "
-                             f"of {max_running} running sequences take {rings} (lower max_running or give more)")
-        capacity = (kv_cache_memory - rings) // PagedKVCache.bytes_per_token(self.config, dtype)
         scheduling = SchedulerConfig(
-            max_step_tokens, max_running, capacity, prefix_caching=prefix_caching, deterministic=deterministic
+            max_step_tokens, max_running, self._kv_capacity(kv_cache_memory, dtype, max_running),
+            prefix_caching=prefix_caching, deterministic=deterministic,
         )
         self.engine = Engine(self.model, self.tokenizer, self.device, dtype, scheduling)
         # Deltas made for requests started by generate() or stream(), not yet read by their caller.
         self._outbox: dict[int, deque[tuple[Delta, Sequence]]] = {}
+
+    def _kv_capacity(self, memory: int, dtype: torch.dtype, max_running: int) -> int:
+        """Cache positions `memory` bytes hold, after the sliding-window layers' rings."""
+        rings = PagedKVCache.ring_bytes(self.config, dtype, max_running)
+        per_token = PagedKVCache.bytes_per_token(self.config, dtype)
+        block = SchedulerConfig.block_size * per_token
+        if memory < rings + block:
+            rings_part = f" plus {rings} for the sliding-window layers of {max_running} running sequences" if rings else ""
+            raise ValueError(f"kv_cache_memory of {memory} bytes is too small: this model needs at least "
+                             f"{rings + block} (one block of {SchedulerConfig.block_size} positions, {block} bytes"
+                             f"{rings_part})")
+        return (memory - rings) // per_token
 
     def _load(self, path: Path, progress: bool) -> tuple[Transformer, Tokenizer]:
         """The model and tokenizer: from the converted-weights cache in the compact fast mode when this
