@@ -42,6 +42,14 @@ def test_chat_keeps_history_until_empty_line(tiny_llama, capsys, monkeypatch):
     assert err.count("prompt tokens") == 2  # one reply per message, stats after each
 
 
+def test_a_failed_chat_turn_leaves_the_session_going(tiny_llama, capsys, monkeypatch):
+    too_long = "word " * 400  # over the tiny model's context
+    code, out, err = run(["chat", "--model", str(tiny_llama[0] / "hf"), "--temperature", "0", "--max-tokens", "4"],
+                         capsys, stdin=f"{too_long}\nhi\n\n", monkeypatch=monkeypatch)
+    assert code == 0 and "seriatim: error:" in err and "context" in err
+    assert err.count("prompt tokens") == 1  # the next turn was answered
+
+
 def test_models_lists_the_registry(capsys):
     code, out, _ = run(["models"], capsys)
     assert code == 0 and "smollm2-135m" in out

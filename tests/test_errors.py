@@ -73,10 +73,19 @@ def test_kv_cache_memory_below_one_block(tiny_llama, memory):
         (["generate", "hi", "--top-p", "1.5"], "top_p"),
         (["generate", "hi", "--top-k", "-2"], "top_k"),
         (["generate", "hi", "--max-tokens", "0"], "max_tokens"),
+        (["generate", "hi", "--threads", "100000"], "threads must be in [1, "),
+        (["generate", "hi", "--device", "tpu"], "unknown device 'tpu'"),
+        (["generate", "hi", "--threads", "abc"], "invalid int value: 'abc'"),
+        (["serve", "--port", "70000"], "a port is in [0, 65535]"),
+        (["serve", "--log-level", "bogus"], "invalid choice: 'bogus'"),
     ],
 )
 def test_cli_errors_are_one_line(argv, message, capsys):
-    assert main(argv) == 2
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own checks exit from parse_args
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("seriatim: error:") and message in err
     assert "\n" not in err and "Traceback" not in err
@@ -86,3 +95,15 @@ def test_cli_prompt_over_context(tiny_llama, capsys):
     long_prompt = "word " * 400
     assert main(["generate", long_prompt, "--model", str(tiny_llama[0] / "hf")]) == 2
     assert "context" in capsys.readouterr().err
+
+
+def test_incomplete_hf_config_is_a_value_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="config.json has no 'num_attention_heads', which a llama model needs"):
+        LLM(str(tmp_path), dtype="float32")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal where CUDA is absent")
+def test_cuda_without_cuda_is_refused_before_loading():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        LLM("no-such-model", device="cuda")

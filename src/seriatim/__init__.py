@@ -1,7 +1,16 @@
 """seriatim: autoregressive text generation, one token at a time."""
 
-from .llm import LLM
-from .outputs import CompletionOutput, Delta
-from .sampling import SamplingParams
+from __future__ import annotations
 
-__all__ = ["LLM", "SamplingParams", "CompletionOutput", "Delta"]
+import importlib
+
+# Exported lazily (PEP 562): `from seriatim import LLM` works as ever, while the command line's
+# `seriatim --help`, `models` or `pull` do not pay for importing PyTorch (~1 s) before they start.
+_EXPORTS = {"LLM": ".llm", "SamplingParams": ".sampling", "CompletionOutput": ".outputs", "Delta": ".outputs"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'seriatim' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

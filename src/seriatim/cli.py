@@ -6,10 +6,29 @@ import argparse
 import math
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from .bench import CONCURRENCY_ENGINES, ENGINES
-from .outputs import Delta, RequestMetrics
 from .registry import DEFAULT_MODEL, REGISTRY, installed_path, registry_entry
+
+if TYPE_CHECKING:  # PyTorch is imported by the commands that need it, inside main's error handling
+    from .outputs import Delta, RequestMetrics
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors in seriatim's one-line form (`seriatim: error: ...`, exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"seriatim: error: {message} (see {self.prog} --help)\n")
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in [0, 65535], got {port}")
+    return port
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +52,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seriatim", description="Generate text one token at a time.")
+    parser = _Parser(prog="seriatim", description="Generate text one token at a time.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="stream a completion of PROMPT")
     gen.add_argument("prompt")
@@ -88,7 +107,7 @@ def _print_stream(llm, deltas: Iterator[Delta], show_probs: bool) -> tuple[str, 
         if show_probs:
             for lp in delta.logprobs or []:
                 alts = ", ".join(f"{llm.tokenizer.decode([t])!r} {math.exp(p):.3f}" for t, p in lp.top)
-                print(f"{llm.tokenizer.decode([lp.token_id])!r:>16} p={math.exp(lp.logprob):.3f}  | {alts}")
+                print(f"{llm.tokenizer.decode([lp.token_id])!r:>16} p={math.exp(lp.logprob):.3f}  | {alts}", flush=True)
         else:
             sys.stdout.write(delta.text)
             sys.stdout.flush()
@@ -132,9 +151,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
             break
         if not line:
             break
-        messages.append({"role": "user", "content": line})
-        reply, metrics = _print_stream(llm, llm.stream(llm.chat_prompt(messages), params), args.show_probs)
-        messages.append({"role": "assistant", "content": reply})
+        try:
+            prompt = llm.chat_prompt([*messages, {"role": "user", "content": line}])
+            reply, metrics = _print_stream(llm, llm.stream(prompt, params), args.show_probs)
+        except ValueError as e:  # e.g. the history outgrew the context: the session goes on without this turn
+            print(f"seriatim: error: {e}", file=sys.stderr)
+            continue
+        messages += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
         _print_stats(metrics)
 
 
@@ -191,7 +214,7 @@ def _add_serve_parser(sub) -> None:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument("--port", type=_port, default=8000, help="0 picks a free port")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API routes")
     serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
     serve.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
@@ -199,7 +222,8 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--max-n", type=int, default=16, help="upper bound for n")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     serve.add_argument("--request-timeout", type=float, default=None, help="seconds per request, queueing included")
-    serve.add_argument("--log-level", default="warning", help="uvicorn's log level (info shows each request)")
+    serve.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
+                       help="uvicorn's log level (info shows each request)")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -224,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seriatim: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print(file=sys.stderr)  # end the line a stream was writing
         return 130
     return 0
 

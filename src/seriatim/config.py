@@ -139,6 +139,13 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     model_type = cfg.get("model_type", "?")
     if model_type not in _HF_MODEL_TYPES:
         raise unsupported_architecture(model_type)
+    try:
+        return _config_from_hf(cfg, model_type)
+    except KeyError as e:
+        raise ValueError(f"config.json has no {e.args[0]!r}, which a {model_type} model needs") from None
+
+
+def _config_from_hf(cfg: dict[str, Any], model_type: str) -> ModelConfig:
     arch = _HF_MODEL_TYPES[model_type]
     if cfg.get("attn_logit_softcapping") is not None:
         raise ValueError("unsupported attention logit soft-capping (Gemma 2 style)")

@@ -8,6 +8,11 @@ import os
 from pathlib import Path
 
 
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def physical_cores() -> int:
     """Cores, not hyper-threads: two threads of one core share the vector units matmuls saturate."""
     siblings = set()
@@ -16,7 +21,7 @@ def physical_cores() -> int:
             siblings.add(path.read_text().strip())
         except OSError:
             continue
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    usable = usable_cpus()
     return max(1, min(len(siblings) or usable, usable))
 
 

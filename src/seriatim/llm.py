@@ -12,7 +12,7 @@ import torch
 from . import converted
 from .chat_template import render_chat
 from .engine import Engine
-from .hardware import available_memory, keep_freed_memory, physical_cores
+from .hardware import available_memory, keep_freed_memory, physical_cores, usable_cpus
 from .loader import build_model, choose_precision, load
 from .model import Transformer
 from .outputs import CompletionOutput, Delta
@@ -74,12 +74,10 @@ class LLM:
         deterministic: bool = False,
     ):
         threads = physical_cores() if threads is None else threads
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        if not 1 <= threads <= usable_cpus():  # far more threads than CPUs only thrash (and 1e5 crash torch)
+            raise ValueError(f"threads must be in [1, {usable_cpus()}] (the CPUs this process may use), got {threads}")
         torch.set_num_threads(threads)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = _device(device)
         if self.device.type == "cpu":
             keep_freed_memory()
         self.precision = choose_precision(dtype, self.device)
@@ -200,6 +198,21 @@ class LLM:
 
     def add_request(self, prompt: Prompt, params: SamplingParams) -> int:
         return self.engine.add_request(self.encode_prompt(prompt), params)
+
+
+def _device(name: str) -> torch.device:
+    """The device `name` ("auto": CUDA when present), checked before anything is loaded onto it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported; use auto, cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available here (this PyTorch build or this machine has none)")
+    return device
 
 
 def _is_single_prompt(prompts: object) -> bool:

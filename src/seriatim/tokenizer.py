@@ -44,7 +44,7 @@ _BPE_SPLITS: dict[str, tuple[str, ...]] = {
 
 
 @cache
-def _byte_spelling() -> dict[int, str]:
+def byte_spelling() -> dict[int, str]:
     """GPT-2's printable stand-in for each byte: the alphabet byte-level vocabularies are written in."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     spelling = {byte: chr(byte) for byte in printable}
@@ -60,7 +60,7 @@ def _byte_level_bpe(meta: Mapping[str, Any]) -> HFTokenizer:
         raise ValueError(f"Unsupported GGUF pre-tokenizer {pre!r}; supported: {sorted(_BPE_SPLITS)}.")
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types: list[int] = meta.get("tokenizer.ggml.token_type") or []
-    spelling = _byte_spelling()
+    spelling = byte_spelling()
     alphabet = frozenset(spelling.values())
     # Some files store added tokens as raw text; the BPE model must see them in the byte alphabet.
     vocab = {

@@ -6,16 +6,13 @@ from functools import cache
 
 from ..detokenizer import IncrementalDetokenizer
 from ..sampling import TokenLogprobs
+from ..tokenizer import byte_spelling
 
 
 @cache
 def _byte_of_char() -> dict[str, int]:
     """The inverse of GPT-2's byte alphabet, in which byte-level BPE vocabularies are written."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    spelling = {b: chr(b) for b in printable}
-    others = [b for b in range(256) if b not in spelling]
-    spelling.update({b: chr(256 + i) for i, b in enumerate(others)})
-    return {c: b for b, c in spelling.items()}
+    return {char: byte for byte, char in byte_spelling().items()}
 
 
 class TokenTexts:
