@@ -232,6 +232,30 @@ def test_decode_attention_matches_sdpa_for_head_sizes(dim, group):
         assert rel(got[b], expected) < 5e-3  # bfloat16 output rounding; a misplaced head is ~1
 
 
+@needs_amx
+@pytest.mark.parametrize("batch, n, heads, kv_heads, dim, start, first, length, window", [
+    (1, 37, 9, 3, 64, 0, 0, 37, 0),     # a whole prompt, partial query and key blocks (SmolLM2's heads)
+    (3, 64, 9, 3, 64, 0, 0, 64, 0),     # prompts side by side (the engine's fresh runs)
+    (1, 20, 4, 2, 64, 50, 0, 70, 0),    # a chunk after 50 cached positions
+    (1, 33, 4, 1, 128, 10, 5, 38, 16),  # a sliding window, keys starting at position 5
+    (1, 5, 8, 4, 256, 3, 0, 8, 0),      # Gemma 3's head size
+    (1, 300, 2, 1, 64, 0, 0, 300, 0),   # many key steps: the running maximum moves and is rescaled
+])
+def test_prefill_attention_matches_float32_sdpa(batch, n, heads, kv_heads, dim, start, first, length, window):
+    gen = torch.Generator().manual_seed(n)
+    q = (3 * torch.randn(batch, n, heads, dim, generator=gen)).bfloat16()  # large scores: a sharp softmax
+    k, v = (torch.randn(batch, kv_heads, length, dim, generator=gen).bfloat16() for _ in range(2))
+    got = cpu_kernels.ops().prefill_attention(q, k, v, start, first, window, dim ** -0.5)
+    group = heads // kv_heads
+    queries = torch.arange(start, start + n)[:, None]
+    keys = torch.arange(first, first + length)[None, :]
+    visible = (keys <= queries) & ((keys > queries - window) if window else True)
+    expected = F.scaled_dot_product_attention(
+        q.float().transpose(1, 2), k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1),
+        attn_mask=visible, scale=dim ** -0.5).transpose(1, 2)
+    assert got.shape == expected.shape and rel(got, expected) < 5e-3  # bfloat16 rounding; a wrong key is ~1
+
+
 @needs_kernels
 @pytest.mark.parametrize("vocab", [1, 15, 16, 49152, 151_937])
 def test_argmax_rows_equals_torch(vocab):

@@ -10,7 +10,7 @@ import torch
 
 from seriatim import cpu_kernels
 from seriatim.config import ModelConfig
-from seriatim.kv_cache import attend
+from seriatim.kv_cache import attend, flash_kernel
 from seriatim.paged_kv import ROLLBACK, PagedAttention, PagedKVCache, PagedSpan
 
 CFG = ModelConfig(arch="llama", vocab_size=32, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=4,
@@ -53,10 +53,11 @@ def test_bfloat16_decodes_by_the_kernel_equal_sdpa(decodes_only):
         assert not torch.equal(got, expected)  # a different path (float32 inside, one rounding)
 
 
-def _prompts_pass(batched: bool, dtype: torch.dtype = torch.float32) -> tuple[PagedAttention, torch.Tensor, PagedKVCache]:
+def _prompts_pass(batched: bool, dtype: torch.dtype = torch.float32,
+                  cfg: ModelConfig = CFG) -> tuple[PagedAttention, torch.Tensor, PagedKVCache]:
     """Two decodes, three whole prompts of 5 tokens side by side, one of 3, and a chunk continuing a prompt."""
     gen = torch.Generator().manual_seed(1)
-    cache = PagedKVCache(CFG, num_blocks=64, block_size=BLOCK, dtype=dtype, device=torch.device("cpu"))
+    cache = PagedKVCache(cfg, num_blocks=64, block_size=BLOCK, dtype=dtype, device=torch.device("cpu"))
     cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
     cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
     seqs = [([5, 2], 6, 1), ([10, 11], 0, 5), ([13, 3], 0, 5), ([20, 22], 0, 5), ([30], 0, 3), ([40, 41], 4, 3),
@@ -64,10 +65,10 @@ def _prompts_pass(batched: bool, dtype: torch.dtype = torch.float32) -> tuple[Pa
     spans = [PagedSpan(start, new, cache.slots(t, start, start + new), cache.slots(t, 0, start + new))
              for t, start, new in seqs]
     tokens = sum(new for *_, new in seqs)
-    q = torch.randn(tokens, CFG.num_heads, CFG.head_dim, generator=gen).to(dtype)
-    k, v = (torch.randn(tokens, CFG.num_kv_heads, CFG.head_dim, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(tokens, cfg.num_heads, cfg.head_dim, generator=gen).to(dtype)
+    k, v = (torch.randn(tokens, cfg.num_kv_heads, cfg.head_dim, generator=gen).to(dtype) for _ in range(2))
     backend = PagedAttention(cache, spans, batch_decodes=batched)
-    return backend, backend.attend(0, q, k, v, CFG.attn_scale, None), cache
+    return backend, backend.attend(0, q, k, v, cfg.attn_scale, None), cache
 
 
 def test_whole_prompts_of_one_length_attend_in_one_call_as_one_by_one():
@@ -86,6 +87,17 @@ def test_whole_prompts_in_bfloat16_with_the_decode_kernel_around_them():
     torch.testing.assert_close(got[prompts], expected[prompts], rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
     assert torch.equal(cache.k, reference_cache.k) and torch.equal(cache.v, reference_cache.v)
+
+
+@pytest.mark.skipif(flash_kernel(torch.zeros(1, 64, dtype=torch.bfloat16)) is None, reason="needs AMX")
+def test_prompts_by_the_prefill_kernel_equal_float32():
+    """With 64-dim heads in bfloat16 on AMX, the whole prompts side by side and the continued chunk attend
+    by seriatim's prefill kernel (the decodes by the decode kernel): the float32 result to bfloat16's
+    precision."""
+    cfg = dataclasses.replace(CFG, hidden_size=256, head_dim=64)
+    _, got, _ = _prompts_pass(True, torch.bfloat16, cfg)
+    _, expected, _ = _prompts_pass(False, torch.float32, cfg)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
 
 
 SLIDING = dataclasses.replace(CFG, num_layers=2, sliding_window=6, sliding_layers=(True, False))

@@ -6,6 +6,7 @@
 - amx_mm.cpp: int4 and int8 weights times a few to a hundred activation rows on AMX tiles (batched decode).
 - decode_attention.cpp: one query per sequence over its cached keys and values, read in place.
 - decode_layer.cpp: a Llama-family decoder layer of a decoding pass as one op (fused_decode.py).
+- prefill_attention.cpp: causal attention of prompt chunks on AMX tiles (flash-style, online softmax).
 - argmax.cpp: row-wise argmax of float32 logits (greedy picks), torch.argmax's indices.
 
 The first use compiles them (about 30 s, with a notice) into `<cache>/kernels/<key>`, the key
@@ -73,7 +74,8 @@ def amx() -> bool:
 @functools.cache
 def ops() -> object | None:
     """`torch.ops.seriatim` (int4_dequantize_t, rms_norm, rotary, silu_mul, int4_gemv, int8_gemv,
-    int4_mm_amx, int8_mm_amx, decode_attention, decode_layer, argmax_rows), or None where unavailable.
+    int4_mm_amx, int8_mm_amx, decode_attention, decode_layer, prefill_attention, argmax_rows), or None where
+    unavailable.
     The AMX ones (and decode_layer given AMX paths) may run only where `amx()` says so."""
     if os.environ.get("SERIATIM_KERNELS", "1") == "0" or not _cpu_supports():
         return None
@@ -94,3 +96,9 @@ def for_tensor(x: torch.Tensor) -> object | None:
     """The kernels where they serve activations like x: bfloat16 on the CPU. Else None: the float32
     reference and CUDA run tensor ops, which the fused kernels equal up to bfloat16 rounding."""
     return ops() if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
+
+
+def amx_for_tensor(x: torch.Tensor) -> object | None:
+    """The kernels where their AMX ones may serve activations like x (bfloat16 on a CPU with AMX); else None."""
+    ops = for_tensor(x)
+    return ops if ops is not None and amx() else None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .config import ModelConfig
 
 MaskKey = tuple[int, int, int, int | None]
@@ -114,6 +115,8 @@ def attend(
     if window is not None and first < start - window + 1:  # drop the keys no query can see any more
         drop = start - window + 1 - first
         k, v, first = k[:, drop:], v[:, drop:], first + drop
+    if n > 1 and (ops := flash_kernel(q)) is not None:
+        return ops.prefill_attention(q[None], k[None], v[None], start, first, window or 0, scale)[0]
     k, v = k.unsqueeze(0), v.unsqueeze(0)
     if n == 1:
         # One query sees every remaining key: fold the query heads sharing a KV head into the
@@ -129,6 +132,13 @@ def attend(
         is_causal=plain_causal, scale=scale, enable_gqa=True,
     )
     return out[0].transpose(0, 1)
+
+
+def flash_kernel(q: torch.Tensor) -> object | None:
+    """seriatim's kernels where their prefill attention (csrc/prefill_attention.cpp, ~1.5x torch's flash
+    attention) serves queries like q: bfloat16 on a CPU with AMX, head size a multiple of 32 up to 256."""
+    dim = q.shape[-1]
+    return cpu_kernels.amx_for_tensor(q) if dim % 32 == 0 and dim <= 256 else None
 
 
 def _mask(first: int, start: int, n: int, window: int | None, device: torch.device) -> torch.Tensor:

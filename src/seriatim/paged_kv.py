@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import cpu_kernels
 from .config import ModelConfig
-from .kv_cache import MaskKey, attend, ring_store
+from .kv_cache import MaskKey, attend, flash_kernel, ring_store
 
 ROLLBACK = 16  # positions a ring keeps beyond its window, so rejected speculative tokens can be rolled back
 
@@ -251,9 +251,11 @@ def _fresh_batch(k_store: torch.Tensor, v_store: torch.Tensor, run: list[tuple[s
     _store(k_store, writes, k[a:b])
     _store(v_store, writes, v[a:b])
     heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
+    keys, values = (x[a:b].view(groups, n, kv_heads, dim).transpose(1, 2) for x in (k, v))  # [G, Hkv, n, Dh]
+    if (ops := flash_kernel(q)) is not None:
+        return ops.prefill_attention(q[a:b].view(groups, n, heads, dim), keys, values, 0, 0, 0, scale).view(-1, heads, dim)
     out = F.scaled_dot_product_attention(
-        q[a:b].view(groups, n, heads, dim).transpose(1, 2), k[a:b].view(groups, n, kv_heads, dim).transpose(1, 2),
-        v[a:b].view(groups, n, kv_heads, dim).transpose(1, 2), is_causal=True, scale=scale, enable_gqa=True,
+        q[a:b].view(groups, n, heads, dim).transpose(1, 2), keys, values, is_causal=True, scale=scale, enable_gqa=True,
     )
     return out.transpose(1, 2).reshape(groups * n, heads, dim)
 

@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "amx.h"
 #include "ops.h"
 #include "simd.h"
 
@@ -25,26 +26,10 @@ namespace {
 
 using namespace seriatim;
 
-constexpr int kTile = 16;       // rows of a tile, and activation rows per pass
 constexpr int kStep = 32;       // bfloat16 values in a tile row (64 bytes): columns per step
 constexpr int64_t kBlock = kInt4Block;  // four C tiles
 constexpr int kTileElems = kTile * kStep;
 constexpr int kPrefetch = 2048;  // bytes ahead of the packed int4 columns being read, as in gemv.cpp
-
-// Every tile 16 rows of 64 bytes. Tile state belongs to a thread: set up per parallel chunk, then released.
-struct Tiles {
-  struct alignas(64) Config {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-  };
-  Tiles() {
-    Config cfg;
-    for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = kTile;
-    _tile_loadconfig(&cfg);
-  }
-  ~Tiles() { _tile_release(); }
-};
 
 // ---- int4 [N, K] in torch's packed layout: C[m, n] over 64-output blocks, the nibbles as B tiles --------
 //
