@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from seriatim import SamplingParams
-from seriatim.async_engine import AsyncEngine, EngineError, EngineShutDown, QueueFull, prompt_logprobs
+from seriatim.async_engine import AsyncEngine, EngineError, EngineShutDown, QueueFull
+from seriatim.scoring import prompt_logprobs
 
 
 def prompt_ids(llm, n: int, seed: int = 0) -> list[int]:
@@ -211,7 +212,7 @@ def test_prompt_logprobs_are_raw_model_logprobs(tiny_llm):
     prompt = prompt_ids(tiny_llm, 40, 3)
     logits = run_chunks(tiny_llm, prompt, [len(prompt)])
     ref = torch.log_softmax(logits, -1)
-    got = prompt_logprobs(tiny_llm.model, prompt, top_n=3, device=tiny_llm.device, chunk=16)  # 3 chunks
+    got = prompt_logprobs(tiny_llm.model, prompt, 3, torch.float32, tiny_llm.device, chunk=16)  # 3 chunks
     assert got[0] is None and len(got) == len(prompt)
     for pos in range(1, len(prompt)):
         lp = got[pos]

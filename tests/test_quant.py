@@ -13,7 +13,6 @@ Stated tolerances (relative: max |error| / max |float32 value|):
 from __future__ import annotations
 
 import gguf
-import numpy as np
 import pytest
 import torch
 

@@ -407,10 +407,13 @@ def test_64_concurrent_streams(server, tiny_llm):
 
 
 def test_metrics_text(server):
+    httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}).raise_for_status()
     text = httpx.get(server.url + "/metrics").text
     for name in ("seriatim_http_requests_total", "seriatim_prompt_tokens_total", "seriatim_generation_tokens_total",
                  "seriatim_time_to_first_token_seconds_bucket", "seriatim_inter_token_latency_seconds_bucket",
-                 "seriatim_requests_running", "seriatim_requests_waiting", "seriatim_kv_cache_usage_ratio"):
+                 "seriatim_requests_running", "seriatim_requests_waiting", "seriatim_kv_cache_usage_ratio",
+                 "seriatim_prefix_cache_hit_rate", "seriatim_preemptions_total", "seriatim_engine_step_tokens"):
         assert name in text
     assert server.metric("seriatim_generation_tokens_total") > 0
+    assert server.metric("seriatim_engine_steps_total") > 0 and server.metric("seriatim_engine_step_tokens") >= 1
     assert not math.isnan(server.metric("seriatim_time_to_first_token_seconds_count"))

@@ -11,19 +11,21 @@ condition variable; it never spins.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence as Seq
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
-
-from .kv_cache import attend
 from .outputs import Delta
-from .sampling import SamplingParams, TokenLogprobs
+from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .engine import Engine, EngineMetrics
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class EngineShutDown(RuntimeError):
@@ -59,11 +61,11 @@ class AsyncEngine:
     raises `QueueFull`. `None` means no bound.
     """
 
-    def __init__(self, engine: Any, *, max_requests: int | None = None):
+    def __init__(self, engine: Engine, *, max_requests: int | None = None):
         self.engine = engine
         self.max_requests = max_requests
         self.counts = EngineCounts()
-        self.engine_metrics: Any = None  # the engine's `metrics` snapshot after the last step, if it has one
+        self.engine_metrics: EngineMetrics | None = None  # the engine's `metrics` after the last step
         self._cond = threading.Condition()
         self._inbox: list[Callable[[], None]] = []
         self._streams: dict[int, _Stream] = {}  # engine-thread only
@@ -227,8 +229,8 @@ class AsyncEngine:
             for fn in leftovers:  # adds refuse (stopping); other calls run or fail in their futures
                 try:
                     fn()
-                except Exception:  # noqa: BLE001
-                    pass
+                except Exception:  # noqa: BLE001 - the engine is going down anyway; say what failed
+                    log.exception("a call left for the stopping engine failed")
             self._fail_all(EngineShutDown("the engine stopped"))
 
     def _step(self) -> None:
@@ -240,8 +242,8 @@ class AsyncEngine:
             for rid in list(self._streams):
                 try:
                     self.engine.abort(rid)
-                except Exception:  # noqa: BLE001
-                    pass
+                except Exception:  # noqa: BLE001 - its stream gets the step's error below either way
+                    log.exception("aborting request %d after a failed step failed too", rid)
             self._fail_all(err)
             return
         out: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Delta]]] = {}
@@ -301,16 +303,8 @@ class AsyncEngine:
 
     def _update_counts(self) -> None:
         """Refresh `counts` and `engine_metrics` (a snapshot taken here, in the engine thread)."""
-        try:
-            self.engine_metrics = getattr(self.engine, "metrics", None)
-        except Exception:  # noqa: BLE001 - metrics are optional
-            self.engine_metrics = None
-        m = self.engine_metrics
-        running, waiting = getattr(m, "running", None), getattr(m, "waiting", None)
-        if isinstance(running, int) and isinstance(waiting, int):
-            self.counts.running, self.counts.waiting = running, waiting
-        else:  # an engine without metrics: count everything in flight as running
-            self.counts.running, self.counts.waiting = len(self._streams), 0
+        m = self.engine_metrics = self.engine.metrics
+        self.counts.running, self.counts.waiting = m.running, m.waiting
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Any]]) -> None:
@@ -322,54 +316,3 @@ def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, A
         loop.call_soon_threadsafe(put)
     except RuntimeError:  # the loop is closed: nobody is listening any more
         pass
-
-
-# ---- prompt log-probabilities (for `echo` with `logprobs`) ------------------------------------
-
-
-class _PromptAttention:
-    """A throwaway AttentionBackend: keeps each layer's keys/values in plain tensors (kv_cache.attend masks)."""
-
-    def __init__(self) -> None:
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-
-    def attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
-    ) -> torch.Tensor:
-        if layer in self.k:
-            k, v = torch.cat([self.k[layer], k]), torch.cat([self.v[layer], v])
-        self.k[layer], self.v[layer] = k, v
-        start = k.shape[0] - q.shape[0]
-        return attend(q, k.transpose(0, 1), v.transpose(0, 1), start, scale, window, {})
-
-    def decode_kernel_args(self, layer: int) -> None:
-        """Plain tensors: never the decode-attention kernel's pooled arguments."""
-        return None
-
-
-@torch.inference_mode()
-def prompt_logprobs(
-    model: Any, prompt_ids: Seq[int], top_n: int, device: torch.device | str = "cpu", chunk: int = 256
-) -> list[TokenLogprobs | None]:
-    """Raw model log-probabilities of each prompt token given the ones before it.
-
-    The first token has none (None). One forward pass over the prompt, in chunks of `chunk`
-    tokens, outside the engine's KV cache. Run it in the engine thread (`run_in_engine_thread`).
-    """
-    ids = [int(t) for t in prompt_ids]
-    backend = _PromptAttention()
-    out: list[TokenLogprobs | None] = [None]
-    for start in range(0, len(ids) - 1, chunk):
-        end = min(start + chunk, len(ids) - 1)  # positions whose next token is in the prompt
-        tokens = torch.tensor(ids[start:end], dtype=torch.long, device=device)
-        hidden = model(tokens, torch.arange(start, end, device=device), backend)
-        logp = model.logits(hidden).log_softmax(-1)
-        targets = torch.tensor(ids[start + 1 : end + 1], dtype=torch.long, device=device)
-        chosen = logp.gather(-1, targets[:, None])[:, 0].tolist()
-        if top_n:
-            top_lp, top_ids = (t.tolist() for t in logp.topk(min(top_n, logp.shape[-1]), dim=-1))
-        for j, tok in enumerate(ids[start + 1 : end + 1]):
-            top = list(zip(top_ids[j], top_lp[j])) if top_n else []
-            out.append(TokenLogprobs(tok, chosen[j], top))
-    return out

@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-_CONCURRENT = 64  # new tokens per request in the concurrency benchmark (bench_worker.CONCURRENT_TOKENS)
+from .bench_worker import CONCURRENT_TOKENS
+
 ENGINES = ("seriatim", "llama.cpp", "llama.cpp-fa", "transformers-f32", "transformers-bf16")
 CONCURRENCY_ENGINES = ("seriatim", "seriatim-deterministic", "transformers-bf16", "llama.cpp")
 _TEXT = (
@@ -145,7 +146,7 @@ def format_concurrency(results: list[dict], meta: dict) -> str:
     ok = [r for r in results if "error" not in r]
     levels = list(ok[0]["levels"]) if ok else []
     lines = [f"model {meta['model']}  device {meta['device']}  threads {meta['threads']}  "
-             f"{_CONCURRENT} new tokens per request, all submitted at once; medians of {meta['runs']} runs "
+             f"{CONCURRENT_TOKENS} new tokens per request, all submitted at once; medians of {meta['runs']} runs "
              "(aggregate tok/s | mean TTFT ms)"]
     lines += _per_level(ok, levels, "levels", lambda f: f"{f['tok_s']:13.1f} | {f['ttft_ms']:9.0f} ms", 28)
     lines += [f"{r['engine']}: skipped: {r['error']}" for r in results if "error" in r]

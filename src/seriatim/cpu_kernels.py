@@ -65,8 +65,8 @@ def _build(folder: Path) -> None:
 
 @functools.cache
 def amx() -> bool:
-    """Whether the AMX kernels (amx_mm.cpp) may run: the CPU has AMX (tiles, BF16 and INT8 products) and
-    Linux grants the tile state."""
+    """Whether the AMX kernels (amx_mm.cpp, prefill_attention.cpp) may run: the CPU has AMX (tiles, BF16 and
+    INT8 products) and Linux grants the tile state."""
     init = getattr(torch._C._cpu, "_init_amx", None)  # asks Linux for the permission (arch_prctl)
     return {"amx_tile", "amx_bf16", "amx_int8"} <= cpu_flags() and init is not None and bool(init())
 

@@ -27,7 +27,8 @@ from .tokenizer import Tokenizer
 
 @dataclass
 class EngineStats:
-    """Counters kept for export (the server's /metrics)."""
+    """Counters of the engine's work: `steps` and `step_tokens` reach the server's /metrics (which counts
+    requests and tokens itself); the rest serve the Python API, benchmarks and tests."""
 
     steps: int = 0
     step_tokens: int = 0  # tokens fed in the last step
@@ -48,6 +49,20 @@ class EngineMetrics:
     prefix_hit_rate: float
     preemptions: int
     stats: EngineStats
+
+
+def validate_prompt(prompt_ids: Seq[int], vocab: int, context: int) -> list[int]:
+    """The prompt as ints; ValueError unless it is non-empty, in the vocabulary and leaves room for output."""
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise ValueError("prompt is empty")
+    bad = next((t for t in prompt if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+    if len(prompt) >= context:
+        raise ValueError(f"prompt has {len(prompt)} tokens but the model's context is {context} tokens "
+                         "(at least one must remain for output)")
+    return prompt
 
 
 class Engine:
@@ -77,7 +92,6 @@ class Engine:
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams) -> int:
         """Validate and queue a tokenized prompt; returns the request id."""
         prompt = self.validate_prompt(prompt_ids)
-        params.validate_for_vocab(self.model.cfg.vocab_size)
         rid = next(self._ids)
         seq = Sequence(
             request_id=rid,
@@ -93,19 +107,7 @@ class Engine:
         return rid
 
     def validate_prompt(self, prompt_ids: Seq[int]) -> list[int]:
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError("prompt is empty")
-        vocab = self.model.cfg.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if len(prompt) >= self.context_length:
-            raise ValueError(
-                f"prompt has {len(prompt)} tokens but the model's context is {self.context_length} tokens "
-                "(at least one must remain for output)"
-            )
-        return prompt
+        return validate_prompt(prompt_ids, self.model.cfg.vocab_size, self.context_length)
 
     def abort(self, request_id: int) -> Delta | None:
         """Cancel a waiting or running request; its cache is freed at once."""

@@ -1,9 +1,8 @@
-"""Key/value cache and the attention over it.
+"""Attention over a sequence's keys and values (`attend`, used by the engine's paged cache too), and a
+plain per-sequence cache for work outside the engine (scoring.py: perplexity, prompt logprobs).
 
-Each sequence owns a contiguous cache of exactly the size it can reach
-(prompt + max new tokens, capped by the context), so nothing grows or is
-copied while decoding. A sliding-window layer keeps only its last `window`
-positions, in a ring: position p lives in slot p % window.
+A `SequenceCache` is contiguous and of exactly the size its text needs. A sliding-window layer keeps
+only its last `window` positions, in a ring: position p lives in slot p % window.
 """
 
 from __future__ import annotations
@@ -29,13 +28,6 @@ class SequenceCache:
         self.v = [torch.empty(cfg.num_kv_heads, n, cfg.head_dim, dtype=dtype, device=device) for n in sizes]
         self.capacity = capacity
         self.length = 0  # tokens whose K/V are stored
-
-    def truncate(self, length: int) -> None:
-        """Forget everything from `length` on (e.g. rejected speculative tokens)."""
-        # A full ring rolled back by more than one token would need keys it has already overwritten.
-        if self.length - length > 1 and any(self.length > k.shape[1] for k in self.k):
-            raise ValueError(f"cannot roll a sliding-window cache back from {self.length} to {length} tokens")
-        self.length = min(self.length, length)
 
     def store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the K/V of positions [start, start + n) (k/v: [n, Hkv, Dh]); return the keys and values the

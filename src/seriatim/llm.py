@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from . import converted
-from .chat_template import render_chat
 from .engine import Engine
 from .hardware import available_memory, keep_freed_memory, physical_cores, usable_cpus
 from .loader import build_model, choose_precision, load
@@ -188,13 +187,9 @@ class LLM:
         return self.generate(self.chat_prompt(messages), params)[0]
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        tok = self.tokenizer
-        if tok.chat_template is None:
-            raise ValueError("this model has no chat template; use generate() with a plain prompt")
-        text = render_chat(tok.chat_template, messages, add_generation_prompt=True,
-                           bos_token=tok.bos_token, eos_token=tok.eos_token)
+        """The token ids of `messages` rendered by the model's chat template, with the generation prompt."""
         # The template writes any BOS itself, so the tokenizer must not add another.
-        return tok.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), add_special_tokens=False)
 
     def add_request(self, prompt: Prompt, params: SamplingParams) -> int:
         return self.engine.add_request(self.encode_prompt(prompt), params)

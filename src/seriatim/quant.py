@@ -1,7 +1,10 @@
-"""Weights kept compact in memory, multiplied without being expanded.
+"""Weights kept compact in memory, and the product that serves each number of rows.
 
-PyTorch's CPU kernels multiply bfloat16 activations by two compact forms:
-group-wise (32) asymmetric int4, and int8 with one scale per output row.
+Two compact forms, multiplied with bfloat16 activations: group-wise (32)
+asymmetric int4, and int8 with one scale per output row. A product takes a
+vector kernel (seriatim's or PyTorch's weight-only ones) for a row or a few,
+seriatim's AMX kernels for more, and for long chunks the weight expanded to
+bfloat16 just before one dense matmul (`product_path`).
 Every GGUF block type goes to the nearest of the two:
 
 - Q4_0, Q4_1, Q4_K -> int4. Their blocks *are* a scale, a minimum and 32
@@ -145,7 +148,8 @@ def int8_from_blocks(w: BlockWeight) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T with W as group-wise asymmetric int4 (torch's CPU int4 kernel, bfloat16 activations)."""
+    """y = x W^T with W as group-wise asymmetric int4 in torch's packed CPU layout (bfloat16 activations),
+    by the product `product_path` picks for the number of rows."""
 
     def __init__(self, weight: torch.Tensor, scales_zeros: torch.Tensor):
         """weight: the kernel's packed form [N, K/2] (uint8); scales_zeros: [K/32, N, 2]."""

@@ -112,7 +112,8 @@ def registry_entry(name: str) -> RegistryEntry:
 
 
 def cache_dir() -> Path:
-    """Where assembled model files live: `$SERIATIM_CACHE`, else ~/.cache/seriatim/models."""
+    """seriatim's cache: `$SERIATIM_CACHE`, else ~/.cache/seriatim/models. It holds the assembled model
+    files, and the converted weights (`converted/`) and compiled kernels (`kernels/`)."""
     return Path(os.environ.get("SERIATIM_CACHE") or Path.home() / ".cache" / "seriatim" / "models").expanduser()
 
 

@@ -1,4 +1,5 @@
-// Compact weights (quant.py) times a few to a hundred activation rows on AMX tiles (batched decode, short chunks).
+// Compact weights (quant.py) times 2 to 223 (int4) or 4 to 511 (int8) activation rows on AMX tiles (batched
+// decode, chunks of prompt), where quant.product_path sends them.
 //
 // torch's weight-only kernels (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) are matrix-vector
 // products in a loop over activation rows: a step of sixteen sequences costs about sixteen of one. Here

@@ -8,7 +8,8 @@ import uuid
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from ..async_engine import EngineShutDown, prompt_logprobs
+from ..async_engine import EngineShutDown
+from ..scoring import prompt_logprobs
 from ..sampling import MAX_LOGPROBS
 from .errors import APIError, invalid
 from .formatting import TextOffsets, TokenTexts, completion_logprobs
@@ -66,7 +67,7 @@ async def create_completion(body: CompletionRequest, request: Request, state, me
         for i, (_, ids) in enumerate(prompts):
             try:
                 entries = await engine.run_in_engine_thread(
-                    lambda ids=ids: prompt_logprobs(llm.model, ids, body.logprobs, llm.device))
+                    lambda ids=ids: prompt_logprobs(llm.model, ids, body.logprobs, llm.engine.kv_dtype, llm.device))
             except EngineShutDown:
                 raise APIError(503, "the server is shutting down") from None
             # The echoed text is the prompt decoded with its special tokens (or as given, when given as text).

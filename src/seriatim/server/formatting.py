@@ -40,7 +40,7 @@ class TokenTexts:
                     candidate = bytes(table[c] for c in spelled)
                     if "\ufffd" in piece or candidate.decode("utf-8", "replace") == piece:
                         data = candidate
-            except (IndexError, AttributeError):
+            except IndexError:  # a row of a padded vocabulary, unknown to the tokenizer: the text's bytes
                 pass
             self._bytes[token_id] = data
         return self._bytes[token_id]

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, fields as dc_fields
 
 from ..async_engine import AsyncEngine, EngineError, EngineShutDown, QueueFull
+from ..engine import validate_prompt
 from ..outputs import Delta
 from ..sampling import SamplingParams, TokenLogprobs
 from .errors import APIError, invalid
@@ -29,15 +30,11 @@ def param_error(e: ValueError) -> APIError:
 
 
 def check_prompt(ids: list[int], vocab_size: int, context: int, param: str = "prompt") -> None:
-    if not ids:
-        raise invalid("prompt is empty", param)
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise invalid(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})", param)
-    if len(ids) >= context:
-        raise invalid(
-            f"prompt has {len(ids)} tokens but the model's context is {context} tokens "
-            "(at least one must remain for output)", param, "context_length_exceeded")
+    """The engine's prompt checks (engine.validate_prompt) as 400s naming `param`."""
+    try:
+        validate_prompt(ids, vocab_size, context)
+    except ValueError as e:
+        raise invalid(str(e), param, "context_length_exceeded" if "context" in str(e) else None) from None
 
 
 def max_new_tokens(requested: int | None, default: int | None, prompt_len: int, context: int,

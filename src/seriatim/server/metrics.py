@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from ..async_engine import AsyncEngine, EngineCounts
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -18,59 +19,40 @@ _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120
 class _EngineCollector(Collector):
     """Values read from the engine at scrape time: queue sizes, totals, KV-cache figures."""
 
-    def __init__(self, source: Callable[[], Any]):
+    def __init__(self, source: Callable[[], AsyncEngine | None]):
         self.source = source  # -> the AsyncEngine, or None while the model loads
 
     def collect(self) -> Iterator:
         ae = self.source()
-        counts = getattr(ae, "counts", None)
-        running = GaugeMetricFamily("seriatim_requests_running", "Requests in the running batch")
-        waiting = GaugeMetricFamily("seriatim_requests_waiting", "Requests queued, not yet running")
-        running.add_metric([], counts.running if counts else 0)
-        waiting.add_metric([], counts.waiting if counts else 0)
-        yield running
-        yield waiting
-        for name, attr, doc in (("seriatim_requests_finished", "finished", "Requests that ended with stop or length"),
-                                ("seriatim_requests_aborted", "aborted", "Requests aborted (disconnect, timeout, shutdown)")):
-            c = CounterMetricFamily(name, doc)
-            c.add_metric([], getattr(counts, attr, 0) if counts else 0)
-            yield c
-        m = getattr(ae, "engine_metrics", None)  # snapshot taken in the engine thread
-        stats = getattr(m, "stats", None)
-        for name, attr, doc in (("seriatim_engine_steps", "steps", "Forward passes run by the engine"),
-                                ("seriatim_preemptions", "preemptions", "Sequences preempted to free KV memory")):
-            value = _first_number(stats if attr == "steps" else m, (attr,))
-            if value is not None:
-                c = CounterMetricFamily(name, doc)
-                c.add_metric([], value)
-                yield c
-        used, free = _first_number(m, ("kv_blocks_used",)), _first_number(m, ("kv_blocks_free",))
-        usage = used / (used + free) if used is not None and free is not None and used + free > 0 else None
-        hit_rate = _first_number(m, ("prefix_hit_rate", "prefix_cache_hit_rate"))
-        for name, value, doc in (("seriatim_kv_cache_usage_ratio", usage, "Fraction of the KV-cache blocks in use"),
-                                 ("seriatim_prefix_cache_hit_rate", hit_rate,
-                                  "Fraction of prompt tokens served from the prefix cache")):
-            if value is not None:
-                g = GaugeMetricFamily(name, doc)
-                g.add_metric([], value)
-                yield g
+        counts = ae.counts if ae is not None else EngineCounts()
+        yield _metric(GaugeMetricFamily, "seriatim_requests_running", "Requests in the running batch", counts.running)
+        yield _metric(GaugeMetricFamily, "seriatim_requests_waiting", "Requests queued, not yet running", counts.waiting)
+        yield _metric(CounterMetricFamily, "seriatim_requests_finished", "Requests that ended with stop or length",
+                      counts.finished)
+        yield _metric(CounterMetricFamily, "seriatim_requests_aborted", "Requests aborted (disconnect, timeout, shutdown)",
+                      counts.aborted)
+        m = ae.engine_metrics if ae is not None else None  # a snapshot taken in the engine thread; None before a step
+        if m is None:
+            return
+        blocks = m.kv_blocks_used + m.kv_blocks_free
+        yield _metric(CounterMetricFamily, "seriatim_engine_steps", "Forward passes run by the engine", m.stats.steps)
+        yield _metric(GaugeMetricFamily, "seriatim_engine_step_tokens", "Tokens fed to the last forward pass",
+                      m.stats.step_tokens)
+        yield _metric(CounterMetricFamily, "seriatim_preemptions", "Sequences preempted to free KV memory", m.preemptions)
+        yield _metric(GaugeMetricFamily, "seriatim_kv_cache_usage_ratio", "Fraction of the KV-cache blocks in use",
+                      m.kv_blocks_used / blocks if blocks else 0.0)
+        yield _metric(GaugeMetricFamily, "seriatim_prefix_cache_hit_rate",
+                      "Fraction of prompt tokens served from the prefix cache", m.prefix_hit_rate)
 
 
-def _first_number(obj: Any, attrs: tuple[str, ...]) -> float | None:
-    for attr in attrs:
-        v = obj.get(attr) if isinstance(obj, dict) else getattr(obj, attr, None)
-        if callable(v):
-            try:
-                v = v()
-            except Exception:  # noqa: BLE001 - a metric must never break a scrape
-                continue
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-    return None
+def _metric(family: type, name: str, doc: str, value: float):
+    metric = family(name, doc)
+    metric.add_metric([], value)
+    return metric
 
 
 class Metrics:
-    def __init__(self, engine_source: Callable[[], Any]):
+    def __init__(self, engine_source: Callable[[], AsyncEngine | None]):
         disable_created_metrics()  # no `_created` series: they double the output and nobody reads them
         self.registry = CollectorRegistry()
         r = self.registry
