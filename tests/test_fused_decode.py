@@ -17,9 +17,7 @@ def generate(llm: LLM, fused: bool, monkeypatch) -> tuple[list, int]:
     runs = []
     original = FusedDecode.run
     monkeypatch.setattr(FusedDecode, "run", lambda self, *a: runs.append(1) or original(self, *a))
-    llm.model.__dict__.pop("fused_decode", None)  # made again on next use
-    if not fused:
-        llm.model.__dict__["fused_decode"] = None
+    llm.engine.fused = FusedDecode.of(llm.model) if fused else None
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
     outs = [llm.generate(prompt, params)[0] for prompt in ([5, 9, 11], [40, 41, 42, 43, 44, 45, 46], [7])]
     return [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs]) for o in outs], len(runs)
@@ -57,12 +55,10 @@ def test_batched_decodes_fuse_on_the_products_the_modules_pick(tiny_llama, monke
     original = FusedDecode.run
     monkeypatch.setattr(FusedDecode, "run", lambda self, i, x, *a: batch_sizes.append(len(x)) or original(self, i, x, *a))
     for fused in (False, True):
-        llm.model.__dict__.pop("fused_decode", None)
-        if not fused:
-            llm.model.__dict__["fused_decode"] = None
+        llm.engine.fused = FusedDecode.of(llm.model) if fused else None
         outs = llm.generate(prompts, params)
         results[fused] = [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs]) for o in outs]
     assert batch_sizes.count(4) >= 8 * llm.model.cfg.num_layers  # most steps decoded all four together
     if cpu_kernels.amx():
-        assert llm.model.fused_decode.paths(4) == [1, 1, 1, 1]
+        assert llm.engine.fused.paths(4) == [1, 1, 1, 1]
     assert results[True] == results[False]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .detokenizer import IncrementalDetokenizer
+from .fused_decode import FusedDecode
 from .model import Transformer
 from .outputs import Delta
 from .paged_kv import ROLLBACK, PagedAttention, PagedKVCache, PagedSpan
@@ -85,6 +86,7 @@ class Engine:
             config = dataclasses.replace(config, prefix_caching=False, max_rollback=ROLLBACK)
         self.scheduler = Scheduler(config)
         self.batch_decodes = kv_dtype != torch.float32  # the float32 reference stays batch-invariant
+        self.fused = FusedDecode.of(model)  # decoding passes' layers as one op each, where they can be
         self.stats = EngineStats()
         self.requests: dict[int, Sequence] = {}  # waiting or running
         self._ids = itertools.count()
@@ -176,18 +178,22 @@ class Engine:
                                    self.cache.slots(blocks, 0, end), self.cache.ring_of(c.seq.request_id)))
         if self.scheduler.config.deterministic:  # one pass per sequence: results cannot depend on the batch
             bounds = [0, *itertools.accumulate(c.length for c in chunks)]
-            hidden = torch.cat([
-                self.model(self._tensor(tokens[a:b]), self._tensor(positions[a:b]), PagedAttention(self.cache, [span]))
-                for a, b, span in zip(bounds, bounds[1:], spans)
-            ])
+            hidden = torch.cat([self._pass(tokens[a:b], positions[a:b], PagedAttention(self.cache, [span]))
+                                for a, b, span in zip(bounds, bounds[1:], spans)])
         else:
-            backend = PagedAttention(self.cache, spans, self.batch_decodes)
-            hidden = self.model(self._tensor(tokens), self._tensor(positions), backend)
+            hidden = self._pass(tokens, positions, PagedAttention(self.cache, spans, self.batch_decodes))
         for c in chunks:
             self.scheduler.computed(c.seq, c.length)
         self.stats.steps += 1
         self.stats.step_tokens = len(tokens)
         return hidden
+
+    def _pass(self, tokens: list[int], positions: list[int], backend: PagedAttention) -> torch.Tensor:
+        """One forward pass: by the fused decode layers where they serve it, else by the model's modules."""
+        tokens_t, positions_t = self._tensor(tokens), self._tensor(positions)
+        if self.fused is not None and (hidden := self.fused.forward(tokens_t, positions_t, backend)) is not None:
+            return hidden
+        return self.model(tokens_t, positions_t, backend)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -3,10 +3,11 @@
 model.py runs a layer as ~25 tensor ops and a dozen module calls. For a small model decoding one token
 per pass, that Python costs about as much as the arithmetic (SmolLM2: ~4.5 of ~9 ms per token). Where
 the model is the plain Llama form (RMSNorm before attention and MLP, rotary, full attention, SwiGLU,
-an optional QKV bias: Llama, SmolLM2, Qwen2) and a pass is all decodes whose products take a vector or
-an AMX kernel (not the dense path), `FusedDecode` runs each layer as one op. The op calls the functions
-the modules reach, in the same order with the same arguments, so its output is the modules' bit for bit
-(tests/test_fused_decode.py)."""
+an optional QKV bias: Llama, SmolLM2, Qwen2) and a pass is all decodes on the paged cache's
+decode-attention kernel whose products take a vector or an AMX kernel (not the dense path), the engine
+runs the pass through `FusedDecode.forward` instead of the model's: each layer as one op. The op calls
+the functions the modules reach, in the same order with the same arguments, so its output is the
+modules' bit for bit (tests/test_fused_decode.py). The model itself stays plain modules."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
+from .paged_kv import PagedAttention
 from .quant import GROUP, Int4Linear, Int8Linear
 
 
@@ -81,8 +83,22 @@ class FusedDecode:
             self.by_rows[rows] = None if None in codes else list(codes)
         return self.by_rows[rows]
 
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, backend: PagedAttention) -> torch.Tensor | None:
+        """The model's forward (tokens, positions: [T] -> hidden states [T, D]) with each layer as one op, or
+        None where this pass cannot take it (prompt tokens in it, or products on the dense path)."""
+        paths = self.paths(len(tokens))
+        attention = [backend.decode_kernel_args(i) for i in range(len(self.weights))] if paths is not None else []
+        if paths is None or any(a is None for a in attention):
+            return None
+        model = self.model
+        x = model.embed_tokens(tokens)
+        ropes = model.rope_tables(positions, x.dtype)
+        for i, rope in enumerate(model.rope_of_layer):
+            x = self.run(i, x, ropes[rope], paths, attention[i])
+        return model.norm(x)
+
     def run(self, index: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], paths: list[int],
             attention: tuple) -> torch.Tensor:
         """Layer `index` on x [T, D] -> [T, D]; `attention` is the decode-attention kernel's cache and batch
-        arguments (see model.AttentionBackend.decode_kernel_args)."""
+        arguments (paged_kv.PagedAttention.decode_kernel_args)."""
         return self.op(x, *self.weights[index], paths, *rope, self.heads, *attention, self.scale)

@@ -85,10 +85,6 @@ class BatchAttention:
             offset += span.length
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def decode_kernel_args(self, layer: int) -> None:
-        """Per-sequence caches: never the decode-attention kernel's pooled arguments."""
-        return None
-
     def commit(self) -> None:
         """Record that the spans' tokens are now cached (call after the forward pass)."""
         for span in self.spans:

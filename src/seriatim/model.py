@@ -14,7 +14,6 @@ without the model knowing.
 
 from __future__ import annotations
 
-import functools
 from functools import partial
 from typing import Protocol
 
@@ -24,7 +23,6 @@ from torch import nn
 
 from . import cpu_kernels
 from .config import ModelConfig
-from .fused_decode import FusedDecode
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
 
@@ -37,12 +35,6 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor:
         """q: [T, H, Dh], k/v: [T, Hkv, Dh] -> [T, H, Dh]. Scores are scaled by `scale`; with a `window`,
         a query at position p sees only the keys at positions (p - window, p]."""
-        ...
-
-    def decode_kernel_args(self, layer: int) -> tuple[torch.Tensor, ...] | None:
-        """When the pass is all decodes on seriatim's decode-attention kernel: that kernel's cache and batch
-        arguments for `layer` (k_cache, v_cache, rows, write, slots, lengths), for the fused layers
-        (fused_decode.py). Else None."""
         ...
 
 
@@ -181,25 +173,23 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
         """tokens, positions: [T] -> final hidden states [T, D]"""
-        x = self.embed(tokens)  # [T, D]
+        x = self.embed_tokens(tokens)  # [T, D]
+        ropes = self.rope_tables(positions, x.dtype)
+        for layer, rope in zip(self.layers, self.rope_of_layer):
+            x = layer(x, ropes[rope], backend)
+        return self.norm(x)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [T] -> embeddings [T, D]"""
+        x = self.embed(tokens)
         if self.cfg.embed_scale is not None:
             # Scaled in the activation dtype, as the reference does (sqrt(D) rounds to bfloat16 first).
             x = x * torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(x.dtype)
-        ropes = [rotary(positions, x.dtype) for rotary in self.rotary]
-        fused = self.fused_decode
-        paths = fused.paths(len(tokens)) if fused is not None else None
-        for i, (layer, rope) in enumerate(zip(self.layers, self.rope_of_layer)):
-            if paths is not None and (attention := backend.decode_kernel_args(i)) is not None:
-                x = fused.run(i, x, ropes[rope], paths, attention)  # the same layer as one op, bit for bit
-            else:
-                x = layer(x, ropes[rope], backend)
-        return self.norm(x)
+        return x
 
-    @functools.cached_property
-    def fused_decode(self) -> FusedDecode | None:
-        """The decoding layers as one op each, where the model's form and the hardware allow (made on
-        first use, once the weights are in place)."""
-        return FusedDecode.of(self)
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each rotary base's (cos, sin) [T, 1, Dh] for `positions` [T]; layer i uses rope_of_layer[i]."""
+        return [rotary(positions, dtype) for rotary in self.rotary]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, D] -> float32 logits [N, V]"""

@@ -131,7 +131,7 @@ class PagedAttention:
         # Each run's slots for its new keys and values, gathered once for all layers.
         self.run_writes = [torch.cat([_as_tensor(span.write, cache.device) for _, span in part]) if len(part) > 1
                            else None for part in self.parts]
-        # A pass of decodes only, on the decode-attention kernel: fused layers may run (decode_kernel_args).
+        # A pass of decodes only, on the decode-attention kernel: fused layers may run (fused_decode.py).
         self.kernel_decodes_only = kernel and self.decodes is not None and not self.rows
 
     def attend(
@@ -163,7 +163,9 @@ class PagedAttention:
         return out
 
     def decode_kernel_args(self, layer: int) -> tuple[torch.Tensor, ...] | None:
-        """See `model.AttentionBackend.decode_kernel_args`."""
+        """When the pass is all decodes on seriatim's decode-attention kernel: that kernel's cache and batch
+        arguments for `layer` (k_cache, v_cache, rows, write, slots, lengths), for the fused layers
+        (fused_decode.py). Else None."""
         if not self.kernel_decodes_only or self.cache.windows[layer] is not None:
             return None
         index, d = self.cache.index[layer], self.decodes
