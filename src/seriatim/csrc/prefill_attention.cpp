@@ -224,10 +224,13 @@ class QueryBlock {
     for (int j = 0; j < kKeys; j += 2) {
       const __m512 p0 = _mm512_maskz_mov_ps(keep[j], exp2(_mm512_fmsub_ps(_mm512_load_ps(scores_ + j * kTile), scale, new_max)));
       const __m512 p1 = _mm512_maskz_mov_ps(keep[j + 1], exp2(_mm512_fmsub_ps(_mm512_load_ps(scores_ + (j + 1) * kTile), scale, new_max)));
-      total = _mm512_add_ps(total, _mm512_add_ps(p0, p1));
-      // Row j / 2 of the B tile: (p_j, p_j+1) per query, interleaved.
+      // Row j / 2 of the B tile: (p_j, p_j+1) per query, interleaved. The sums add the rounded values the
+      // product uses, so each row's weights still sum to exactly one.
       const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(p1, p0));
       _mm512_store_si512(probs_ + (j / 2) * 2 * kTile, _mm512_permutexvar_epi16(pairs, both));
+      const __m512 r0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(both)), 16));
+      const __m512 r1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(both, 1)), 16));
+      total = _mm512_add_ps(total, _mm512_add_ps(r0, r1));
     }
     sum_ = _mm512_fmadd_ps(sum_, alpha, total);
     alpha_ = alpha;
