@@ -58,3 +58,13 @@ def test_models_lists_the_registry(capsys):
 def test_bench_rejects_unknown_engine(capsys):
     code, _, err = run(["bench", "--engines", "seriatim,nope"], capsys)
     assert code == 2 and "nope" in err
+
+
+def test_the_command_line_starts_without_pytorch():
+    """Only the commands that need PyTorch import it, inside main's error handling: Ctrl-C while it loads
+    ends with exit code 130, not a traceback, and `--help` or `models` start at once."""
+    import subprocess
+    import sys
+
+    code = "import sys, seriatim.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
