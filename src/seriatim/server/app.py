@@ -65,43 +65,58 @@ def create_app(config: ServerConfig, load: Callable[[ServerConfig], Any] | None 
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
-        llm, _ = state.require()
-        check_model(body.model, state)
-        if (body.prompt is None) == (body.messages is None):
-            raise invalid("give exactly one of prompt or messages", "prompt")
-        if body.prompt is not None:
-            ids = llm.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        else:
-            if not body.messages:
-                raise invalid("messages must not be empty", "messages")
-            ids = chat_prompt_ids(llm, body.messages)
-        return {"tokens": ids, "count": len(ids), "max_model_len": llm.config.context_length}
+        return _tokenize(body, state)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
-        llm, _ = state.require()
-        check_model(body.model, state)
-        vocab = llm.config.vocab_size
-        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise invalid(f"token id {bad} is outside the vocabulary [0, {vocab})", "tokens")
-        return {"prompt": llm.tokenizer.decode(body.tokens)}
+        return _detokenize(body, state)
 
     @app.get("/health")
     async def health() -> Response:
-        if state.ready:
-            return JSONResponse({"status": "ok", "model": config.model_name})
-        status = "shutting_down" if state.shutting_down else "error" if state.load_error else "loading"
-        body = {"status": status, "model": config.model_name}
-        if state.load_error:
-            body["error"] = state.load_error
-        return JSONResponse(body, status_code=503)
+        return _health(state)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+def _tokenize(body: TokenizeRequest, state: ServerState) -> dict:
+    """A prompt or chat messages -> token ids, as the completion routes would make them."""
+    llm, _ = state.require()
+    check_model(body.model, state)
+    if (body.prompt is None) == (body.messages is None):
+        raise invalid("give exactly one of prompt or messages", "prompt")
+    if body.prompt is not None:
+        ids = llm.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    else:
+        if not body.messages:
+            raise invalid("messages must not be empty", "messages")
+        ids = chat_prompt_ids(llm, body.messages)
+    return {"tokens": ids, "count": len(ids), "max_model_len": llm.config.context_length}
+
+
+def _detokenize(body: DetokenizeRequest, state: ServerState) -> dict:
+    llm, _ = state.require()
+    check_model(body.model, state)
+    vocab = llm.config.vocab_size
+    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise invalid(f"token id {bad} is outside the vocabulary [0, {vocab})", "tokens")
+    return {"prompt": llm.tokenizer.decode(body.tokens)}
+
+
+def _health(state: ServerState) -> Response:
+    """200 when the model is ready; 503 with the reason while loading, after a failed load, or shutting down."""
+    config = state.config
+    if state.ready:
+        return JSONResponse({"status": "ok", "model": config.model_name})
+    status = "shutting_down" if state.shutting_down else "error" if state.load_error else "loading"
+    body = {"status": status, "model": config.model_name}
+    if state.load_error:
+        body["error"] = state.load_error
+    return JSONResponse(body, status_code=503)
 
 
 def _version() -> str:

@@ -38,68 +38,83 @@ def parse_prompts(prompt, tokenizer) -> list[tuple[str | None, list[int]]]:
 
 async def create_completion(body: CompletionRequest, request: Request, state, metrics) -> Response:
     llm, engine = state.require()
-    config = state.config
     check_model(body.model, state)
+    prompts = parse_prompts(body.prompt, llm.tokenizer)
+    n = _check(body, len(prompts), state.config)
+    choices = _choices(body, prompts, n, llm, state.config)
+    texts = TokenTexts(llm.tokenizer)
+    prompt_texts = [text if text is not None else llm.tokenizer.decode(ids) for text, ids in prompts]
+    prompt_lps = await _prompt_logprobs(body, prompts, texts, llm, engine)
+    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.config.model_name
+    job = Job(engine, metrics, choices, state.config.request_timeout)
+    await job.start()
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return event_stream(_stream(job, body, texts, prompts, prompt_texts, prompt_lps, n, rid, created, model,
+                                    include_usage), job.close)
+    await run_to_completion(request, job)
+    out = [_choice_body(c, body, texts, prompt_texts[c.index // n], prompt_lps[c.index // n]) for c in choices]
+    usage = job.usage(sum(len(ids) for _, ids in prompts))
+    return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                         "choices": out, "usage": usage, "system_fingerprint": None})
+
+
+def _check(body: CompletionRequest, prompts: int, config) -> int:
+    """The request's options that completions refuse or bound; returns n."""
     if body.suffix:
         raise invalid("suffix is not supported", "suffix")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         raise invalid(f"logprobs must be in [0, {MAX_LOGPROBS}], got {body.logprobs}", "logprobs")
-    prompts = parse_prompts(body.prompt, llm.tokenizer)
-    n = check_n(body.n, len(prompts), config)
+    n = check_n(body.n, prompts, config)
     if body.best_of is not None and body.best_of != n:
         raise invalid("best_of is not supported (other than best_of == n)", "best_of")
-    echo = bool(body.echo)
-    ctx, vocab = llm.config.context_length, llm.config.vocab_size
-    choices: list[Choice] = []
+    return n
+
+
+def _choices(body: CompletionRequest, prompts: list[tuple[str | None, list[int]]], n: int, llm, config) -> list[Choice]:
+    """n choices per prompt, each with its own sampling parameters (seed + j); with echo, max_tokens 0
+    makes choices that are finished before they start."""
+    ctx, echo = llm.config.context_length, bool(body.echo)
+    choices = []
     for i, (_, ids) in enumerate(prompts):
-        check_prompt(ids, vocab, ctx)
+        check_prompt(ids, llm.config.vocab_size, ctx)
         max_tokens = max_new_tokens(body.max_tokens, DEFAULT_MAX_TOKENS, len(ids), ctx, config, allow_zero=echo)
         for j in range(n):
             c = Choice(i * n + j, ids, sampling_params(body, max(max_tokens, 1), body.logprobs, j))
             if max_tokens == 0:  # echo only: nothing to generate
                 c.finish_reason = "length"
             choices.append(c)
+    return choices
 
-    texts = TokenTexts(llm.tokenizer)
-    prompt_texts = [text if text is not None else llm.tokenizer.decode(ids) for text, ids in prompts]
-    prompt_lps: list[dict | None] = [None] * len(prompts)
-    if echo and body.logprobs is not None:
-        for i, (_, ids) in enumerate(prompts):
-            try:
-                entries = await engine.run_in_engine_thread(
-                    lambda ids=ids: prompt_logprobs(llm.model, ids, body.logprobs, llm.engine.kv_dtype, llm.device))
-            except EngineShutDown:
-                raise APIError(503, "the server is shutting down") from None
-            # The echoed text is the prompt decoded with its special tokens (or as given, when given as text).
-            prompt_lps[i] = completion_logprobs(texts, entries, ids,
-                                                TextOffsets(llm.tokenizer, 0, skip_special_tokens=False))
 
-    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.config.model_name
-    job = Job(engine, metrics, choices, config.request_timeout)
-    await job.start()
-
-    def prompt_of(c: Choice) -> int:
-        return c.index // n
-
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return event_stream(_stream(job, body, texts, prompts, prompt_texts, prompt_lps, n, rid, created, model,
-                                    include_usage), job.close)
-
-    await run_to_completion(request, job)
+async def _prompt_logprobs(body: CompletionRequest, prompts: list[tuple[str | None, list[int]]], texts: TokenTexts,
+                           llm, engine) -> list[dict | None]:
+    """With echo and logprobs, each prompt's logprobs in completions form (computed in the engine thread)."""
+    if not body.echo or body.logprobs is None:
+        return [None] * len(prompts)
     out = []
-    for c in choices:
-        p = prompt_of(c)
-        text = (prompt_texts[p] if echo else "") + c.text
-        logprobs = None
-        if body.logprobs is not None:
-            start = len(prompt_texts[p]) if echo else 0
-            generated = completion_logprobs(texts, c.logprobs, c.token_ids, _generated_offsets(llm.tokenizer, start))
-            logprobs = _concat(prompt_lps[p], generated) if echo else generated
-        out.append({"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
-    usage = job.usage(sum(len(ids) for _, ids in prompts))
-    return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                         "choices": out, "usage": usage, "system_fingerprint": None})
+    for _, ids in prompts:
+        try:
+            entries = await engine.run_in_engine_thread(
+                lambda ids=ids: prompt_logprobs(llm.model, ids, body.logprobs, llm.engine.kv_dtype, llm.device))
+        except EngineShutDown:
+            raise APIError(503, "the server is shutting down") from None
+        # The echoed text is the prompt decoded with its special tokens (or as given, when given as text).
+        out.append(completion_logprobs(texts, entries, ids, TextOffsets(llm.tokenizer, 0, skip_special_tokens=False)))
+    return out
+
+
+def _choice_body(c: Choice, body: CompletionRequest, texts: TokenTexts, prompt_text: str,
+                 prompt_lps: dict | None) -> dict:
+    """One finished choice in OpenAI's shape (with echo: the prompt's text and logprobs first)."""
+    start = len(prompt_text) if body.echo else 0
+    logprobs = None
+    if body.logprobs is not None:
+        logprobs = completion_logprobs(texts, c.logprobs, c.token_ids, _generated_offsets(texts.tokenizer, start))
+        if body.echo:
+            logprobs = _concat(prompt_lps, logprobs)
+    text = (prompt_text if body.echo else "") + c.text
+    return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
 
 
 async def _stream(job, body, texts, prompts, prompt_texts, prompt_lps, n, rid, created, model, include_usage):
