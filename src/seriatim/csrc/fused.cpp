@@ -20,12 +20,6 @@ namespace {
 using at::BFloat16;
 using namespace seriatim;
 
-// v rounded to bfloat16 and back (the eager path's cast before Llama's weight multiply).
-inline __m512 round_bf16(__m512 v) {
-  const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 
 // Rows of `width` values: x is [..., width] with contiguous rows, possibly a strided view of a wider tensor.
 struct Rows {

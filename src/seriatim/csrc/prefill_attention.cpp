@@ -228,9 +228,8 @@ class QueryBlock {
       // product uses, so each row's weights still sum to exactly one.
       const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(p1, p0));
       _mm512_store_si512(probs_ + (j / 2) * 2 * kTile, _mm512_permutexvar_epi16(pairs, both));
-      const __m512 r0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(both)), 16));
-      const __m512 r1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(both, 1)), 16));
-      total = _mm512_add_ps(total, _mm512_add_ps(r0, r1));
+      total = _mm512_add_ps(total, _mm512_add_ps(widen_bf16(_mm512_castsi512_si256(both)),
+                                                 widen_bf16(_mm512_extracti64x4_epi64(both, 1))));
     }
     sum_ = _mm512_fmadd_ps(sum_, alpha, total);
     alpha_ = alpha;

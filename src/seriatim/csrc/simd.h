@@ -15,11 +15,16 @@ inline __mmask16 first(int64_t count) {
   return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
 }
 
+// 16 bfloat16 values (their bits, in a register) as float32 lanes: exact.
+inline __m512 widen_bf16(__m256i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)); }
+
 // Up to 16 bfloat16 values at p (the first `count`) as float32 lanes; the other lanes zero.
 inline __m512 load_bf16(const at::BFloat16* p, int64_t count = 16) {
-  const __m256i raw = _mm256_maskz_loadu_epi16(first(count), p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  return widen_bf16(_mm256_maskz_loadu_epi16(first(count), p));
 }
+
+// v rounded to bfloat16 (to nearest even) and back.
+inline __m512 round_bf16(__m512 v) { return widen_bf16(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v))); }
 
 inline __m512 load_f32(const float* p, int64_t count = 16) { return _mm512_maskz_loadu_ps(first(count), p); }
 
