@@ -169,6 +169,20 @@ def test_amx_int4_product_matches_torchs_kernel(shape, rows):
 
 
 @needs_amx
+@pytest.mark.parametrize("rows", [64, 65, 100, 223])
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536)])
+def test_amx_int4_product_of_many_rows_uses_the_dense_paths_weights(shape, rows):
+    """From 64 rows the kernel expands each block once to the bfloat16 weights of `dequantize_t` (the
+    dense path's): the float32 product of those, each value at most one bfloat16 step away."""
+    module = int4_module(*shape, seed=rows)
+    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(7)).bfloat16()
+    exact = x.float() @ module.dequantize_t().float()
+    got = cpu_kernels.ops().int4_mm_amx(x, module.weight, module.scales_zeros, GROUP).float()
+    assert got.shape == exact.shape
+    assert ((got - exact).abs() <= exact.abs() * 2**-7 + 1e-3).all()
+
+
+@needs_amx
 @pytest.mark.parametrize("rows", [1, 16, 33])
 def test_amx_int8_product_matches_torchs_kernel(rows):
     gen = torch.Generator().manual_seed(rows)

@@ -5,8 +5,9 @@
 // products in a loop over activation rows: a step of sixteen sequences costs about sixteen of one. Here
 // each 32- or 64-column step of a block of outputs becomes tiles once, and one AMX instruction serves
 // 16 activation rows: sixteen sequences cost ~2x one (weights from memory) instead of ~5x. The weights
-// are prefetched ahead of the tile loads, which alone made the products ~1.4x faster. Both kernels use
-// the weights exactly (no rounding to bfloat16); their sections say how. The caller checks that the
+// are prefetched ahead of the tile loads, which alone made the products ~1.4x faster. Up to 63 rows both
+// kernels use the weights exactly (no rounding to bfloat16); from 64 rows the int4 one expands each block
+// once to the dense path's bfloat16 weights instead. Their sections say how. The caller checks that the
 // CPU has AMX and that Linux granted its state (torch._C._cpu._init_amx).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -56,11 +57,18 @@ struct Activations {
   std::vector<float> sums;  // [M][K / 32]
 };
 
+// x's rows, contiguous and zero-padded to a multiple of `multiple` rows (whole A tiles).
+std::vector<uint16_t> padded_rows(const at::Tensor& xc, int64_t multiple) {
+  const int64_t m = xc.size(0), k = xc.size(1), mp = (m + multiple - 1) / multiple * multiple;
+  std::vector<uint16_t> rows(mp * k, 0);
+  std::memcpy(rows.data(), xc.data_ptr<at::BFloat16>(), m * k * sizeof(uint16_t));
+  return rows;
+}
+
 Activations activations(const at::Tensor& x) {
-  const int64_t m = x.size(0), k = x.size(1), mp = (m + kTile - 1) / kTile * kTile;
-  Activations a{std::vector<uint16_t>(mp * k, 0), std::vector<float>(m * (k / kStep), 0.f)};
+  const int64_t m = x.size(0), k = x.size(1);
   const at::Tensor xc = x.contiguous();
-  std::memcpy(a.rows.data(), xc.data_ptr<at::BFloat16>(), m * k * sizeof(uint16_t));
+  Activations a{padded_rows(xc, kTile), std::vector<float>(m * (k / kStep), 0.f)};
   const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
   for (int64_t r = 0; r < m; ++r) span_sums(xp + r * k, k, kStep, a.sums.data() + r * (k / kStep));
   return a;
@@ -121,6 +129,88 @@ void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride
   fold(steps - 1);
 }
 
+
+// ---- int4, many rows: a block expanded once to bfloat16 tiles, C tiles kept across K ------------------
+//
+// From a few dozen rows on, making the nibble tiles again for every 16 rows and folding every step's
+// scales in float32 (above) costs more than the products themselves (~1 TFLOP/s at 512 rows). Here a
+// block of 64 outputs is expanded once, to the bfloat16 weights int4_dequantize_t gives (the dense path's
+// numbers, without writing the whole weight out and reading it back), as B tiles for all of K (K / 32
+// steps of 4 KB, in L2); then each 32 activation rows run through them with four C tiles (32 rows x 32
+// outputs) summing across K: two A and two B tile loads per four products, no vector work in between.
+constexpr int64_t kPanelRows = 2 * kTile;  // activation rows per pass through a block's tiles
+constexpr int64_t kPanelFrom = 64;  // rows from which int4_mm_amx takes this way (measured: SmolLM2, 2 cores)
+
+// A block's weights as B tiles, [K / 32 steps][4 tiles of 16 outputs][16 column pairs][16 outputs x 2].
+void expand_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride, int64_t group, int64_t k,
+                  uint16_t* tiles) {
+  for (int64_t s = 0; s < k / kStep; ++s) {
+    const GroupScale g = load_group(pairs + (s * kStep / group) * pair_stride, 8.f);
+    for (int r = 0; r < kTile; ++r) {
+      __m512 first[4], second[4];
+      dequant_column(block + (s * kStep + 2 * r) * (kBlock / 2), g, first);
+      dequant_column(block + (s * kStep + 2 * r + 1) * (kBlock / 2), g, second);
+      for (int t = 0; t < 4; ++t) {
+        const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(second[t], first[t]));
+        _mm512_storeu_si512(tiles + (4 * s + t) * kTileElems + r * kStep, interleave_pairs(both));
+      }
+    }
+  }
+}
+
+// Rows [r, r + 32) of the padded x [Mp, K] times a block's tiles -> outputs [col, col + 64) of y's real rows.
+void panel(const uint16_t* x, int64_t k, const uint16_t* tiles, int64_t r, int64_t m, int64_t n, int64_t col,
+           at::BFloat16* y) {
+  alignas(64) float c[4][kTile * kTile];  // C tiles: (rows 0-15, 16-31) x (outputs 0-15, 16-31) of a half
+  for (int half = 0; half < 2; ++half) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t s = 0; s < k / kStep; ++s) {
+      const uint16_t* b = tiles + (4 * s + 2 * half) * kTileElems;
+      _tile_loadd(4, x + r * k + s * kStep, k * 2);
+      _tile_loadd(5, x + (r + kTile) * k + s * kStep, k * 2);
+      _tile_loadd(6, b, 64);
+      _tile_loadd(7, b + kTileElems, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
+    for (int64_t i = 0; i < std::min<int64_t>(kPanelRows, m - r); ++i)
+      for (int j = 0; j < 2; ++j)
+        store_bf16(y + (r + i) * n + col + 32 * half + 16 * j, _mm512_load_ps(c[2 * (i / kTile) + j] + (i % kTile) * kTile));
+  }
+}
+
+// int4_mm_amx for many rows. Work items are (block, 32 rows), block-major, so a thread expands each of
+// its blocks once and the two threads share at most one.
+at::Tensor int4_mm_panels(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t group) {
+  const int64_t m = x.size(0), k = x.size(1), n = packed.size(0), chunks = (m + kPanelRows - 1) / kPanelRows;
+  const std::vector<uint16_t> xp = padded_rows(x.contiguous(), kPanelRows);
+  at::Tensor y = at::empty({m, n}, x.options());
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales_zeros.data_ptr<at::BFloat16>());
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, n / kBlock * chunks, 1, [&](int64_t i0, int64_t i1) {
+    Tiles tiles;
+    std::vector<uint16_t> expanded(k / kStep * 4 * kTileElems);
+    for (int64_t i = i0, expanded_block = -1; i < i1; ++i) {
+      const int64_t b = i / chunks;
+      if (b != expanded_block) {
+        expand_block(wp + b * kBlock * k / 2, sp + 2 * b * kBlock, 2 * n, group, k, expanded.data());
+        expanded_block = b;
+      }
+      panel(xp.data(), k, expanded.data(), i % chunks * kPanelRows, m, n, b * kBlock, yp);
+    }
+  });
+  return y;
+}
 }  // namespace
 
 namespace seriatim {
@@ -131,6 +221,7 @@ at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bfloat16 [M, K]");
   check_int4(packed, scales_zeros, k, group);
   TORCH_CHECK(group % kStep == 0, "the group must be a multiple of 32");
+  if (m >= kPanelFrom) return int4_mm_panels(x, packed, scales_zeros, group);
   const Activations xa = activations(x);
   at::Tensor y = at::empty({m, n}, x.options());
   const uint8_t* wp = packed.data_ptr<uint8_t>();

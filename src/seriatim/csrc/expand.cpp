@@ -20,18 +20,6 @@ using namespace seriatim;
 
 constexpr int64_t kBlock = kInt4Block;
 
-// One input column of a block: byte i has row i in its low nibble and row 32 + i in its high one.
-// w[j] gets rows 16j .. 16j+15.
-inline void dequant_column(const uint8_t* col, const GroupScale& g, __m512 w[4]) {
-  const __m512i lo = _mm512_set1_epi32(15);
-  __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(col)));
-  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(col + 16)));
-  w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(a, lo)), g.scale[0], g.offset[0]);
-  w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, lo)), g.scale[1], g.offset[1]);
-  w[2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(a, 4)), g.scale[2], g.offset[2]);
-  w[3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), g.scale[3], g.offset[3]);
-}
-
 // The int4 weight expanded to dense bfloat16, transposed: [K, N] (a block's column is 64 contiguous outputs).
 at::Tensor int4_dequantize_t(const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t group) {
   const int64_t n = packed.size(0), k = packed.size(1) * 2;

@@ -219,15 +219,13 @@ class QueryBlock {
     const __m512 new_max = _mm512_max_ps(max_, _mm512_mul_ps(top, scale)), alpha = exp2(_mm512_sub_ps(max_, new_max));
     max_ = new_max;
     __m512 total = _mm512_setzero_ps();
-    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (int j = 0; j < kKeys; j += 2) {
       const __m512 p0 = _mm512_maskz_mov_ps(keep[j], exp2(_mm512_fmsub_ps(_mm512_load_ps(scores_ + j * kTile), scale, new_max)));
       const __m512 p1 = _mm512_maskz_mov_ps(keep[j + 1], exp2(_mm512_fmsub_ps(_mm512_load_ps(scores_ + (j + 1) * kTile), scale, new_max)));
       // Row j / 2 of the B tile: (p_j, p_j+1) per query, interleaved. The sums add the rounded values the
       // product uses, so each row's weights still sum to exactly one.
       const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(p1, p0));
-      _mm512_store_si512(probs_ + (j / 2) * 2 * kTile, _mm512_permutexvar_epi16(pairs, both));
+      _mm512_store_si512(probs_ + (j / 2) * 2 * kTile, interleave_pairs(both));
       total = _mm512_add_ps(total, _mm512_add_ps(widen_bf16(_mm512_castsi512_si256(both)),
                                                  widen_bf16(_mm512_extracti64x4_epi64(both, 1))));
     }

@@ -118,6 +118,26 @@ inline GroupScale load_group(const uint16_t* pairs, float bias) {
   return g;
 }
 
+// One input column of a block: byte i has row i in its low nibble and row 32 + i in its high one.
+// w[j] gets rows 16j .. 16j+15.
+inline void dequant_column(const uint8_t* col, const GroupScale& g, __m512 w[4]) {
+  const __m512i lo = _mm512_set1_epi32(15);
+  __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(col)));
+  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(col + 16)));
+  w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(a, lo)), g.scale[0], g.offset[0]);
+  w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, lo)), g.scale[1], g.offset[1]);
+  w[2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(a, 4)), g.scale[2], g.offset[2]);
+  w[3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), g.scale[3], g.offset[3]);
+}
+
+// A vector of 16 bfloat16 pairs from two of 16 values each, as (first_i, second_i): a row of a bfloat16
+// B tile (VNNI order), each value rounded to nearest even. `both` is _mm512_cvtne2ps_pbh(second, first).
+inline __m512i interleave_pairs(__m512i both) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(order, both);
+}
+
 // ---- int8 weights [N, K] with one scale per output row, times activations quantized to 16 bits ---------
 //
 // The integer kernels (amx_mm.cpp, gemv.cpp) quantize each activation row to int16 with one scale per row
