@@ -24,4 +24,13 @@ struct Tiles {
   ~Tiles() { _tile_release(); }
 };
 
+// The C tiles 0-3 of a kernel's pass into c[0..3], each 16 rows of 64 bytes.
+template <typename T>
+inline void store_c_tiles(T (*c)[kTile * kTile]) {
+  _tile_stored(0, c[0], 64);
+  _tile_stored(1, c[1], 64);
+  _tile_stored(2, c[2], 64);
+  _tile_stored(3, c[3], 64);
+}
+
 }  // namespace seriatim

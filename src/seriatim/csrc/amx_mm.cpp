@@ -121,10 +121,7 @@ void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride
     _tile_dpbf16ps(3, 4, 6);
     if (s + 1 < steps) step_tiles(nibbles, block, s + 1, tiles[(s + 1) & 1]);
     if (s > 0) fold(s - 1);
-    _tile_stored(0, c[s & 1][0], 64);
-    _tile_stored(1, c[s & 1][1], 64);
-    _tile_stored(2, c[s & 1][2], 64);
-    _tile_stored(3, c[s & 1][3], 64);
+    store_c_tiles(c[s & 1]);
   }
   fold(steps - 1);
 }
@@ -178,10 +175,7 @@ void panel(const uint16_t* x, int64_t k, const uint16_t* tiles, int64_t r, int64
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
-    _tile_stored(0, c[0], 64);
-    _tile_stored(1, c[1], 64);
-    _tile_stored(2, c[2], 64);
-    _tile_stored(3, c[3], 64);
+    store_c_tiles(c);
     for (int64_t i = 0; i < std::min<int64_t>(kPanelRows, m - r); ++i)
       for (int j = 0; j < 2; ++j)
         store_bf16(y + (r + i) * n + col + 32 * half + 16 * j, _mm512_load_ps(c[2 * (i / kTile) + j] + (i % kTile) * kTile));
@@ -323,10 +317,7 @@ at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::
           _tile_dpbssd(2, 5, 6);
           _tile_dpbsud(3, 5, 7);
         }
-        _tile_stored(0, c[0], 64);
-        _tile_stored(1, c[1], 64);
-        _tile_stored(2, c[2], 64);
-        _tile_stored(3, c[3], 64);
+        store_c_tiles(c);
         // c holds [o][row]: gather each row's 16 outputs (stride 16), scale by the row and per output, store.
         for (int64_t i = 0; i < std::min<int64_t>(kTile, m - r); ++i)
           for (int g = 0; g < 2; ++g) {
