@@ -50,15 +50,36 @@ struct PackedKV {
   std::vector<BFloat16> keys, values;
 };
 
+// Values of keys [32 b, 32 b + 32) and dims [d0, d0 + 32), transposed: each dim's 32 keys contiguous at
+// dst + d * 32. Keys are paired per dim as 32-bit values (2 permutes per pair), then two 16 x 16 transposes.
+void transpose_values(const BFloat16* v, int64_t stride, int64_t length, int64_t b, int64_t d0, BFloat16* dst) {
+  alignas(64) int16_t order[2][32];  // (key 2i, key 2i + 1) at dim i, then at dim 16 + i
+  for (int t = 0; t < 32; ++t) order[0][t] = static_cast<int16_t>(t / 2 + 32 * (t % 2)), order[1][t] = static_cast<int16_t>(order[0][t] + 16);
+  const __m512i first = _mm512_load_si512(order[0]), second = _mm512_load_si512(order[1]);
+  __m512i lo[kTile], hi[kTile];
+  for (int i = 0; i < kTile; ++i) {
+    const int64_t j = b * kKeys + 2 * i;
+    const __m512i k0 = j < length ? _mm512_loadu_si512(v + j * stride + d0) : _mm512_setzero_si512();
+    const __m512i k1 = j + 1 < length ? _mm512_loadu_si512(v + (j + 1) * stride + d0) : _mm512_setzero_si512();
+    lo[i] = _mm512_permutex2var_epi16(k0, first, k1);
+    hi[i] = _mm512_permutex2var_epi16(k0, second, k1);
+  }
+  transpose16(lo);
+  transpose16(hi);
+  for (int i = 0; i < kTile; ++i) {
+    _mm512_storeu_si512(dst + (d0 + i) * kKeys, lo[i]);
+    _mm512_storeu_si512(dst + (d0 + kTile + i) * kKeys, hi[i]);
+  }
+}
+
 PackedKV pack(const at::Tensor& k, const at::Tensor& v, int64_t length, int64_t dim) {
   const int64_t padded = (length + kKeys - 1) / kKeys * kKeys;
-  PackedKV out{std::vector<BFloat16>(padded * dim, BFloat16(0.f)), std::vector<BFloat16>(padded * dim, BFloat16(0.f))};
-  const BFloat16 *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
-  for (int64_t j = 0; j < length; ++j) {
-    std::memcpy(out.keys.data() + j * dim, kp + j * k.stride(0), dim * sizeof(BFloat16));
-    BFloat16* vt = out.values.data() + (j / kKeys) * kKeys * dim + j % kKeys;
-    for (int64_t d = 0; d < dim; ++d) vt[d * kKeys] = vp[j * v.stride(0) + d];
-  }
+  PackedKV out{std::vector<BFloat16>(padded * dim, BFloat16(0.f)), std::vector<BFloat16>(padded * dim)};
+  const BFloat16* kp = k.data_ptr<BFloat16>();
+  for (int64_t j = 0; j < length; ++j) std::memcpy(out.keys.data() + j * dim, kp + j * k.stride(0), dim * sizeof(BFloat16));
+  for (int64_t b = 0; b < padded / kKeys; ++b)
+    for (int64_t d0 = 0; d0 < dim; d0 += kKeys)
+      transpose_values(v.data_ptr<BFloat16>(), v.stride(0), length, b, d0, out.values.data() + b * kKeys * dim);
   return out;
 }
 
@@ -84,15 +105,17 @@ class QueryBlock {
   }
 
  private:
-  // Q^T as B tiles (per 32 dims, 16 rows of dim pairs x 16 queries), and the output zeroed.
+  // Q^T as B tiles (per 32 dims, 16 rows of dim pairs x 16 queries): each 16 pairs of the 16 rows, as 32-bit
+  // values, one transposed block; rows past the block's end are zero. The output zeroed.
   void load_queries(const BFloat16* q, int64_t rows) {
     const int64_t dim = pr_.dim, qs = pr_.heads * dim;
-    std::memset(queries_, 0, sizeof(queries_));
-    for (int64_t c = 0; c < rows; ++c) {
-      const auto* row = reinterpret_cast<const uint32_t*>(q + c * qs);
-      for (int64_t r = 0; r < dim / 2; ++r) queries_[(r / kTile) * kTile * kTile + (r % kTile) * kTile + c] = row[r];
+    for (int64_t p0 = 0; p0 < dim / 2; p0 += kTile) {
+      __m512i r[kTile];
+      for (int64_t c = 0; c < kTile; ++c) r[c] = c < rows ? _mm512_loadu_si512(q + c * qs + 2 * p0) : _mm512_setzero_si512();
+      transpose16(r);
+      for (int i = 0; i < kTile; ++i) _mm512_store_si512(queries_ + (p0 + i) * kTile, r[i]);
     }
-    std::fill(ot_, ot_ + dim * kTile, 0.f);
+    if (dim != kResidentDim) std::fill(ot_, ot_ + dim * kTile, 0.f);  // a resident output starts in zeroed tiles
     if (dim == kResidentDim) {
       _tile_loadd(2, queries_, 64);
       _tile_loadd(3, queries_ + kTile * kTile, 64);
@@ -120,15 +143,16 @@ class QueryBlock {
     return {first_key, last_key};
   }
 
-  // out[row c][d] = ot[d][c] / sum[c], for the block's real rows.
+  // out[row c][d] = ot[d][c] / sum[c], for the block's real rows: 16 dims at a time, transposed in registers.
   void write(BFloat16* out, int64_t rows) {
     const int64_t dim = pr_.dim, qs = pr_.heads * dim;
     const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_max_ps(sum_, _mm512_set1_ps(1e-30f)));
-    for (int64_t d = 0; d < dim; ++d) _mm512_store_ps(ot_ + d * kTile, _mm512_mul_ps(_mm512_load_ps(ot_ + d * kTile), inv));
-    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(kTile));
-    for (int64_t c = 0; c < rows; ++c)
-      for (int64_t d = 0; d < dim; d += 16) store_bf16(out + c * qs + d, _mm512_i32gather_ps(column, ot_ + d * kTile + c, 4));
+    for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
+      __m512i r[kTile];
+      for (int i = 0; i < kTile; ++i) r[i] = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(ot_ + (d0 + i) * kTile), inv));
+      transpose16(r);
+      for (int64_t c = 0; c < rows; ++c) store_bf16(out + c * qs + d0, _mm512_castsi512_ps(r[c]));
+    }
   }
 
   // Keys [32 b, 32 b + 32): scores, softmax update, and V^T P^T into the output.

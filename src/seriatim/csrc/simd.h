@@ -28,6 +28,31 @@ inline __m512 round_bf16(__m512 v) { return widen_bf16(reinterpret_cast<__m256i>
 
 inline __m512 load_f32(const float* p, int64_t count = 16) { return _mm512_maskz_loadu_ps(first(count), p); }
 
+// A 16 x 16 block of 32-bit values transposed in registers: r[i] lane j becomes r[j] lane i. Four rounds
+// of interleaving (32-bit, 64-bit, then two of 128-bit lanes), ~64 shuffles against 256 scalar moves.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + c] lane 4l + m: element m of rows i..i+3 for column c + 4l
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // 128-bit lane l of r[4g + c] holds rows 4g..4g+3 of column c + 4l
+    const __m512i a = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), b = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512i e = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD), f = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+    t[c] = _mm512_shuffle_i32x4(a, b, 0x88);
+    t[c + 8] = _mm512_shuffle_i32x4(a, b, 0xDD);
+    t[c + 4] = _mm512_shuffle_i32x4(e, f, 0x88);
+    t[c + 12] = _mm512_shuffle_i32x4(e, f, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
 // Sums of a bfloat16 row [k] over consecutive spans of `width` columns (width a multiple of 16) -> out [k / width].
 inline void span_sums(const at::BFloat16* row, int64_t k, int64_t width, float* out) {
   for (int64_t s = 0; s < k / width; ++s) {
