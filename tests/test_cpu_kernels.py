@@ -270,6 +270,17 @@ def test_prefill_attention_matches_float32_sdpa(batch, n, heads, kv_heads, dim, 
     assert got.shape == expected.shape and rel(got, expected) < 5e-3  # bfloat16 rounding; a wrong key is ~1
 
 
+@needs_amx
+def test_prefill_attention_reads_views_in_place():
+    """The engine passes views of its fused QKV projection: rows of q, k and v are strided, read as they lie."""
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 40, 9 + 2 * 3, 64, generator=gen).bfloat16()  # [B, n, H + 2 Hkv, Dh]
+    q, k, v = qkv[:, :, :9], qkv[:, :, 9:12].transpose(1, 2), qkv[:, :, 12:].transpose(1, 2)
+    got = cpu_kernels.ops().prefill_attention(q, k, v, 0, 0, 0, 0.125)
+    expected = cpu_kernels.ops().prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), 0, 0, 0, 0.125)
+    assert not q.is_contiguous() and torch.equal(got, expected)
+
+
 @needs_kernels
 @pytest.mark.parametrize("vocab", [1, 15, 16, 49152, 151_937])
 def test_argmax_rows_equals_torch(vocab):

@@ -72,23 +72,24 @@ void transpose_values(const BFloat16* v, int64_t stride, int64_t length, int64_t
   }
 }
 
-PackedKV pack(const at::Tensor& k, const at::Tensor& v, int64_t length, int64_t dim) {
+// Keys k and values v: `length` rows of `dim` values, `k_stride` and `v_stride` apart.
+PackedKV pack(const BFloat16* k, int64_t k_stride, const BFloat16* v, int64_t v_stride, int64_t length, int64_t dim) {
   const int64_t padded = (length + kKeys - 1) / kKeys * kKeys;
   PackedKV out{std::vector<BFloat16>(padded * dim, BFloat16(0.f)), std::vector<BFloat16>(padded * dim)};
-  const BFloat16* kp = k.data_ptr<BFloat16>();
-  for (int64_t j = 0; j < length; ++j) std::memcpy(out.keys.data() + j * dim, kp + j * k.stride(0), dim * sizeof(BFloat16));
+  for (int64_t j = 0; j < length; ++j) std::memcpy(out.keys.data() + j * dim, k + j * k_stride, dim * sizeof(BFloat16));
   for (int64_t b = 0; b < padded / kKeys; ++b)
-    for (int64_t d0 = 0; d0 < dim; d0 += kKeys)
-      transpose_values(v.data_ptr<BFloat16>(), v.stride(0), length, b, d0, out.values.data() + b * kKeys * dim);
+    for (int64_t d0 = 0; d0 < dim; d0 += kKeys) transpose_values(v, v_stride, length, b, d0, out.values.data() + b * kKeys * dim);
   return out;
 }
 
 struct Problem {
   int64_t n, heads, kv_heads, length, dim, start, first, window;
   float scale;
+  int64_t q_row;  // elements from one query row to the next (q may be a view of a wider projection)
 };
 
-// One block of up to 16 queries of one head: rows [q0, q0 + rows) of q [n, H, Dh] for head h -> out.
+// One block of up to 16 queries of one head: rows [q0, q0 + rows) of q [n, H, Dh] (rows q_row apart) for
+// head h -> out [n, H, Dh].
 // Lane c of every vector below is query row c.
 class QueryBlock {
  public:
@@ -96,7 +97,7 @@ class QueryBlock {
 
   void run(const BFloat16* q, const PackedKV& kv, int64_t h, int64_t q0, int64_t rows, BFloat16* out) {
     const int64_t qs = pr_.heads * pr_.dim;
-    load_queries(q + q0 * qs + h * pr_.dim, rows);
+    load_queries(q + q0 * pr_.q_row + h * pr_.dim, rows);
     const auto [first_key, last_key] = bounds(q0, rows);
     max_ = _mm512_set1_ps(kNoMax), sum_ = _mm512_setzero_ps();
     for (int64_t b = first_key / kKeys; b <= last_key / kKeys; ++b) step(kv, b);
@@ -108,10 +109,10 @@ class QueryBlock {
   // Q^T as B tiles (per 32 dims, 16 rows of dim pairs x 16 queries): each 16 pairs of the 16 rows, as 32-bit
   // values, one transposed block; rows past the block's end are zero. The output zeroed.
   void load_queries(const BFloat16* q, int64_t rows) {
-    const int64_t dim = pr_.dim, qs = pr_.heads * dim;
+    const int64_t dim = pr_.dim;
     for (int64_t p0 = 0; p0 < dim / 2; p0 += kTile) {
       __m512i r[kTile];
-      for (int64_t c = 0; c < kTile; ++c) r[c] = c < rows ? _mm512_loadu_si512(q + c * qs + 2 * p0) : _mm512_setzero_si512();
+      for (int64_t c = 0; c < kTile; ++c) r[c] = c < rows ? _mm512_loadu_si512(q + c * pr_.q_row + 2 * p0) : _mm512_setzero_si512();
       transpose16(r);
       for (int i = 0; i < kTile; ++i) _mm512_store_si512(queries_ + (p0 + i) * kTile, r[i]);
     }
@@ -296,13 +297,19 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   TORCH_CHECK(dim % 32 == 0 && dim <= kMaxDim, "head size must be a multiple of 32, at most 256");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "k and v rows must be contiguous");
   TORCH_CHECK(start >= first && start + n - 1 - first < length, "every query must see its own position");
-  const at::Tensor qc = q.contiguous();
+  // Read in place where each row's heads are contiguous (the engine's views of its QKV projection).
+  const at::Tensor qc = q.stride(3) == 1 && q.stride(2) == dim ? q : q.contiguous();
   at::Tensor out = at::empty({batch, n, heads, dim}, q.options());
   std::vector<PackedKV> packed(batch * kv_heads);
+  const BFloat16 *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) packed[i] = pack(k[i / kv_heads][i % kv_heads], v[i / kv_heads][i % kv_heads], length, dim);
+    for (int64_t i = a; i < b; ++i) {
+      const int64_t bi = i / kv_heads, h = i % kv_heads;
+      packed[i] = pack(kp + bi * k.stride(0) + h * k.stride(1), k.stride(2), vp + bi * v.stride(0) + h * v.stride(1),
+                       v.stride(2), length, dim);
+    }
   });
-  const Problem pr{n, heads, kv_heads, length, dim, start, first, window, static_cast<float>(scale)};
+  const Problem pr{n, heads, kv_heads, length, dim, start, first, window, static_cast<float>(scale), qc.stride(1)};
   const std::vector<int64_t> order = zigzag((n + kTile - 1) / kTile);
   const int64_t per_block = batch * heads;
   const BFloat16* qp = qc.data_ptr<BFloat16>();
@@ -312,7 +319,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
     auto block = std::make_unique<QueryBlock>(pr);  // ~20 KB of buffers: on the heap, not a worker's stack
     for (int64_t i = a; i < b; ++i) {
       const int64_t q0 = order[i / per_block] * kTile, bh = i % per_block, bi = bh / heads, h = bh % heads;
-      block->run(qp + bi * n * heads * dim, packed[bi * kv_heads + h / (heads / kv_heads)], h, q0,
+      block->run(qp + bi * qc.stride(0), packed[bi * kv_heads + h / (heads / kv_heads)], h, q0,
                  std::min<int64_t>(kTile, n - q0), op + bi * n * heads * dim);
     }
   });
