@@ -43,8 +43,9 @@ ROW_CHUNK = 4096  # rows dequantized at a time: a large embedding never exists w
 # fastest at one row, then linear in rows (a 512-row chunk took 7x a dense bfloat16 matmul). Our AMX
 # kernels (csrc/amx_mm.cpp) multiply 16 rows per weight read: 3.8x faster than torch's at 16 rows and
 # 3.7x at 64; from 64 rows the int4 one expands a block of weights to bfloat16 tiles once for all rows
-# (a prompt chunk of 128 rows: 19% faster than the nibble tiles made per 16 rows). For long chunks, expanding the weight and one dense matmul wins; the int4 expansion costs
-# little (csrc/expand.cpp), the int8 head's is a float conversion of 28M weights, so dense wins late.
+# (a prompt chunk of 128 rows: 19% faster than the nibble tiles made per 16 rows). For long chunks,
+# expanding the weight and one dense matmul wins; the int4 expansion costs little (csrc/expand.cpp),
+# the int8 head's is a float conversion of 28M weights, so dense wins late.
 # Below AMX's rows, our vector kernels (csrc/gemv.cpp) take int8, ~1.4x torch's, and int4 at one row,
 # ~1.3x; torch's take int4 at a few rows.
 PACK_BLOCK = 64  # output rows per block in the CPU int4 kernel's packed layout (AVX-512 and AVX2)
@@ -61,7 +62,7 @@ class Crossovers:
 
 
 INT4_CROSSOVERS = Crossovers(amx=2, dense_amx=224, dense=48, dense_unaided=128)
-INT8_CROSSOVERS = Crossovers(amx=4, dense_amx=224, dense=160, dense_unaided=128)
+INT8_CROSSOVERS = Crossovers(amx=4, dense_amx=512, dense=160, dense_unaided=128)
 
 
 @dataclass

@@ -91,8 +91,8 @@ void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride
                 const Activations& x, int64_t k, int64_t r, int64_t rows, float* acc) {
   // Software-pipelined: while the AMX unit multiplies step s, the vector units make step s + 1's tiles
   // and fold step s - 1's sums into acc (its C tiles were stored a step earlier, so no load waits on a
-  // tile store). (Tiles are made again for each 16 rows: keeping a block's tiles for reuse measured
-  // slower, from L2 instead of L1.)
+  // tile store). (Below 64 rows tiles are made again for each 16 rows: keeping a block's nibble tiles for
+  // reuse measured slower, from L2 instead of L1.)
   alignas(64) uint16_t tiles[2][4 * kTileElems];
   alignas(64) float c[2][4][kTile * kTile];
   const int64_t steps = k / kStep;
@@ -133,8 +133,9 @@ void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride
 // scales in float32 (above) costs more than the products themselves (~1 TFLOP/s at 512 rows). Here a
 // block of 64 outputs is expanded once, to the bfloat16 weights int4_dequantize_t gives (the dense path's
 // numbers, without writing the whole weight out and reading it back), as B tiles for all of K (K / 32
-// steps of 4 KB, in L2); then each 32 activation rows run through them with four C tiles (32 rows x 32
-// outputs) summing across K: two A and two B tile loads per four products, no vector work in between.
+// steps of 4 KB: 72 KB for K = 576); then each 32 activation rows run through them with four C tiles
+// (32 rows x 32 outputs) summing across K: two A and two B tile loads per four products, no vector work
+// in between.
 constexpr int64_t kPanelRows = 2 * kTile;  // activation rows per pass through a block's tiles
 constexpr int64_t kPanelFrom = 64;  // rows from which int4_mm_amx takes this way (measured: SmolLM2, 2 cores)
 
@@ -178,13 +179,15 @@ void panel(const uint16_t* x, int64_t k, const uint16_t* tiles, int64_t r, int64
     store_c_tiles(c);
     for (int64_t i = 0; i < std::min<int64_t>(kPanelRows, m - r); ++i)
       for (int j = 0; j < 2; ++j)
-        store_bf16(y + (r + i) * n + col + 32 * half + 16 * j, _mm512_load_ps(c[2 * (i / kTile) + j] + (i % kTile) * kTile));
+        store_bf16(y + (r + i) * n + col + 32 * half + 16 * j,
+                   _mm512_load_ps(c[2 * (i / kTile) + j] + (i % kTile) * kTile));
   }
 }
 
 // int4_mm_amx for many rows. Work items are (block, 32 rows), block-major, so a thread expands each of
-// its blocks once and the two threads share at most one.
-at::Tensor int4_mm_panels(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t group) {
+// its blocks once and neighbouring threads share at most one.
+at::Tensor int4_mm_panels(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros,
+                          int64_t group) {
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0), chunks = (m + kPanelRows - 1) / kPanelRows;
   const std::vector<uint16_t> xp = padded_rows(x.contiguous(), kPanelRows);
   at::Tensor y = at::empty({m, n}, x.options());

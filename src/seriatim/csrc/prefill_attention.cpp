@@ -54,7 +54,10 @@ struct PackedKV {
 // dst + d * 32. Keys are paired per dim as 32-bit values (2 permutes per pair), then two 16 x 16 transposes.
 void transpose_values(const BFloat16* v, int64_t stride, int64_t length, int64_t b, int64_t d0, BFloat16* dst) {
   alignas(64) int16_t order[2][32];  // (key 2i, key 2i + 1) at dim i, then at dim 16 + i
-  for (int t = 0; t < 32; ++t) order[0][t] = static_cast<int16_t>(t / 2 + 32 * (t % 2)), order[1][t] = static_cast<int16_t>(order[0][t] + 16);
+  for (int t = 0; t < 32; ++t) {
+    order[0][t] = static_cast<int16_t>(t / 2 + 32 * (t % 2));
+    order[1][t] = static_cast<int16_t>(order[0][t] + 16);
+  }
   const __m512i first = _mm512_load_si512(order[0]), second = _mm512_load_si512(order[1]);
   __m512i lo[kTile], hi[kTile];
   for (int i = 0; i < kTile; ++i) {
@@ -78,7 +81,8 @@ PackedKV pack(const BFloat16* k, int64_t k_stride, const BFloat16* v, int64_t v_
   PackedKV out{std::vector<BFloat16>(padded * dim, BFloat16(0.f)), std::vector<BFloat16>(padded * dim)};
   for (int64_t j = 0; j < length; ++j) std::memcpy(out.keys.data() + j * dim, k + j * k_stride, dim * sizeof(BFloat16));
   for (int64_t b = 0; b < padded / kKeys; ++b)
-    for (int64_t d0 = 0; d0 < dim; d0 += kKeys) transpose_values(v, v_stride, length, b, d0, out.values.data() + b * kKeys * dim);
+    for (int64_t d0 = 0; d0 < dim; d0 += kKeys)
+      transpose_values(v, v_stride, length, b, d0, out.values.data() + b * kKeys * dim);
   return out;
 }
 
@@ -112,7 +116,8 @@ class QueryBlock {
     const int64_t dim = pr_.dim;
     for (int64_t p0 = 0; p0 < dim / 2; p0 += kTile) {
       __m512i r[kTile];
-      for (int64_t c = 0; c < kTile; ++c) r[c] = c < rows ? _mm512_loadu_si512(q + c * pr_.q_row + 2 * p0) : _mm512_setzero_si512();
+      for (int64_t c = 0; c < kTile; ++c)
+        r[c] = c < rows ? _mm512_loadu_si512(q + c * pr_.q_row + 2 * p0) : _mm512_setzero_si512();
       transpose16(r);
       for (int i = 0; i < kTile; ++i) _mm512_store_si512(queries_ + (p0 + i) * kTile, r[i]);
     }
@@ -150,7 +155,8 @@ class QueryBlock {
     const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_max_ps(sum_, _mm512_set1_ps(1e-30f)));
     for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
       __m512i r[kTile];
-      for (int i = 0; i < kTile; ++i) r[i] = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(ot_ + (d0 + i) * kTile), inv));
+      for (int i = 0; i < kTile; ++i)
+        r[i] = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(ot_ + (d0 + i) * kTile), inv));
       transpose16(r);
       for (int64_t c = 0; c < rows; ++c) store_bf16(out + c * qs + d0, _mm512_castsi512_ps(r[c]));
     }
