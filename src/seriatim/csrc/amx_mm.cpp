@@ -258,7 +258,7 @@ constexpr int64_t kWidth8 = 2 * kTile;  // outputs per pass: two (hi, lo) pairs 
 struct SplitRows {
   std::vector<int8_t> hi;
   std::vector<uint8_t> lo;
-  std::vector<float> scale;  // [M][K / 64]
+  std::vector<float> scale;  // [M]
 };
 
 SplitRows split_rows(const at::Tensor& x, int64_t mp) {
@@ -295,8 +295,6 @@ at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::
   at::parallel_for(0, n / kWidth8, 8, [&](int64_t b0, int64_t b1) {
     Tiles tiles;
     alignas(64) int32_t c[4][kTile * kTile];  // (group 0 hi, lo), (group 1 hi, lo): [o][row]
-    const __m512i outputs = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                               _mm512_set1_epi32(kTile));  // offsets of a row's 16 outputs in c
     for (int64_t b = b0; b < b1; ++b) {
       const int8_t* rows = wp + b * kWidth8 * k;
       for (int64_t r = 0; r < m; r += kTile) {
@@ -321,16 +319,22 @@ at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::
           _tile_dpbsud(3, 5, 7);
         }
         store_c_tiles(c);
-        // c holds [o][row]: gather each row's 16 outputs (stride 16), scale by the row and per output, store.
-        for (int64_t i = 0; i < std::min<int64_t>(kTile, m - r); ++i)
-          for (int g = 0; g < 2; ++g) {
-            const __m512i at = _mm512_add_epi32(outputs, _mm512_set1_epi32(static_cast<int>(i)));
-            const __m512 hi = _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at, c[2 * g], 4));
-            const __m512 lo = _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at, c[2 * g + 1], 4));
-            const int64_t col = b * kWidth8 + g * kTile;
-            const __m512 v = _mm512_fmadd_ps(hi, _mm512_set1_ps(256.f), lo);
-            store_bf16(yp + (r + i) * n + col, _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(xq.scale[r + i])), _mm512_loadu_ps(sc + col)));
+        // c holds [o][row]: each output's 16 row sums are one vector, scaled there (by row, then by output,
+        // as the vector kernel does), then turned into rows by a transpose (gathers cost ~4x as much).
+        const int64_t real = std::min<int64_t>(kTile, m - r);
+        const __m512 row_scale = load_f32(xq.scale.data() + r, real);
+        for (int g = 0; g < 2; ++g) {
+          const int64_t col = b * kWidth8 + g * kTile;
+          __m512i t[kTile];
+          for (int o = 0; o < kTile; ++o) {
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * g] + o * kTile));
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * g + 1] + o * kTile));
+            const __m512 v = _mm512_mul_ps(_mm512_fmadd_ps(hi, _mm512_set1_ps(256.f), lo), row_scale);
+            t[o] = _mm512_castps_si512(_mm512_mul_ps(v, _mm512_set1_ps(sc[col + o])));
           }
+          transpose16(t);
+          for (int64_t i = 0; i < real; ++i) store_bf16(yp + (r + i) * n + col, _mm512_castsi512_ps(t[i]));
+        }
       }
     }
   });
