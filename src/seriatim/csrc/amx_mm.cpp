@@ -126,7 +126,6 @@ void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride
   fold(steps - 1);
 }
 
-
 // ---- int4, many rows: a block expanded once to bfloat16 tiles, C tiles kept across K ------------------
 //
 // From a few dozen rows on, making the nibble tiles again for every 16 rows and folding every step's
@@ -208,6 +207,7 @@ at::Tensor int4_mm_panels(const at::Tensor& x, const at::Tensor& packed, const a
   });
   return y;
 }
+
 }  // namespace
 
 namespace seriatim {

@@ -53,12 +53,10 @@ struct PackedKV {
 // Values of keys [32 b, 32 b + 32) and dims [d0, d0 + 32), transposed: each dim's 32 keys contiguous at
 // dst + d * 32. Keys are paired per dim as 32-bit values (2 permutes per pair), then two 16 x 16 transposes.
 void transpose_values(const BFloat16* v, int64_t stride, int64_t length, int64_t b, int64_t d0, BFloat16* dst) {
-  alignas(64) int16_t order[2][32];  // (key 2i, key 2i + 1) at dim i, then at dim 16 + i
-  for (int t = 0; t < 32; ++t) {
-    order[0][t] = static_cast<int16_t>(t / 2 + 32 * (t % 2));
-    order[1][t] = static_cast<int16_t>(order[0][t] + 16);
-  }
-  const __m512i first = _mm512_load_si512(order[0]), second = _mm512_load_si512(order[1]);
+  // (key 2i, key 2i + 1) at dim i, then at dim 16 + i: lane t takes dim t / 2 of key 2i + t % 2.
+  const __m512i first = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
   __m512i lo[kTile], hi[kTile];
   for (int i = 0; i < kTile; ++i) {
     const int64_t j = b * kKeys + 2 * i;
@@ -121,14 +119,15 @@ class QueryBlock {
       transpose16(r);
       for (int i = 0; i < kTile; ++i) _mm512_store_si512(queries_ + (p0 + i) * kTile, r[i]);
     }
-    if (dim != kResidentDim) std::fill(ot_, ot_ + dim * kTile, 0.f);  // a resident output starts in zeroed tiles
-    if (dim == kResidentDim) {
+    if (dim == kResidentDim) {  // Q^T stays in tiles 2-3, the output starts in zeroed tiles 4-7
       _tile_loadd(2, queries_, 64);
       _tile_loadd(3, queries_ + kTile * kTile, 64);
       _tile_zero(4);
       _tile_zero(5);
       _tile_zero(6);
       _tile_zero(7);
+    } else {
+      std::fill(ot_, ot_ + dim * kTile, 0.f);
     }
   }
 
