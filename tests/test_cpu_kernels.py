@@ -212,6 +212,23 @@ def test_int8_vector_product_matches_torchs_kernel_and_amx(rows):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [1, 5, 16, 600])
+def test_int8_head_writes_float32_that_rounds_to_its_bfloat16_product(rows):
+    """float_out (the logits): the same float32 values the bfloat16 products are rounded from, for each
+    path the module takes (vector kernel, AMX, dense from 512 rows)."""
+    gen = torch.Generator().manual_seed(rows)
+    module = Int8Linear(*int8_rows(torch.randn(320, 576, generator=gen)), torch.bfloat16)
+    x = torch.randn(rows, 576, generator=gen).bfloat16()
+    got = module(x, float_out=True)
+    assert got.dtype == torch.float32 and torch.equal(got.bfloat16(), module(x))
+    kernels = [cpu_kernels.ops().int8_gemv] + ([cpu_kernels.ops().int8_mm_amx] if cpu_kernels.amx() else [])
+    for kernel in kernels:
+        wide = kernel(x, module.weight, module.scale, True)
+        assert wide.dtype == torch.float32 and torch.equal(wide.bfloat16(), kernel(x, module.weight, module.scale))
+        assert not torch.equal(wide, wide.bfloat16().float())  # not rounded: the bits below bfloat16 are kept
+
+
+@needs_kernels
 @pytest.mark.parametrize("shape", [(64, 32), (960, 576), (576, 1536)])
 def test_int4_vector_product_matches_torchs_kernel(shape):
     module = int4_module(*shape, seed=3)

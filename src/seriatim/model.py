@@ -193,6 +193,8 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, D] -> float32 logits [N, V]"""
-        logits = self.lm_head(hidden).float()
+        head = self.lm_head
+        # A compact int8 head writes float32 itself: no rounding of the logits to bfloat16 and no copy.
+        logits = head(hidden, float_out=True) if getattr(head, "writes_float", False) else head(hidden).float()
         cap = self.cfg.final_logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -212,6 +212,8 @@ class Int4Linear(nn.Module):
 class Int8Linear(nn.Module):
     """y = x W^T with W as int8 and one scale per output row."""
 
+    writes_float = True  # forward(x, float_out=True) gives float32 products (model.logits)
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
         super().__init__()
         self.out_features, self.in_features = q.shape
@@ -226,16 +228,18 @@ class Int8Linear(nn.Module):
     def _steps_fit(self) -> bool:
         return self.in_features % 64 == 0  # our kernels step through K 64 columns at a time
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [M, K] -> [M, N]"""
+    def forward(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+        """x: [M, K] -> [M, N] in x's dtype, or float32 with float_out (our kernels write it unrounded)."""
         path = self.path(x.shape[0])
         if path == "amx":
-            return cpu_kernels.ops().int8_mm_amx(x, self.weight, self.scale)
+            return cpu_kernels.ops().int8_mm_amx(x, self.weight, self.scale, float_out)
+        if path == "kernel" and cpu_kernels.for_tensor(self.scale) is not None and self._steps_fit():
+            return cpu_kernels.ops().int8_gemv(x, self.weight, self.scale, float_out)
         if path == "dense":
-            return F.linear(x, self.dequantize())
-        if cpu_kernels.for_tensor(self.scale) is not None and self._steps_fit():
-            return cpu_kernels.ops().int8_gemv(x, self.weight, self.scale)
-        return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
+            y = F.linear(x, self.dequantize())
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
+        return y.float() if float_out else y
 
     def dequantize(self) -> torch.Tensor:
         """[N, K] in the activation dtype."""

@@ -21,7 +21,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
@@ -53,24 +52,23 @@ inline void step_tiles(const NibblePairs& nibbles, const uint8_t* block, int64_t
 
 // x [M, K] bfloat16 as [Mp, K], Mp a multiple of 16 (padding rows zero), and each row's sum per step.
 struct Activations {
-  std::vector<uint16_t> rows;
+  at::Tensor rows;
   std::vector<float> sums;  // [M][K / 32]
 };
 
-// x's rows, contiguous and zero-padded to a multiple of `multiple` rows (whole A tiles).
-std::vector<uint16_t> padded_rows(const at::Tensor& xc, int64_t multiple) {
-  const int64_t m = xc.size(0), k = xc.size(1), mp = (m + multiple - 1) / multiple * multiple;
-  std::vector<uint16_t> rows(mp * k, 0);
-  std::memcpy(rows.data(), xc.data_ptr<at::BFloat16>(), m * k * sizeof(uint16_t));
-  return rows;
+// x's rows as a contiguous [Mp, K], Mp a multiple of `multiple` (whole A tiles): x itself where it is one
+// (a batch of 16 decodes: no copy), else a copy with zero rows added.
+at::Tensor padded_rows(const at::Tensor& x, int64_t multiple) {
+  const int64_t pad = (multiple - x.size(0) % multiple) % multiple;
+  return (pad ? at::constant_pad_nd(x, {0, 0, 0, pad}) : x).contiguous();
 }
+
+const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
 Activations activations(const at::Tensor& x) {
   const int64_t m = x.size(0), k = x.size(1);
-  const at::Tensor xc = x.contiguous();
-  Activations a{padded_rows(xc, kTile), std::vector<float>(m * (k / kStep), 0.f)};
-  const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
-  for (int64_t r = 0; r < m; ++r) span_sums(xp + r * k, k, kStep, a.sums.data() + r * (k / kStep));
+  Activations a{padded_rows(x, kTile), std::vector<float>(m * (k / kStep))};
+  for (int64_t r = 0; r < m; ++r) span_sums(a.rows.data_ptr<at::BFloat16>() + r * k, k, kStep, a.sums.data() + r * (k / kStep));
   return a;
 }
 
@@ -97,6 +95,7 @@ void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride
   alignas(64) float c[2][4][kTile * kTile];
   const int64_t steps = k / kStep;
   const float* sums = x.sums.data() + r * steps;
+  const uint16_t* a = bits(x.rows) + r * k;  // this tile's activation rows
   std::fill(acc, acc + kTile * kBlock, 0.f);
   const NibblePairs nibbles;
   // Step s's sums, stored in c[s & 1], into acc; z - 8 s - 128 s is the offset of the bias 136 in 128 + q.
@@ -110,7 +109,7 @@ void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    _tile_loadd(4, x.rows.data() + r * k + s * kStep, k * 2);
+    _tile_loadd(4, a + s * kStep, k * 2);
     _tile_loadd(5, cur, 64);
     _tile_dpbf16ps(0, 4, 5);
     _tile_loadd(6, cur + kTileElems, 64);
@@ -188,7 +187,7 @@ void panel(const uint16_t* x, int64_t k, const uint16_t* tiles, int64_t r, int64
 at::Tensor int4_mm_panels(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros,
                           int64_t group) {
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0), chunks = (m + kPanelRows - 1) / kPanelRows;
-  const std::vector<uint16_t> xp = padded_rows(x.contiguous(), kPanelRows);
+  const at::Tensor xp = padded_rows(x, kPanelRows);
   at::Tensor y = at::empty({m, n}, x.options());
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales_zeros.data_ptr<at::BFloat16>());
@@ -202,7 +201,7 @@ at::Tensor int4_mm_panels(const at::Tensor& x, const at::Tensor& packed, const a
         expand_block(wp + b * kBlock * k / 2, sp + 2 * b * kBlock, 2 * n, group, k, expanded.data());
         expanded_block = b;
       }
-      panel(xp.data(), k, expanded.data(), i % chunks * kPanelRows, m, n, b * kBlock, yp);
+      panel(bits(xp), k, expanded.data(), i % chunks * kPanelRows, m, n, b * kBlock, yp);
     }
   });
   return y;
@@ -275,23 +274,10 @@ SplitRows split_rows(const at::Tensor& x, int64_t mp) {
   return t;
 }
 
-}  // namespace
-
-namespace seriatim {
-
-// x [M, K] bfloat16 times int8 weight [N, K] with one scale per output row -> [M, N] bfloat16.
-at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
-  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bfloat16 [M, K]");
-  check_int8(weight, scale, k);
-  TORCH_CHECK(n % kWidth8 == 0, "N must be a multiple of 32");
-  const int64_t mp = (m + kTile - 1) / kTile * kTile, steps = k / kStep8;
-  const SplitRows xq = split_rows(x, mp);
-  const at::Tensor sf = scale.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({m, n}, x.options());
-  const int8_t* wp = weight.data_ptr<int8_t>();
-  const float* sc = sf.data_ptr<float>();
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+// The products of int8_mm_amx into y [m, n] of bfloat16 or float32.
+template <typename Out>
+void int8_blocks(const SplitRows& xq, const int8_t* wp, const float* sc, int64_t m, int64_t k, int64_t n, Out* yp) {
+  const int64_t steps = k / kStep8;
   at::parallel_for(0, n / kWidth8, 8, [&](int64_t b0, int64_t b1) {
     Tiles tiles;
     alignas(64) int32_t c[4][kTile * kTile];  // (group 0 hi, lo), (group 1 hi, lo): [o][row]
@@ -333,11 +319,32 @@ at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::
             t[o] = _mm512_castps_si512(_mm512_mul_ps(v, _mm512_set1_ps(sc[col + o])));
           }
           transpose16(t);
-          for (int64_t i = 0; i < real; ++i) store_bf16(yp + (r + i) * n + col, _mm512_castsi512_ps(t[i]));
+          for (int64_t i = 0; i < real; ++i) store_row(yp + (r + i) * n + col, _mm512_castsi512_ps(t[i]));
         }
       }
     }
   });
+}
+
+}  // namespace
+
+namespace seriatim {
+
+// x [M, K] bfloat16 times int8 weight [N, K] with one scale per output row -> [M, N] bfloat16 (float32 with
+// float_out).
+at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, bool float_out) {
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bfloat16 [M, K]");
+  check_int8(weight, scale, k);
+  TORCH_CHECK(n % kWidth8 == 0, "N must be a multiple of 32");
+  const SplitRows xq = split_rows(x, (m + kTile - 1) / kTile * kTile);
+  const at::Tensor sf = scale.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({m, n}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
+  const int8_t* wp = weight.data_ptr<int8_t>();
+  if (float_out)
+    int8_blocks(xq, wp, sf.data_ptr<float>(), m, k, n, y.data_ptr<float>());
+  else
+    int8_blocks(xq, wp, sf.data_ptr<float>(), m, k, n, y.data_ptr<at::BFloat16>());
   return y;
 }
 
@@ -345,7 +352,7 @@ at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::
 
 TORCH_LIBRARY_FRAGMENT(seriatim, lib) {
   lib.def("int4_mm_amx(Tensor x, Tensor packed, Tensor scales_zeros, int group) -> Tensor");
-  lib.def("int8_mm_amx(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  lib.def("int8_mm_amx(Tensor x, Tensor weight, Tensor scale, bool float_out=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(seriatim, CPU, lib) {

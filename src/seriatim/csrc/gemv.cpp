@@ -77,12 +77,29 @@ void int8_row(const int8_t* w, const int16_t* xq, const float* row_scale, int64_
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) * row_scale[r];
 }
 
-template <int R>
+template <int R, typename Out>
 void int8_rows(const int8_t* wp, const QuantizedActivations& xq, int64_t r, int64_t k, const float* scale,
-               int64_t n, int64_t o, at::BFloat16* y) {
+               int64_t n, int64_t o, Out* y) {
   float out[R];
   int8_row<R>(wp + o * k, xq.values.data() + r * k, xq.scale.data() + r, k, out);
-  for (int i = 0; i < R; ++i) y[(r + i) * n + o] = at::BFloat16(out[i] * scale[o]);
+  for (int i = 0; i < R; ++i) y[(r + i) * n + o] = Out(out[i] * scale[o]);
+}
+
+// Every output o of every row of xq (m rows) into y [m, n] of bfloat16 or float32.
+template <typename Out>
+void int8_outputs(const int8_t* wp, const QuantizedActivations& xq, int64_t m, int64_t k, const float* sc, int64_t n,
+                  Out* y) {
+  at::parallel_for(0, n, 256, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t r = 0; r < m; r += kMaxRows) {
+        switch (std::min<int64_t>(kMaxRows, m - r)) {
+          case 1: int8_rows<1>(wp, xq, r, k, sc, n, o, y); break;
+          case 2: int8_rows<2>(wp, xq, r, k, sc, n, o, y); break;
+          case 3: int8_rows<3>(wp, xq, r, k, sc, n, o, y); break;
+          default: int8_rows<4>(wp, xq, r, k, sc, n, o, y); break;
+        }
+      }
+  });
 }
 
 }  // namespace
@@ -111,28 +128,21 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return y;
 }
 
-// x [M, K] bfloat16 (M small) times int8 weight [N, K] with one scale per output row -> [M, N] bfloat16.
-at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
+// x [M, K] bfloat16 (M small) times int8 weight [N, K] with one scale per output row -> [M, N] bfloat16
+// (float32 with float_out).
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, bool float_out) {
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bfloat16 [M, K]");
   check_int8(weight, scale, k);
   const QuantizedActivations xq = quantize_activations(x);
   const at::Tensor sf = scale.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({m, n}, x.options());
+  at::Tensor y = at::empty({m, n}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
   const int8_t* wp = weight.data_ptr<int8_t>();
   const float* sc = sf.data_ptr<float>();
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, n, 256, [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o)
-      for (int64_t r = 0; r < m; r += kMaxRows) {
-        switch (std::min<int64_t>(kMaxRows, m - r)) {
-          case 1: int8_rows<1>(wp, xq, r, k, sc, n, o, yp); break;
-          case 2: int8_rows<2>(wp, xq, r, k, sc, n, o, yp); break;
-          case 3: int8_rows<3>(wp, xq, r, k, sc, n, o, yp); break;
-          default: int8_rows<4>(wp, xq, r, k, sc, n, o, yp); break;
-        }
-      }
-  });
+  if (float_out)
+    int8_outputs(wp, xq, m, k, sc, n, y.data_ptr<float>());
+  else
+    int8_outputs(wp, xq, m, k, sc, n, y.data_ptr<at::BFloat16>());
   return y;
 }
 
@@ -140,7 +150,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Te
 
 TORCH_LIBRARY_FRAGMENT(seriatim, lib) {
   lib.def("int4_gemv(Tensor x, Tensor packed, Tensor scales_zeros, int group) -> Tensor");
-  lib.def("int8_gemv(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  lib.def("int8_gemv(Tensor x, Tensor weight, Tensor scale, bool float_out=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(seriatim, CPU, lib) {

@@ -12,8 +12,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             at::Tensor& v_cache, const at::Tensor& rows, const at::Tensor& write,
                             const at::Tensor& slots, const at::Tensor& lengths, double scale);
 at::Tensor int4_mm_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t group);
-at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale);
+// float_out: float32 products (the logits) instead of bfloat16 ones.
+at::Tensor int8_mm_amx(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, bool float_out = false);
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t group);
-at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale);
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, bool float_out = false);
 
 }  // namespace seriatim

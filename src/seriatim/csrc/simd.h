@@ -67,6 +67,10 @@ inline void store_bf16(at::BFloat16* p, __m512 v, int64_t count = 16) {
   _mm256_mask_storeu_epi16(p, first(count), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
 }
 
+// The first `count` lanes of v to p in p's type: bfloat16 (rounded) or float32 (as is).
+inline void store_row(at::BFloat16* p, __m512 v, int64_t count = 16) { store_bf16(p, v, count); }
+inline void store_row(float* p, __m512 v, int64_t count = 16) { _mm512_mask_storeu_ps(p, first(count), v); }
+
 // exp(x) to float32 precision (relative error ~2e-7): 2^(x log2 e) split into 2^n, applied with scalef
 // (which saturates to 0 and infinity instead of wrapping), and 2^f, |f| <= 1/2, by its Taylor series.
 inline __m512 exp16(__m512 x) {
