@@ -49,3 +49,4 @@ def test_cuda_kv_cache_is_sized_from_gpu_memory(tiny_llama):
     llm = LLM(str(tiny_llama[0] / "Q4_1.gguf"), device="cuda")
     assert llm.engine.cache.k.device.type == "cuda"
     assert llm.engine.scheduler.config.kv_capacity_tokens > 0
+    assert llm.engine.scheduler.config.max_step_tokens == 4096  # a GPU step takes 64 prompts of 64 tokens

@@ -205,3 +205,13 @@ def test_deterministic_mode_is_batch_invariant_in_the_fast_path(tiny_llama):
     outputs = run_all(llm.engine)
     assert [outputs[i] for i in ids] == alone
     assert_idle(llm.engine)
+
+
+def test_step_budget_defaults_by_device(tiny_llama):
+    """512 tokens a step on a CPU (prefill bound by arithmetic), unless asked otherwise; CUDA's 4096 is in
+    test_cuda.py."""
+    from seriatim import LLM
+
+    path = str(tiny_llama[0] / "Q4_1.gguf")
+    assert LLM(path, device="cpu").engine.scheduler.config.max_step_tokens == 512
+    assert LLM(path, device="cpu", max_step_tokens=64).engine.scheduler.config.max_step_tokens == 64
