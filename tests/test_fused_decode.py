@@ -12,11 +12,24 @@ from seriatim.sampling import SamplingParams
 needs_kernels = pytest.mark.skipif(not cpu_kernels._cpu_supports(), reason="needs AVX-512 with BF16")
 
 
+def count_passes(monkeypatch) -> list[int]:
+    """The batch size of every pass the fused layers ran, from now on."""
+    sizes = []
+    original = FusedDecode.forward
+
+    def forward(self, tokens, positions, backend):
+        hidden = original(self, tokens, positions, backend)
+        if hidden is not None:
+            sizes.append(len(tokens))
+        return hidden
+
+    monkeypatch.setattr(FusedDecode, "forward", forward)
+    return sizes
+
+
 def generate(llm: LLM, fused: bool, monkeypatch) -> tuple[list, int]:
-    """Greedy generations with logprobs for three prompts, one at a time; and how many fused layers ran."""
-    runs = []
-    original = FusedDecode.run
-    monkeypatch.setattr(FusedDecode, "run", lambda self, *a: runs.append(1) or original(self, *a))
+    """Greedy generations with logprobs for three prompts, one at a time; and how many fused passes ran."""
+    runs = count_passes(monkeypatch)
     llm.engine.fused = FusedDecode.of(llm.model) if fused else None
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
     outs = [llm.generate(prompt, params)[0] for prompt in ([5, 9, 11], [40, 41, 42, 43, 44, 45, 46], [7])]
@@ -34,7 +47,7 @@ def test_fused_layers_equal_the_modules(family, source, request, monkeypatch):
     assert llm.model.norm.weight.dtype == torch.bfloat16
     expected, unfused = generate(llm, False, monkeypatch)
     got, fused = generate(llm, True, monkeypatch)
-    assert unfused == 0 and fused >= 11 * 3 * llm.model.cfg.num_layers  # every decode after the first token
+    assert unfused == 0 and fused >= 11 * 3  # every decode after the first token
     assert got == expected
 
 
@@ -51,14 +64,12 @@ def test_batched_decodes_fuse_on_the_products_the_modules_pick(tiny_llama, monke
     llm = LLM(str(tiny_llama[0] / "Q4_1.gguf"), prefix_caching=False)
     prompts = [[5, 9, 11], [40, 41, 42, 43, 44, 45, 46], [7], [100, 3]]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
-    results, batch_sizes = {}, []
-    original = FusedDecode.run
-    monkeypatch.setattr(FusedDecode, "run", lambda self, i, x, *a: batch_sizes.append(len(x)) or original(self, i, x, *a))
+    results, batch_sizes = {}, count_passes(monkeypatch)
     for fused in (False, True):
         llm.engine.fused = FusedDecode.of(llm.model) if fused else None
         outs = llm.generate(prompts, params)
         results[fused] = [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs]) for o in outs]
-    assert batch_sizes.count(4) >= 8 * llm.model.cfg.num_layers  # most steps decoded all four together
+    assert batch_sizes.count(4) >= 8  # most steps decoded all four together
     if cpu_kernels.amx():
         assert llm.engine.fused.paths(4) == [1, 1, 1, 1]
     assert results[True] == results[False]

@@ -5,7 +5,7 @@
 - gemv.cpp: int4 weights times one activation row, int8 times a few (decode steps' vector products).
 - amx_mm.cpp: int4 and int8 weights times a few to a hundred activation rows on AMX tiles (batched decode).
 - decode_attention.cpp: one query per sequence over its cached keys and values, read in place.
-- decode_layer.cpp: a Llama-family decoder layer of a decoding pass as one op (fused_decode.py).
+- decode_layer.cpp: a decoding pass's Llama-family decoder layers in one call (DecodeStack, fused_decode.py).
 - prefill_attention.cpp: causal attention of prompt chunks on AMX tiles (flash-style, online softmax).
 - argmax.cpp: row-wise argmax of float32 logits (greedy picks), torch.argmax's indices.
 
@@ -74,9 +74,9 @@ def amx() -> bool:
 @functools.cache
 def ops() -> object | None:
     """`torch.ops.seriatim` (int4_dequantize_t, rms_norm, rotary, silu_mul, int4_gemv, int8_gemv,
-    int4_mm_amx, int8_mm_amx, decode_attention, decode_layer, prefill_attention, argmax_rows), or None where
-    unavailable.
-    The AMX ones (and decode_layer given AMX paths) may run only where `amx()` says so."""
+    int4_mm_amx, int8_mm_amx, decode_attention, prefill_attention, argmax_rows; and the class
+    torch.classes.seriatim.DecodeStack), or None where unavailable.
+    The AMX ones (and DecodeStack given AMX paths) may run only where `amx()` says so."""
     if os.environ.get("SERIATIM_KERNELS", "1") == "0" or not _cpu_supports():
         return None
     folder = _build_dir()

@@ -1,13 +1,14 @@
-"""A decoding pass's Llama-family layers as one C++ op each (csrc/decode_layer.cpp).
+"""A decoding pass's Llama-family layers in one C++ call (csrc/decode_layer.cpp).
 
 model.py runs a layer as ~25 tensor ops and a dozen module calls. For a small model decoding one token
 per pass, that Python costs about as much as the arithmetic (SmolLM2: ~4.5 of ~9 ms per token). Where
 the model is the plain Llama form (RMSNorm before attention and MLP, rotary, full attention, SwiGLU,
 an optional QKV bias: Llama, SmolLM2, Qwen2) and a pass is all decodes on the paged cache's
 decode-attention kernel whose products take a vector or an AMX kernel (not the dense path), the engine
-runs the pass through `FusedDecode.forward` instead of the model's: each layer as one op. The op calls
-the functions the modules reach, in the same order with the same arguments, so its output is the
-modules' bit for bit (tests/test_fused_decode.py). The model itself stays plain modules."""
+runs the pass through `FusedDecode.forward` instead of the model's: every layer in one call of a C++
+object that holds the layers' weights. Each layer calls the functions the modules reach, in the same
+order with the same arguments, so its output is the modules' bit for bit (tests/test_fused_decode.py).
+The model itself stays plain modules."""
 
 from __future__ import annotations
 
@@ -43,19 +44,20 @@ def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
 
 
 class FusedDecode:
-    """Each layer's arguments for the op, gathered once; `run` takes the place of `DecoderLayer.forward`."""
+    """Every layer's weights gathered once into decode_layer.cpp's DecodeStack; `forward` takes the place of
+    the model's for a pass of decodes."""
 
     def __init__(self, model: nn.Module, projections: list[list[list[torch.Tensor]]]):
         cfg = model.cfg
         self.model = model
-        # Per layer, the op's arguments before the rotary tables: the norms and projections.
-        self.weights = [
-            (layer.attn_norm.weight, layer.ffn_norm.weight, cfg.rms_norm_eps, qkv, layer.attn.qkv_bias, o, gate_up,
-             down, GROUP)
-            for layer, (qkv, o, gate_up, down) in zip(model.layers, projections)
-        ]
-        self.heads, self.scale = cfg.num_heads, cfg.attn_scale
-        self.op = cpu_kernels.ops().decode_layer
+        parts: list[torch.Tensor] = []
+        layout: list[int] = []  # per layer: has a QKV bias, tensors of qkv, o, gate_up, down
+        for layer, weights in zip(model.layers, projections):
+            bias = [] if layer.attn.qkv_bias is None else [layer.attn.qkv_bias]
+            parts += [layer.attn_norm.weight, layer.ffn_norm.weight, *bias, *(t for w in weights for t in w)]
+            layout += [len(bias), *(len(w) for w in weights)]
+        self.stack = torch.classes.seriatim.DecodeStack(parts, layout, cfg.rms_norm_eps, GROUP, cfg.num_heads,
+                                                        cfg.attn_scale)
         self.by_rows: dict[int, list[int] | None] = {}  # rows -> paths(rows)
 
     @classmethod
@@ -64,7 +66,9 @@ class FusedDecode:
         cfg = model.cfg
         plain = not (cfg.qk_norm or cfg.post_norms or cfg.gemma_norms or cfg.embed_scale is not None)
         windowless = all(cfg.layer_window(i) is None for i in range(cfg.num_layers))
-        if not (plain and windowless and cfg.activation == "silu") or cpu_kernels.for_tensor(model.norm.weight) is None:
+        one_rope = len(set(model.rope_of_layer)) == 1
+        llama = plain and windowless and one_rope and cfg.activation == "silu"
+        if not llama or cpu_kernels.for_tensor(model.norm.weight) is None:
             return None
         projections = []
         for layer in model.layers:
@@ -84,21 +88,13 @@ class FusedDecode:
         return self.by_rows[rows]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, backend: PagedAttention) -> torch.Tensor | None:
-        """The model's forward (tokens, positions: [T] -> hidden states [T, D]) with each layer as one op, or
-        None where this pass cannot take it (prompt tokens in it, or products on the dense path)."""
+        """The model's forward (tokens, positions: [T] -> hidden states [T, D]) by the DecodeStack, or None
+        where this pass cannot take it (prompt tokens in it, or products on the dense path)."""
         paths = self.paths(len(tokens))
-        attention = [backend.decode_kernel_args(i) for i in range(len(self.weights))] if paths is not None else []
-        if paths is None or any(a is None for a in attention):
+        batch = backend.decode_kernel_batch() if paths is not None else None
+        if batch is None:
             return None
         model = self.model
         x = model.embed_tokens(tokens)
-        ropes = model.rope_tables(positions, x.dtype)
-        for i, rope in enumerate(model.rope_of_layer):
-            x = self.run(i, x, ropes[rope], paths, attention[i])
-        return model.norm(x)
-
-    def run(self, index: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], paths: list[int],
-            attention: tuple) -> torch.Tensor:
-        """Layer `index` on x [T, D] -> [T, D]; `attention` is the decode-attention kernel's cache and batch
-        arguments (paged_kv.PagedAttention.decode_kernel_args)."""
-        return self.op(x, *self.weights[index], paths, *rope, self.heads, *attention, self.scale)
+        (cos, sin), = model.rope_tables(positions, x.dtype)
+        return model.norm(self.stack.forward(x, paths, cos, sin, *batch))

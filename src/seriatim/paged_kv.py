@@ -162,14 +162,14 @@ class PagedAttention:
             out[part[0][0].start : part[-1][0].stop] = part_out
         return out
 
-    def decode_kernel_args(self, layer: int) -> tuple[torch.Tensor, ...] | None:
-        """When the pass is all decodes on seriatim's decode-attention kernel: that kernel's cache and batch
-        arguments for `layer` (k_cache, v_cache, rows, write, slots, lengths), for the fused layers
-        (fused_decode.py). Else None."""
-        if not self.kernel_decodes_only or self.cache.windows[layer] is not None:
+    def decode_kernel_batch(self) -> tuple[torch.Tensor, ...] | None:
+        """When the pass is all decodes on seriatim's decode-attention kernel and every layer is pooled: the
+        kernel's caches [layers, Hkv, S, Dh] and batch arguments (k, v, rows, write, slots, lengths), for the
+        fused layers (fused_decode.py). Else None."""
+        if not self.kernel_decodes_only or any(w is not None for w in self.cache.windows):
             return None
-        index, d = self.cache.index[layer], self.decodes
-        return self.cache.k[index], self.cache.v[index], d.rows, d.write, d.read, d.lengths
+        d = self.decodes
+        return self.cache.k, self.cache.v, d.rows, d.write, d.read, d.lengths
 
     def _sliding(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  window: int) -> torch.Tensor:
