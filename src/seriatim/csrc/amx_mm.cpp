@@ -68,7 +68,8 @@ const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16
 Activations activations(const at::Tensor& x) {
   const int64_t m = x.size(0), k = x.size(1);
   Activations a{padded_rows(x, kTile), std::vector<float>(m * (k / kStep))};
-  for (int64_t r = 0; r < m; ++r) span_sums(a.rows.data_ptr<at::BFloat16>() + r * k, k, kStep, a.sums.data() + r * (k / kStep));
+  const at::BFloat16* rows = a.rows.data_ptr<at::BFloat16>();
+  for (int64_t r = 0; r < m; ++r) span_sums(rows + r * k, k, kStep, a.sums.data() + r * (k / kStep));
   return a;
 }
 
