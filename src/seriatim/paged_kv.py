@@ -166,7 +166,7 @@ class PagedAttention:
         """When the pass is all decodes on seriatim's decode-attention kernel and every layer is pooled: the
         kernel's caches [layers, Hkv, S, Dh] and batch arguments (k, v, rows, write, slots, lengths), for the
         fused layers (fused_decode.py). Else None."""
-        if not self.kernel_decodes_only or any(w is not None for w in self.cache.windows):
+        if not self.kernel_decodes_only or self.cache.has_rings:
             return None
         d = self.decodes
         return self.cache.k, self.cache.v, d.rows, d.write, d.read, d.lengths

@@ -56,38 +56,48 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
 // A decoding pass's layers with their weights gathered once, run by one call per pass: a call of
 // decode_layer from Python costs ~13 us of argument handling (0.4 ms of SmolLM2's ~6 ms token).
 struct DecodeStack : torch::CustomClassHolder {
-  // Per layer: attn_norm, ffn_norm, the QKV bias if there is one, then the tensors of qkv, o, gate_up
-  // and down; layout holds, per layer, whether there is a bias and how many tensors each projection has.
-  std::vector<at::Tensor> parts;
-  std::vector<int64_t> layout;
+  struct Layer {
+    at::Tensor attn_norm, ffn_norm;
+    std::optional<at::Tensor> qkv_bias;
+    std::vector<at::Tensor> w[4];  // the tensors of qkv, o, gate_up and down
+  };
+  std::vector<Layer> layers;
   double eps, scale;
   int64_t group, heads;
 
+  // parts holds, per layer: attn_norm, ffn_norm, the QKV bias if there is one, then the tensors of qkv, o,
+  // gate_up and down; layout holds, per layer, whether there is a bias and how many tensors each
+  // projection has. Read once here, into `layers`.
   DecodeStack(std::vector<at::Tensor> parts, std::vector<int64_t> layout, double eps, int64_t group, int64_t heads,
               double scale)
-      : parts(std::move(parts)), layout(std::move(layout)), eps(eps), scale(scale), group(group), heads(heads) {
-    TORCH_CHECK(this->layout.size() % 5 == 0, "layout holds five numbers per layer");
+      : eps(eps), scale(scale), group(group), heads(heads) {
+    TORCH_CHECK(layout.size() % 5 == 0, "layout holds five numbers per layer");
+    size_t next = 0;
+    auto take = [&](int64_t count) {
+      TORCH_CHECK(next + count <= parts.size(), "layout counts more tensors than parts holds");
+      next += count;
+      return std::vector<at::Tensor>(parts.begin() + (next - count), parts.begin() + next);
+    };
+    for (size_t i = 0; i < layout.size(); i += 5) {
+      Layer layer;
+      layer.attn_norm = take(1)[0];
+      layer.ffn_norm = take(1)[0];
+      if (layout[i]) layer.qkv_bias = take(1)[0];
+      for (int j = 0; j < 4; ++j) layer.w[j] = take(layout[i + 1 + j]);
+      layers.push_back(std::move(layer));
+    }
+    TORCH_CHECK(next == parts.size(), "parts holds more tensors than layout counts");
   }
 
   // x [T, D] through every layer -> [T, D]. Layer i's cache is k_pool[i], v_pool[i] ([layers, Hkv, S, Dh]);
   // the other arguments are decode_layer's, the same for every layer.
   at::Tensor forward(at::Tensor x, std::vector<int64_t> paths, at::Tensor cos, at::Tensor sin, at::Tensor k_pool,
                      at::Tensor v_pool, at::Tensor rows, at::Tensor write, at::Tensor slots, at::Tensor lengths) {
-    size_t next = 0;
-    for (size_t i = 0; 5 * i < layout.size(); ++i) {
-      const int64_t* counts = layout.data() + 5 * i;
-      const at::Tensor &attn_norm = parts.at(next), &ffn_norm = parts.at(next + 1);
-      next += 2;
-      const std::optional<at::Tensor> bias = counts[0] ? std::optional<at::Tensor>(parts.at(next++)) : std::nullopt;
-      std::vector<at::TensorList> w;
-      for (int j = 1; j <= 4; ++j) {
-        TORCH_CHECK(next + counts[j] <= parts.size(), "layout counts more tensors than parts holds");
-        w.emplace_back(parts.data() + next, counts[j]);
-        next += counts[j];
-      }
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const Layer& l = layers[i];
       at::Tensor k_cache = k_pool.select(0, i), v_cache = v_pool.select(0, i);
-      x = decode_layer(x, attn_norm, ffn_norm, eps, w[0], bias, w[1], w[2], w[3], group, paths, cos, sin, heads, k_cache,
-                       v_cache, rows, write, slots, lengths, scale);
+      x = decode_layer(x, l.attn_norm, l.ffn_norm, eps, l.w[0], l.qkv_bias, l.w[1], l.w[2], l.w[3], group, paths, cos,
+                       sin, heads, k_cache, v_cache, rows, write, slots, lengths, scale);
     }
     return x;
   }
