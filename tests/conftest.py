@@ -32,7 +32,7 @@ def tiny_llama(tmp_path_factory):
 
     Returns (root, hf_model): `root/"hf"` is the HF directory, `root/f"{type}.gguf"` the GGUF files.
     """
-    from tiny_models import GGUF_TYPES, make_hf_llama, train_tokenizer, write_gguf_llama
+    from support.tiny_models import GGUF_TYPES, make_hf_llama, train_tokenizer, write_gguf_llama
 
     root = tmp_path_factory.mktemp("tiny_llama")
     hf = make_hf_llama(root / "hf")
@@ -45,7 +45,7 @@ def tiny_llama(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory):
     """A random tiny Qwen2: `root/"hf"` and `root/f"{type}.gguf"` for each of tiny_models.NEW_FAMILY_TYPES."""
-    from tiny_models import NEW_FAMILY_TYPES, build_tiny
+    from support.tiny_models import NEW_FAMILY_TYPES, build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2", NEW_FAMILY_TYPES)
 
@@ -53,7 +53,7 @@ def tiny_qwen2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gemma3(tmp_path_factory):
     """A random tiny Gemma 3 (sliding window 8), laid out as `tiny_qwen2`."""
-    from tiny_models import NEW_FAMILY_TYPES, build_tiny
+    from support.tiny_models import NEW_FAMILY_TYPES, build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny_gemma3"), "gemma3", NEW_FAMILY_TYPES)
 

@@ -8,7 +8,7 @@ import pytest
 
 from seriatim import LLM
 from seriatim.cli import main
-from seriatim.registry import REGISTRY, Package, RegistryEntry
+from seriatim.weights.registry import REGISTRY, Package, RegistryEntry
 
 
 def write_gguf(path, arch: str):
@@ -47,7 +47,7 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unsupported_weight_type(tiny_llama, tmp_path):
-    from tiny_models import train_tokenizer, write_gguf_llama
+    from support.tiny_models import train_tokenizer, write_gguf_llama
 
     path = write_gguf_llama(tmp_path / "q51.gguf", tiny_llama[1], train_tokenizer(), "Q5_1")
     with pytest.raises(ValueError, match=r"unsupported GGUF tensor type\(s\) Q5_1; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"):

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from seriatim import LLM, SamplingParams
-from seriatim.quality import TEXT
-from seriatim.registry import resolve_model
-from seriatim.scoring import perplexity
+from seriatim.bench.quality import TEXT
+from seriatim.weights.registry import resolve_model
+from seriatim.model.scoring import perplexity
 
 pytestmark = pytest.mark.real_model
 

@@ -64,8 +64,8 @@ def test_stream_is_valid_utf8_on_multilingual_output(smollm2):
 
 
 def test_fast_mode_quality_within_one_percent_perplexity(smollm2_gguf_path):
-    from seriatim.quality import TEXT
-    from seriatim.scoring import perplexity
+    from seriatim.bench.quality import TEXT
+    from seriatim.model.scoring import perplexity
 
     ppl = {}
     for dtype in ("float32", "auto"):

@@ -8,8 +8,8 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from .bench import CONCURRENCY_ENGINES, ENGINES
-from .registry import DEFAULT_MODEL, REGISTRY, installed_path, registry_entry
+from .bench.run import CONCURRENCY_ENGINES, ENGINES
+from .weights.registry import DEFAULT_MODEL, REGISTRY, installed_path, registry_entry
 
 if TYPE_CHECKING:  # PyTorch is imported by the commands that need it, inside main's error handling
     from .outputs import Delta, RequestMetrics
@@ -168,7 +168,7 @@ def cmd_models(_: argparse.Namespace) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
-    from .pull import pull
+    from .weights.pull import pull
 
     notice = registry_entry(args.name).notice
     if notice:  # before the download: using the weights means accepting these terms
@@ -177,11 +177,11 @@ def cmd_pull(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import run_bench, run_concurrency_bench, run_serve_bench
+    from .bench.run import run_bench, run_concurrency_bench, run_serve_bench
     from .hardware import physical_cores
 
     if args.quality:
-        from .quality import compare
+        from .bench.quality import compare
 
         print(compare(args.model))
         return

@@ -9,18 +9,18 @@ from pathlib import Path
 
 import torch
 
-from . import converted
-from .engine import Engine
+from .weights import converted
+from .engine.engine import Engine
 from .hardware import available_memory, keep_freed_memory, physical_cores, usable_cpus
-from .loader import build_model, choose_precision, load
-from .model import Transformer
+from .weights.loader import build_model, choose_precision, load
+from .model.transformer import Transformer
 from .outputs import CompletionOutput, Delta
-from .registry import DEFAULT_MODEL, resolve_model
-from .paged_kv import PagedKVCache
+from .weights.registry import DEFAULT_MODEL, resolve_model
+from .model.paged_kv import PagedKVCache
 from .sampling import SamplingParams
-from .scheduler import SchedulerConfig
-from .sequence import Sequence
-from .tokenizer import Tokenizer
+from .engine.scheduler import SchedulerConfig
+from .engine.sequence import Sequence
+from .text.tokenizer import Tokenizer
 
 Prompt = str | Seq[int]
 

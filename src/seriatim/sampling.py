@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import cpu_kernels
+from .kernels import library
 
 MAX_LOGPROBS = 20
 
@@ -333,7 +333,7 @@ def _logprobs(logits: torch.Tensor, states: list[SamplingState], token_ids: list
 def _argmax(x: torch.Tensor) -> torch.Tensor:
     """Row-wise argmax of [B, V] float32 (first index of the largest; NaN counts as largest): on the CPU by
     seriatim's kernel where built (torch's argmax is single-threaded), the same indices."""
-    if x.device.type == "cpu" and (ops := cpu_kernels.ops()) is not None:
+    if x.device.type == "cpu" and (ops := library.ops()) is not None:
         return ops.argmax_rows(x)
     return x.argmax(dim=-1)
 

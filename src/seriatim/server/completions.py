@@ -8,8 +8,8 @@ import uuid
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from ..async_engine import EngineShutDown
-from ..scoring import prompt_logprobs
+from ..engine.async_engine import EngineShutDown
+from ..model.scoring import prompt_logprobs
 from ..sampling import MAX_LOGPROBS
 from .errors import APIError, invalid
 from .formatting import TextOffsets, TokenTexts, completion_logprobs

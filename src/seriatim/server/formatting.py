@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from functools import cache
 
-from ..detokenizer import IncrementalDetokenizer
+from ..text.detokenizer import IncrementalDetokenizer
 from ..sampling import TokenLogprobs
-from ..tokenizer import byte_spelling
+from ..text.tokenizer import byte_spelling
 
 
 @cache

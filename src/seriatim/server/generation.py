@@ -8,8 +8,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, fields as dc_fields
 
-from ..async_engine import AsyncEngine, EngineError, EngineShutDown, QueueFull
-from ..engine import validate_prompt
+from ..engine.async_engine import AsyncEngine, EngineError, EngineShutDown, QueueFull
+from ..engine.engine import validate_prompt
 from ..outputs import Delta
 from ..sampling import SamplingParams, TokenLogprobs
 from .errors import APIError, invalid

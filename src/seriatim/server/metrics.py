@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..async_engine import AsyncEngine, EngineCounts
+from ..engine.async_engine import AsyncEngine, EngineCounts
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

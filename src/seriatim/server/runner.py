@@ -52,7 +52,7 @@ class Server(uvicorn.Server):
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning",
           out: TextIO = sys.stdout) -> None:
     """Serve until SIGINT/SIGTERM. Raises ValueError if the model cannot be found or fails to load."""
-    from ..registry import resolve_model
+    from ..weights.registry import resolve_model
 
     resolve_model(config.model)  # an unknown model fails now, not after the server is up
     app = create_app(config)

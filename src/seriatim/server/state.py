@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..async_engine import AsyncEngine
+from ..engine.async_engine import AsyncEngine
 from .errors import APIError
 
 log = logging.getLogger("seriatim.server")

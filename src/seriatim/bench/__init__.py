@@ -1,0 +1,1 @@
+"""`seriatim bench`: speed against llama.cpp and transformers, concurrency, the HTTP server, and quality."""

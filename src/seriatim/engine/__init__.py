@@ -1,0 +1,1 @@
+"""The generation loop: requests, scheduling, the paged KV blocks, stopping, and the asyncio front."""

@@ -1,0 +1,2 @@
+"""The model as plain PyTorch modules: configuration, transformer, attention and its KV caches, compact
+weights, the fused decode layers, and scoring."""

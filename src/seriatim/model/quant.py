@@ -1,0 +1,311 @@
+"""Weights kept compact in memory, and the product that serves each number of rows.
+
+Two compact forms, multiplied with bfloat16 activations: group-wise (32)
+asymmetric int4, and int8 with one scale per output row. A product takes a
+vector kernel (seriatim's or PyTorch's weight-only ones) for a row or a few,
+seriatim's AMX kernels for more, and for long chunks the weight expanded to
+bfloat16 just before one dense matmul (`product_path`).
+Every GGUF block type goes to the nearest of the two:
+
+- Q4_0, Q4_1, Q4_K -> int4. Their blocks *are* a scale, a minimum and 32
+  nibbles (Q4_K's 6-bit sub-block scales and minimums multiply out), so they
+  are re-expressed exactly (the scales then round to bfloat16).
+- Q8_0, Q6_K, Q5_K, Q5_0 -> int8 per row. There is no 5- or 6-bit kernel and
+  int4 would drop their extra bits, so they are dequantized and re-rounded
+  with the row's largest magnitude at 127: an error of at most half a step of
+  the row scale, the price of one scale per row instead of one per block.
+- A fused projection whose parts map to different forms (K-quant files mix
+  Q4_K with Q6_K) becomes int8 as a whole: its int4 parts are re-rounded too,
+  rather than expanded to dense bfloat16.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import Q4_K, dequantize
+from torch import nn
+
+from ..kernels import library
+
+GROUP = 32  # weights per scale in the int4 form (the size of a Q4_0/Q4_1 block, a Q4_K sub-block)
+INT4_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K)
+INT8_TYPES = (QT.Q8_0, QT.Q6_K, QT.Q5_K, QT.Q5_0)
+COMPACT_TYPES = INT4_TYPES + INT8_TYPES  # kept as blocks until the compact modules are built
+ROW_CHUNK = 4096  # rows dequantized at a time: a large embedding never exists whole in float32
+# Which product serves a chunk of `rows` activation rows (measured on SmolLM2's shapes, 2 cores, weights
+# from memory; `Crossovers` below). torch's weight-only kernels are matrix-vector products in a loop:
+# fastest at one row, then linear in rows (a 512-row chunk took 7x a dense bfloat16 matmul). Our AMX
+# kernels (csrc/amx_mm.cpp) multiply 16 rows per weight read: 3.8x faster than torch's at 16 rows and
+# 3.7x at 64; from 64 rows the int4 one expands a block of weights to bfloat16 tiles once for all rows
+# (a prompt chunk of 128 rows: 19% faster than the nibble tiles made per 16 rows). For long chunks,
+# expanding the weight and one dense matmul wins; the int4 expansion costs little (csrc/expand.cpp),
+# the int8 head's is a float conversion of 28M weights, so dense wins late.
+# Below AMX's rows, our vector kernels (csrc/gemv.cpp) take int8, ~1.4x torch's, and int4 at one row,
+# ~1.3x; torch's take int4 at a few rows.
+PACK_BLOCK = 64  # output rows per block in the CPU int4 kernel's packed layout (AVX-512 and AVX2)
+
+
+@dataclass(frozen=True)
+class Crossovers:
+    """From how many activation rows each product takes over."""
+
+    amx: int  # our AMX kernel, where it runs
+    dense_amx: int  # expanded weight and a dense matmul, where AMX runs
+    dense: int  # the same, with our kernels but without AMX
+    dense_unaided: int  # the same, without our kernels (expansion by tensor ops)
+
+
+INT4_CROSSOVERS = Crossovers(amx=2, dense_amx=224, dense=48, dense_unaided=128)
+INT8_CROSSOVERS = Crossovers(amx=4, dense_amx=512, dense=160, dense_unaided=128)
+
+
+@dataclass
+class BlockWeight:
+    """A GGUF tensor as stored: [rows, bytes per row] of blocks, `cols` weights per row."""
+
+    qtype: QT
+    data: np.ndarray
+    cols: int
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[0]
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.from_numpy(np.array(dequantize(self.data, self.qtype), dtype=np.float32))
+
+    def take_rows(self, order: np.ndarray | slice) -> BlockWeight:
+        """Select or reorder output rows (blocks run along a row, so rows move whole)."""
+        return BlockWeight(self.qtype, self.data[order], self.cols)
+
+
+Weight = torch.Tensor | BlockWeight  # float32 tensor or GGUF blocks
+
+
+def compact_form(w: Weight) -> str:
+    """'int4', 'int8' or 'dense': how `compact_linear` stores this weight when it is alone."""
+    if isinstance(w, BlockWeight):
+        return "int4" if w.qtype in INT4_TYPES else "int8" if w.qtype in INT8_TYPES else "dense"
+    return "dense"
+
+
+def dense(w: Weight) -> torch.Tensor:
+    return w.dequantize() if isinstance(w, BlockWeight) else w
+
+
+def _blocks(w: BlockWeight, block_bytes: int) -> np.ndarray:
+    return np.ascontiguousarray(w.data).reshape(w.rows, -1, block_bytes)
+
+
+def _f16(raw: np.ndarray) -> torch.Tensor:
+    """Little-endian float16 fields of the blocks -> float32 tensor [rows, blocks]."""
+    return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32))
+
+
+def int4_from_blocks(w: BlockWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0/Q4_1/Q4_K -> (nibbles int32 [N, K], scale [N, K/32], minimum [N, K/32]); w = q*scale + min."""
+    if w.qtype == QT.Q4_K:
+        return _int4_from_q4_k(w)
+    size = 20 if w.qtype == QT.Q4_1 else 18
+    b = _blocks(w, size)
+    scale = _f16(b[..., 0:2])
+    qs = b[..., size - 16 :]  # 16 bytes: low nibbles are weights 0..15, high nibbles 16..31
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(w.rows, w.cols)
+    minimum = _f16(b[..., 2:4]) if w.qtype == QT.Q4_1 else -8 * scale
+    return torch.from_numpy(q.astype(np.int32)), scale, minimum
+
+
+def _int4_from_q4_k(w: BlockWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K super-blocks of 256 (d, dmin, 8 packed 6-bit scales and minimums, 128 bytes of nibbles):
+    sub-block j is (q * d*sc[j] - dmin*m[j]), which is group-32 asymmetric int4 as it stands."""
+    b = _blocks(w, 144)  # [N, S, 144]
+    n, supers = b.shape[:2]
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])  # [N, S]
+    sc, m = (torch.from_numpy(x.reshape(n, supers, 8).astype(np.float32))
+             for x in Q4_K.get_scale_min(b[..., 4:16].reshape(-1, 12)))
+    # Four runs of 32 bytes: run r holds sub-block 2r in its low nibbles and 2r+1 in its high ones.
+    qs = b[..., 16:].reshape(n, supers, 4, 1, 32)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(n, w.cols)
+    scale = (d[..., None] * sc).reshape(n, -1)
+    minimum = -(dmin[..., None] * m).reshape(n, -1)
+    return torch.from_numpy(q.astype(np.int32)), scale, minimum
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [N, K] -> (int8 [N, K], float32 scale [N]); w ≈ q * scale, each row's largest magnitude at 127."""
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def int8_from_blocks(w: BlockWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any block type -> int8 with one scale per row, dequantized a chunk of rows at a time."""
+    parts = [int8_rows(w.take_rows(slice(i, i + ROW_CHUNK)).dequantize()) for i in range(0, w.rows, ROW_CHUNK)]
+    return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W as group-wise asymmetric int4 in torch's packed CPU layout (bfloat16 activations),
+    by the product `product_path` picks for the number of rows."""
+
+    def __init__(self, weight: torch.Tensor, scales_zeros: torch.Tensor):
+        """weight: the kernel's packed form [N, K/2] (uint8); scales_zeros: [K/32, N, 2]."""
+        super().__init__()
+        self.out_features, self.in_features = weight.shape[0], 2 * weight.shape[1]
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales_zeros", scales_zeros)
+
+    @classmethod
+    def from_int4(cls, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype) -> Int4Linear:
+        """From values q in [0, 16) ([N, K], int32) and per-group scale and minimum ([N, K/32])."""
+        # The kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale.
+        sz = torch.stack([scale, minimum + 8 * scale], dim=-1)  # [N, K/32, 2]
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        return cls(packed, sz.transpose(0, 1).contiguous().to(dtype))
+
+    def path(self, rows: int) -> str:
+        """Which product `forward` runs for `rows` activation rows (see `product_path`)."""
+        amx_fits = self._expandable() and self.in_features % GROUP == 0
+        return product_path(rows, library.for_tensor(self.scales_zeros), amx_fits, INT4_CROSSOVERS)
+
+    def _expandable(self) -> bool:
+        return self.out_features % PACK_BLOCK == 0 and _int4_layout_known()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [M, K] -> [M, N]"""
+        path = self.path(x.shape[0])
+        if path == "amx":
+            return library.ops().int4_mm_amx(x, self.weight, self.scales_zeros, GROUP)
+        if path == "dense" and self._expandable():
+            return x @ self.dequantize_t()
+        if x.shape[0] == 1 and (ops := library.for_tensor(self.scales_zeros)) is not None:
+            return ops.int4_gemv(x, self.weight, self.scales_zeros, GROUP)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, GROUP, self.scales_zeros)
+
+    def dequantize_t(self) -> torch.Tensor:
+        """[K, N] (the transpose of `dequantize`): one pass of our kernel where it runs."""
+        ops = library.for_tensor(self.scales_zeros)
+        if ops is None:
+            return self.dequantize().T
+        return ops.int4_dequantize_t(self.weight, self.scales_zeros, GROUP)
+
+    def dequantize(self) -> torch.Tensor:
+        """[N, K] in the activation dtype. The packed layout holds, per block of 64 output rows and per
+        input column, 32 bytes: row i of the block in the low nibble of byte i, row 32 + i in the high."""
+        n, k = self.out_features, self.in_features
+        packed = self.weight.view(n // PACK_BLOCK, k, PACK_BLOCK // 2)
+        # Unpacked straight into float32 (one strided copy per nibble), where the scaling runs
+        # fastest; only the result is rounded to the activation dtype.
+        q = torch.empty(n // PACK_BLOCK, 2, PACK_BLOCK // 2, k)
+        q[:, 0] = (packed & 15).transpose(1, 2)
+        q[:, 1] = (packed >> 4).transpose(1, 2)
+        scale, zero = self.scales_zeros.transpose(0, 1).float().contiguous().unsqueeze(-1).unbind(2)  # [N, K/32, 1]
+        weight = torch.addcmul(zero - 8 * scale, q.view(n, k // GROUP, GROUP), scale)  # (q - 8) * scale + zero
+        return weight.view(n, k).to(self.scales_zeros.dtype)
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T with W as int8 and one scale per output row."""
+
+    writes_float = True  # forward(x, float_out=True) gives float32 products (model.logits)
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale.to(dtype))
+
+    def path(self, rows: int) -> str:
+        """Which product `forward` runs for `rows` activation rows (see `product_path`)."""
+        amx_fits = self.out_features % 32 == 0 and self._steps_fit()
+        return product_path(rows, library.for_tensor(self.scale), amx_fits, INT8_CROSSOVERS)
+
+    def _steps_fit(self) -> bool:
+        return self.in_features % 64 == 0  # our kernels step through K 64 columns at a time
+
+    def forward(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+        """x: [M, K] -> [M, N] in x's dtype, or float32 with float_out (our kernels write it unrounded)."""
+        path = self.path(x.shape[0])
+        if path == "amx":
+            return library.ops().int8_mm_amx(x, self.weight, self.scale, float_out)
+        if path == "kernel" and library.for_tensor(self.scale) is not None and self._steps_fit():
+            return library.ops().int8_gemv(x, self.weight, self.scale, float_out)
+        if path == "dense":
+            y = F.linear(x, self.dequantize())
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
+        return y.float() if float_out else y
+
+    def dequantize(self) -> torch.Tensor:
+        """[N, K] in the activation dtype."""
+        return self.weight.to(self.scale.dtype) * self.scale[:, None]
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows as embeddings: a tied embedding shares this storage instead of a float copy."""
+        return self.weight[tokens].to(self.scale.dtype) * self.scale[tokens, None]
+
+
+class Int8Embedding(nn.Module):
+    def __init__(self, table: Int8Linear):
+        super().__init__()
+        self.table = table
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.table.embed(tokens)
+
+
+def product_path(rows: int, ops: object | None, amx_fits: bool, at: Crossovers) -> str:
+    """'kernel' (a vector kernel: ours or torch's weight-only), 'amx' (ours) or 'dense' for a chunk of
+    `rows` activation rows, given whether our kernels are built and the weight's shape suits AMX."""
+    amx = ops is not None and amx_fits and library.amx()
+    dense_from = at.dense_amx if amx else at.dense if ops is not None else at.dense_unaided
+    if rows >= dense_from:
+        return "dense"
+    return "amx" if amx and rows >= at.amx else "kernel"
+
+
+@functools.cache
+def _int4_layout_known() -> bool:
+    """Whether this PyTorch build packs int4 as `Int4Linear.dequantize` reads it (checked once)."""
+    q = torch.randint(0, 16, (2 * PACK_BLOCK, 2 * GROUP), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    probe = Int4Linear.from_int4(q, torch.ones(q.shape[0], 2), torch.zeros(q.shape[0], 2), torch.float32)
+    return torch.equal(probe.dequantize(), q.float())
+
+
+def compact_linear(parts: list[Weight], dtype: torch.dtype) -> nn.Module:
+    """One module multiplying by the row-wise concatenation of `parts` (a fused projection), in the
+    compact form that all of them allow (see the module docstring); dense `dtype` for float weights."""
+    forms = {compact_form(w) for w in parts}
+    if forms == {"int4"}:
+        q, scale, minimum = (torch.cat(x) for x in zip(*(int4_from_blocks(w) for w in parts)))
+        return Int4Linear.from_int4(q, scale, minimum, dtype)
+    if "dense" not in forms:
+        q, scale = (torch.cat(x) for x in zip(*(int8_from_blocks(w) for w in parts)))
+        return Int8Linear(q, scale, dtype)
+    weight = torch.cat([dense(w) for w in parts])
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    return linear
+
+
+def compact_embedding(w: Weight, tied_head: nn.Module | None, dtype: torch.dtype) -> nn.Module:
+    """Token embeddings: rows of the tied int8 head when there is one, else int8 rows of their own
+    when quantized (half the memory of bfloat16), else a dense table."""
+    if isinstance(tied_head, Int8Linear):
+        return Int8Embedding(tied_head)
+    if isinstance(w, BlockWeight):
+        return Int8Embedding(Int8Linear(*int8_from_blocks(w), dtype))
+    return nn.Embedding.from_pretrained(dense(w).to(dtype))
+
+
+def conversion_notice(qtypes: set[QT]) -> str | None:
+    """One line saying which block types are re-rounded in the fast mode, if any are."""
+    rerounded = sorted(t.name for t in qtypes if t in INT8_TYPES and t != QT.Q8_0)
+    if not rerounded:
+        return None
+    return f"fast mode: {', '.join(rerounded)} weights re-rounded to int8 per row (no kernel for their bit width)"

@@ -1,0 +1,76 @@
+"""Fused decode layers (fused_decode.py, csrc/decode_layer.cpp): the modules' results bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seriatim import LLM
+from seriatim.kernels import library
+from seriatim.model.fused_decode import FusedDecode
+from seriatim.sampling import SamplingParams
+
+needs_kernels = pytest.mark.skipif(not library._cpu_supports(), reason="needs AVX-512 with BF16")
+
+
+def count_passes(monkeypatch) -> list[int]:
+    """The batch size of every pass the fused layers ran, from now on."""
+    sizes = []
+    original = FusedDecode.forward
+
+    def forward(self, tokens, positions, backend):
+        hidden = original(self, tokens, positions, backend)
+        if hidden is not None:
+            sizes.append(len(tokens))
+        return hidden
+
+    monkeypatch.setattr(FusedDecode, "forward", forward)
+    return sizes
+
+
+def generate(llm: LLM, fused: bool, monkeypatch) -> tuple[list, int]:
+    """Greedy generations with logprobs for three prompts, one at a time; and how many fused passes ran."""
+    runs = count_passes(monkeypatch)
+    llm.engine.fused = FusedDecode.of(llm.model) if fused else None
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    outs = [llm.generate(prompt, params)[0] for prompt in ([5, 9, 11], [40, 41, 42, 43, 44, 45, 46], [7])]
+    return [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs]) for o in outs], len(runs)
+
+
+@needs_kernels
+@pytest.mark.parametrize("family, source", [("llama", "Q4_1"), ("llama", "BF16"), ("qwen2", "Q4_K"), ("qwen2", "mixed")])
+def test_fused_layers_equal_the_modules(family, source, request, monkeypatch):
+    """Int4, int8 and dense projections, with and without a QKV bias (Qwen2): the same tokens and the
+    same log-probabilities to the last bit, and the fused op did run."""
+    root = request.getfixturevalue(f"tiny_{family}")
+    root = root[0] if family == "llama" else root  # (root, HF model) for the tiny Llama
+    llm = LLM(str(root / f"{source}.gguf"), prefix_caching=False)
+    assert llm.model.norm.weight.dtype == torch.bfloat16
+    expected, unfused = generate(llm, False, monkeypatch)
+    got, fused = generate(llm, True, monkeypatch)
+    assert unfused == 0 and fused >= 11 * 3  # every decode after the first token
+    assert got == expected
+
+
+def test_not_for_other_forms(tiny_gemma3, tiny_llm):
+    """Gemma's extra norms and sliding layers, and the float32 reference, keep the modules."""
+    assert FusedDecode.of(tiny_llm.model) is None
+    assert FusedDecode.of(LLM(str(tiny_gemma3 / "Q8_0.gguf")).model) is None
+
+
+@needs_kernels
+def test_batched_decodes_fuse_on_the_products_the_modules_pick(tiny_llama, monkeypatch):
+    """Four sequences decoding together (AMX products where the CPU has AMX): the same tokens and
+    log-probabilities as the modules."""
+    llm = LLM(str(tiny_llama[0] / "Q4_1.gguf"), prefix_caching=False)
+    prompts = [[5, 9, 11], [40, 41, 42, 43, 44, 45, 46], [7], [100, 3]]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
+    results, batch_sizes = {}, count_passes(monkeypatch)
+    for fused in (False, True):
+        llm.engine.fused = FusedDecode.of(llm.model) if fused else None
+        outs = llm.generate(prompts, params)
+        results[fused] = [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs]) for o in outs]
+    assert batch_sizes.count(4) >= 8  # most steps decoded all four together
+    if library.amx():
+        assert llm.engine.fused.paths(4) == [1, 1, 1, 1]
+    assert results[True] == results[False]
