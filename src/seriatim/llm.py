@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import numbers
 import sys
 from collections import deque
 from collections.abc import Iterator, Sequence as Seq
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 
 from .weights import converted
-from .engine.engine import Engine
-from .hardware import available_memory, keep_freed_memory, physical_cores, usable_cpus
+from .engine.config import EngineConfig
+from .engine.engine import Engine, ValidPrompt
+from .errors import ParameterError
+from .hardware import keep_freed_memory, physical_cores, usable_cpus
 from .weights.loader import build_model, choose_precision, load
 from .model.transformer import Transformer
 from .outputs import CompletionOutput, Delta
 from .weights.registry import DEFAULT_MODEL, resolve_model
-from .model.paged_kv import PagedKVCache
-from .sampling import SamplingParams
-from .engine.scheduler import SchedulerConfig
+from .model.scoring import prompt_logprobs
+from .sampling import SamplingParams, TokenLogprobs
 from .engine.sequence import Sequence
+from .text.chat_template import text_messages
 from .text.tokenizer import Tokenizer
 
 Prompt = str | Seq[int]
@@ -85,31 +89,13 @@ class LLM:
         self.model, self.tokenizer = self._load(path, progress)
         self.config = self.model.cfg
         dtype = self.precision.activations
-        if kv_cache_memory is None:  # a quarter of the free RAM (GPU memory on CUDA), at most 4 GiB
-            kv_cache_memory = min(available_memory(self.device.type) // 4, 4 << 30)
-        if max_step_tokens is None:
-            # A CPU's prefill is bound by arithmetic: beyond ~512 tokens a step only makes every stream wait
-            # longer. A GPU's is bound by launches: 64 prompts of 64 tokens in one step instead of eight.
-            max_step_tokens = 4096 if self.device.type == "cuda" else 512
-        scheduling = SchedulerConfig(
-            max_step_tokens, max_running, self._kv_capacity(kv_cache_memory, dtype, max_running),
-            prefix_caching=prefix_caching, deterministic=deterministic,
+        engine_config = EngineConfig.resolve(
+            self.config, self.device, dtype, kv_cache_memory=kv_cache_memory, max_step_tokens=max_step_tokens,
+            max_running=max_running, prefix_caching=prefix_caching, deterministic=deterministic,
         )
-        self.engine = Engine(self.model, self.tokenizer, self.device, dtype, scheduling)
+        self.engine = Engine(self.model, self.tokenizer, self.device, dtype, engine_config)
         # Deltas made for requests started by generate() or stream(), not yet read by their caller.
         self._outbox: dict[int, deque[tuple[Delta, Sequence]]] = {}
-
-    def _kv_capacity(self, memory: int, dtype: torch.dtype, max_running: int) -> int:
-        """Cache positions `memory` bytes hold, after the sliding-window layers' rings."""
-        rings = PagedKVCache.ring_bytes(self.config, dtype, max_running)
-        per_token = PagedKVCache.bytes_per_token(self.config, dtype)
-        block = SchedulerConfig.block_size * per_token
-        if memory < rings + block:
-            rings_part = f" plus {rings} for the sliding-window layers of {max_running} running sequences" if rings else ""
-            raise ValueError(f"kv_cache_memory of {memory} bytes is too small: this model needs at least "
-                             f"{rings + block} (one block of {SchedulerConfig.block_size} positions, {block} bytes"
-                             f"{rings_part})")
-        return (memory - rings) // per_token
 
     def _load(self, path: Path, progress: bool) -> tuple[Transformer, Tokenizer]:
         """The model and tokenizer: from the converted-weights cache in the compact fast mode when this
@@ -132,7 +118,7 @@ class LLM:
     ) -> list[CompletionOutput]:
         """Generate for one prompt or many (strings or token-id lists); one result per prompt, in order."""
         params = params or SamplingParams()
-        ids = self._submit([prompts] if _is_single_prompt(prompts) else list(prompts), params)
+        ids = self._submit(_prompt_list(prompts), params)
         finished = {}
         try:
             for rid in ids:  # all run together: the engine batches them whichever is being read
@@ -192,9 +178,23 @@ class LLM:
         return self.generate(self.chat_prompt(messages), params)[0]
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """The token ids of `messages` rendered by the model's chat template, with the generation prompt."""
+        """The token ids of `messages` rendered by the model's chat template, with the generation prompt.
+        Content may be a string or OpenAI's text parts; ParameterError (param "messages") for anything the
+        template cannot take."""
+        checked = text_messages(messages)
+        try:
+            text = self.tokenizer.apply_chat_template(checked)
+        except (ValueError, TemplateError) as e:
+            raise ParameterError("messages", f"the chat template could not render these messages: {e}") from None
         # The template writes any BOS itself, so the tokenizer must not add another.
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prompt_logprobs(self, prompt: Prompt, top_n: int = 0) -> list[TokenLogprobs | None]:
+        """Each prompt token's raw log-probability given the tokens before it, with the `top_n` most likely
+        alternatives; None for the first token. Computed outside the engine's KV cache: from a thread other
+        than the one stepping the engine, call it between steps (AsyncEngine.run_in_engine_thread)."""
+        ids = prompt if isinstance(prompt, ValidPrompt) else self.engine.validate_prompt(self.encode_prompt(prompt))
+        return prompt_logprobs(self.model, ids, top_n, self.engine.kv_dtype, self.device)
 
     def add_request(self, prompt: Prompt, params: SamplingParams) -> int:
         return self.engine.add_request(self.encode_prompt(prompt), params)
@@ -215,7 +215,26 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _is_single_prompt(prompts: object) -> bool:
-    return isinstance(prompts, str) or (
-        isinstance(prompts, Seq) and len(prompts) > 0 and all(isinstance(t, int) for t in prompts)
-    )
+def _prompt_list(prompts: object) -> list[Prompt]:
+    """`generate`'s prompts as a list: one prompt (a string or token ids) or a list of them.
+    ParameterError (param "prompt") for anything else."""
+    if _is_prompt(prompts) and not (isinstance(prompts, Seq) and not prompts):
+        return [prompts]
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Seq):
+        raise ParameterError("prompt", "prompts must be a string, a list of token ids, or a list of those, "
+                             f"got {type(prompts).__name__}")
+    if not prompts:
+        raise ParameterError("prompt", "generate() got no prompts")
+    bad = next(((i, p) for i, p in enumerate(prompts) if not _is_prompt(p)), None)
+    if bad is not None:
+        raise ParameterError("prompt", f"prompt {bad[0]} is a {type(bad[1]).__name__}: each prompt is a string or "
+                             "a list of token ids")
+    return list(prompts)
+
+
+def _is_prompt(prompt: object) -> bool:
+    """A string, or a sequence of ints (token ids; whether they are valid ones is the engine's to say)."""
+    if isinstance(prompt, str):
+        return True
+    ints = isinstance(prompt, Seq) and not isinstance(prompt, bytes)
+    return ints and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import ParameterError
 from .kernels import library
 
 MAX_LOGPROBS = 20
@@ -71,11 +72,11 @@ class SamplingParams:
                      "presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not _is_real(v) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
+                raise ParameterError(name, f"{name} must be a finite number, got {v!r}")
         for name, optional in (("top_k", False), ("max_tokens", False), ("seed", True), ("logprobs", True)):
             v = getattr(self, name)
             if not (_is_int(v) or (optional and v is None)):
-                raise ValueError(f"{name} must be an int{' or None' if optional else ''}, got {v!r}")
+                raise ParameterError(name, f"{name} must be an int{' or None' if optional else ''}, got {v!r}")
         self._check(self.temperature >= 0, "temperature", "must be >= 0")
         self._check(self.top_k >= 0, "top_k", "must be >= 0 (0 disables)")
         self._check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
@@ -90,24 +91,24 @@ class SamplingParams:
         if self.logprobs is not None:
             self._check(0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"must be in [0, {MAX_LOGPROBS}]")
         if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+            raise ParameterError("ignore_eos", f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         self._normalise_logit_bias()
         self._normalise_stop()
 
     def _check(self, ok: bool, name: str, rule: str) -> None:
         if not ok:
-            raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+            raise ParameterError(name, f"{name} {rule}, got {getattr(self, name)!r}")
 
     def _normalise_logit_bias(self) -> None:
         if self.logit_bias is None:
             return
         if not isinstance(self.logit_bias, dict):
-            raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
+            raise ParameterError("logit_bias", f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
         for k, v in self.logit_bias.items():
             if not _is_int(k):
-                raise ValueError(f"logit_bias keys must be int token ids, got {k!r}")
+                raise ParameterError("logit_bias", f"logit_bias keys must be int token ids, got {k!r}")
             if not _is_real(v) or not -100 <= v <= 100:
-                raise ValueError(f"logit_bias values must be in [-100, 100], got {v!r} for token {k}")
+                raise ParameterError("logit_bias", f"logit_bias values must be in [-100, 100], got {v!r} for token {k}")
         # A private copy, so later edits to the caller's dict cannot change a frozen request.
         object.__setattr__(self, "logit_bias", {int(k): float(v) for k, v in self.logit_bias.items()})
 
@@ -118,17 +119,17 @@ class SamplingParams:
         if isinstance(stop, str):
             stop = (stop,)
         if not isinstance(stop, (list, tuple)):
-            raise ValueError(f"stop must be a str or a list of str, got {stop!r}")
+            raise ParameterError("stop", f"stop must be a str or a list of str, got {stop!r}")
         for s in stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty str, got {s!r}")
+                raise ParameterError("stop", f"stop strings must be non-empty str, got {s!r}")
         object.__setattr__(self, "stop", tuple(stop) or None)
 
     def validate_for_vocab(self, vocab_size: int) -> None:
-        """Raise ValueError if a logit_bias key is not a token id of this vocabulary."""
+        """Raise ParameterError if a logit_bias key is not a token id of this vocabulary."""
         for k in self.logit_bias or {}:
             if not 0 <= k < vocab_size:
-                raise ValueError(f"logit_bias token id {k} is outside the vocabulary [0, {vocab_size})")
+                raise ParameterError("logit_bias", f"logit_bias token id {k} is outside the vocabulary [0, {vocab_size})")
 
     @property
     def greedy(self) -> bool:

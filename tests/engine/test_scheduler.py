@@ -8,13 +8,13 @@ from hypothesis import strategies as st
 
 from seriatim import SamplingParams
 from seriatim.engine.engine import Engine
-from seriatim.engine.scheduler import SchedulerConfig
+from seriatim.engine.config import EngineConfig
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
 def engine_for(llm, **config) -> Engine:
-    return Engine(llm.model, llm.tokenizer, llm.device, torch.float32, SchedulerConfig(**config))
+    return Engine(llm.model, llm.tokenizer, llm.device, torch.float32, EngineConfig(**config))
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:

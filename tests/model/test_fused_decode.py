@@ -8,6 +8,7 @@ import torch
 from seriatim import LLM
 from seriatim.kernels import library
 from seriatim.model.fused_decode import FusedDecode
+from seriatim.model.quant import Product
 from seriatim.sampling import SamplingParams
 
 needs_kernels = pytest.mark.skipif(not library._cpu_supports(), reason="needs AVX-512 with BF16")
@@ -18,11 +19,9 @@ def count_passes(monkeypatch) -> list[int]:
     sizes = []
     original = FusedDecode.forward
 
-    def forward(self, tokens, positions, backend):
-        hidden = original(self, tokens, positions, backend)
-        if hidden is not None:
-            sizes.append(len(tokens))
-        return hidden
+    def forward(self, tokens, *args):
+        sizes.append(len(tokens))
+        return original(self, tokens, *args)
 
     monkeypatch.setattr(FusedDecode, "forward", forward)
     return sizes
@@ -31,7 +30,7 @@ def count_passes(monkeypatch) -> list[int]:
 def generate(llm: LLM, fused: bool, monkeypatch) -> tuple[list, int]:
     """Greedy generations with logprobs for three prompts, one at a time; and how many fused passes ran."""
     runs = count_passes(monkeypatch)
-    llm.engine.fused = FusedDecode.of(llm.model) if fused else None
+    llm.engine.runner.fused = FusedDecode.of(llm.model) if fused else None
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
     outs = [llm.generate(prompt, params)[0] for prompt in ([5, 9, 11], [40, 41, 42, 43, 44, 45, 46], [7])]
     return [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs]) for o in outs], len(runs)
@@ -67,10 +66,30 @@ def test_batched_decodes_fuse_on_the_products_the_modules_pick(tiny_llama, monke
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
     results, batch_sizes = {}, count_passes(monkeypatch)
     for fused in (False, True):
-        llm.engine.fused = FusedDecode.of(llm.model) if fused else None
+        llm.engine.runner.fused = FusedDecode.of(llm.model) if fused else None
         outs = llm.generate(prompts, params)
         results[fused] = [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs]) for o in outs]
     assert batch_sizes.count(4) >= 8  # most steps decoded all four together
     if library.amx():
-        assert llm.engine.fused.paths(4) == [1, 1, 1, 1]
+        assert set(llm.engine.runner.fused.products(4)) == {Product.AMX}
+    assert results[True] == results[False]
+
+
+@needs_kernels
+@pytest.mark.parametrize("source", ["Q4_1", "Q8_0"])
+def test_wide_decode_passes_fuse_on_the_dense_product(tiny_llama, source, monkeypatch):
+    """512 sequences decoding together (past every crossover to the dense product): int4 and int8 projections expanded to dense weights, in C++ as in the
+    modules, with the same tokens and log-probabilities."""
+    llm = LLM(str(tiny_llama[0] / f"{source}.gguf"), prefix_caching=False, max_running=512,
+              max_step_tokens=2048)
+    rows = 512
+    assert Product.DENSE in llm.engine.runner.fused.products(rows)
+    prompts = [[5 + i % 50, 9, 11 + i % 7] for i in range(rows)]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=2)
+    results, batch_sizes = {}, count_passes(monkeypatch)
+    for fused in (False, True):
+        llm.engine.runner.fused = FusedDecode.of(llm.model) if fused else None
+        outs = llm.generate(prompts, params)
+        results[fused] = [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs]) for o in outs]
+    assert rows in batch_sizes
     assert results[True] == results[False]

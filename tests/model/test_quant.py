@@ -82,10 +82,10 @@ def test_int8_rows_within_half_a_step(qtype):
 def test_int8_rows_are_converted_in_chunks(monkeypatch):
     import seriatim.model.quant
 
-    monkeypatch.setattr(seriatim.quant, "ROW_CHUNK", 7)  # uneven chunks give the same matrix
+    monkeypatch.setattr(seriatim.model.quant, "ROW_CHUNK", 7)  # uneven chunks give the same matrix
     bw, _ = blocks("Q5_0")
     chunked = int8_from_blocks(bw)
-    monkeypatch.setattr(seriatim.quant, "ROW_CHUNK", 4096)
+    monkeypatch.setattr(seriatim.model.quant, "ROW_CHUNK", 4096)
     whole = int8_from_blocks(bw)
     assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
 

@@ -16,13 +16,11 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence as Seq
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from ..outputs import Delta
 from ..sampling import SamplingParams
-
-if TYPE_CHECKING:
-    from .engine import Engine, EngineMetrics
+from .engine import Engine, EngineMetrics, ValidPrompt
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -116,7 +114,7 @@ class AsyncEngine:
         """
         loop = asyncio.get_running_loop()
         queue = asyncio.Queue() if queue is None else queue
-        prompt = list(prompt_ids)
+        prompt = prompt_ids if isinstance(prompt_ids, ValidPrompt) else list(prompt_ids)  # a copy, unless immutable
         with self._cond:
             if not self.accepting:
                 raise EngineShutDown("the engine is shutting down" if self._stopping else "the engine is not running")
@@ -257,7 +255,7 @@ class AsyncEngine:
         for loop, items in out.items():
             _deliver(loop, items)
 
-    def _add(self, prompt: list[int], params: SamplingParams, stream: _Stream) -> int:
+    def _add(self, prompt: Seq[int], params: SamplingParams, stream: _Stream) -> int:
         try:
             with self._cond:
                 if self._stopping:

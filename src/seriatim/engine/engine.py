@@ -7,8 +7,8 @@ new token for each sequence whose tokens are now all cached.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
+import numbers
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -16,12 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from ..text.detokenizer import IncrementalDetokenizer
-from ..model.fused_decode import FusedDecode
+from ..errors import ParameterError, PromptTooLong
 from ..model.transformer import Transformer
 from ..outputs import Delta
-from ..model.paged_kv import ROLLBACK, PagedAttention, PagedKVCache, PagedSpan
+from ..model.paged_kv import PagedKVCache
 from ..sampling import SamplingParams, SamplingState, sample
-from .scheduler import Chunk, Scheduler, SchedulerConfig
+from .config import EngineConfig
+from .runner import ModelRunner, StepBatch
+from .scheduler import Chunk, Scheduler
 from .sequence import Sequence
 from ..text.tokenizer import Tokenizer
 
@@ -52,18 +54,27 @@ class EngineMetrics:
     stats: EngineStats
 
 
-def validate_prompt(prompt_ids: Seq[int], vocab: int, context: int) -> list[int]:
-    """The prompt as ints; ValueError unless it is non-empty, in the vocabulary and leaves room for output."""
-    prompt = [int(t) for t in prompt_ids]
-    if not prompt:
-        raise ValueError("prompt is empty")
-    bad = next((t for t in prompt if not 0 <= t < vocab), None)
+class ValidPrompt(tuple):
+    """Token ids that passed `validate_prompt` for this model: the engine queues them without checking again."""
+
+
+def validate_prompt(prompt_ids: Seq[int], vocab: int, context: int) -> ValidPrompt:
+    """The prompt's ids, checked: non-empty, ints in the vocabulary, and leaving room for output.
+    ParameterError (param "prompt") or PromptTooLong otherwise."""
+    if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Seq):
+        raise ParameterError("prompt", f"a prompt is a string or a list of token ids, got {type(prompt_ids).__name__}")
+    if not prompt_ids:
+        raise ParameterError("prompt", "prompt is empty")
+    bad_type = next((t for t in prompt_ids if not isinstance(t, numbers.Integral) or isinstance(t, bool)), None)
+    if bad_type is not None:
+        raise ParameterError("prompt", f"prompt token ids must be ints, got {bad_type!r}")
+    bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
     if bad is not None:
-        raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
-    if len(prompt) >= context:
-        raise ValueError(f"prompt has {len(prompt)} tokens but the model's context is {context} tokens "
-                         "(at least one must remain for output)")
-    return prompt
+        raise ParameterError("prompt", f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+    if len(prompt_ids) >= context:
+        raise PromptTooLong(f"prompt has {len(prompt_ids)} tokens but the model's context is {context} tokens "
+                            "(at least one must remain for output)")
+    return ValidPrompt(int(t) for t in prompt_ids)
 
 
 class Engine:
@@ -73,27 +84,28 @@ class Engine:
         tokenizer: Tokenizer,
         device: torch.device,
         kv_dtype: torch.dtype,
-        config: SchedulerConfig | None = None,
+        config: EngineConfig,
     ):
+        """`config` as `EngineConfig.resolve` makes it for this model (sliding-window layers need its rings'
+        settings)."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.kv_dtype = kv_dtype
         self.context_length = model.cfg.context_length
-        config = config or SchedulerConfig()
         self.cache = PagedKVCache(model.cfg, config.num_blocks, config.block_size, kv_dtype, device, config.max_running)
-        if self.cache.has_rings:  # ring contents are per sequence: nothing to share, little to roll back
-            config = dataclasses.replace(config, prefix_caching=False, max_rollback=ROLLBACK)
+        if self.cache.has_rings and (config.prefix_caching or config.max_rollback is None):
+            raise ValueError("a model with sliding-window layers needs EngineConfig.resolve's settings "
+                             "(no prefix caching, a bounded rollback)")
         self.scheduler = Scheduler(config)
-        self.batch_decodes = kv_dtype != torch.float32  # the float32 reference stays batch-invariant
-        self.fused = FusedDecode.of(model)  # decoding passes' layers as one op each, where they can be
+        self.runner = ModelRunner(model, self.cache, config.deterministic)
         self.stats = EngineStats()
         self.requests: dict[int, Sequence] = {}  # waiting or running
         self._ids = itertools.count()
 
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams) -> int:
-        """Validate and queue a tokenized prompt; returns the request id."""
-        prompt = self.validate_prompt(prompt_ids)
+        """Queue a tokenized prompt (checked here unless it is a `ValidPrompt`); returns the request id."""
+        prompt = list(prompt_ids if isinstance(prompt_ids, ValidPrompt) else self.validate_prompt(prompt_ids))
         rid = next(self._ids)
         seq = Sequence(
             request_id=rid,
@@ -108,7 +120,7 @@ class Engine:
         self.requests[rid] = seq
         return rid
 
-    def validate_prompt(self, prompt_ids: Seq[int]) -> list[int]:
+    def validate_prompt(self, prompt_ids: Seq[int]) -> ValidPrompt:
         return validate_prompt(prompt_ids, self.model.cfg.vocab_size, self.context_length)
 
     def abort(self, request_id: int) -> Delta | None:
@@ -163,37 +175,18 @@ class Engine:
         return results
 
     def _forward(self, chunks: list[Chunk]) -> torch.Tensor:
-        tokens: list[int] = []
-        positions: list[int] = []
-        spans: list[PagedSpan] = []
         for c in chunks:
-            start, end = c.seq.num_cached, c.seq.num_cached + c.length
-            if start < len(c.seq.prompt_ids):
-                self.stats.prompt_tokens += min(end, len(c.seq.prompt_ids)) - start
+            start, prompt = c.seq.num_cached, len(c.seq.prompt_ids)
+            if start < prompt:
+                self.stats.prompt_tokens += min(start + c.length, prompt) - start
                 c.seq.metrics.scheduled = c.seq.metrics.scheduled or time.perf_counter()
-            tokens += c.seq.pending_tokens()[: c.length]
-            positions += range(start, end)
-            blocks = c.seq.block_table.blocks
-            spans.append(PagedSpan(start, c.length, self.cache.slots(blocks, start, end),
-                                   self.cache.slots(blocks, 0, end), self.cache.ring_of(c.seq.request_id)))
-        if self.scheduler.config.deterministic:  # one pass per sequence: results cannot depend on the batch
-            bounds = [0, *itertools.accumulate(c.length for c in chunks)]
-            hidden = torch.cat([self._pass(tokens[a:b], positions[a:b], PagedAttention(self.cache, [span]))
-                                for a, b, span in zip(bounds, bounds[1:], spans)])
-        else:
-            hidden = self._pass(tokens, positions, PagedAttention(self.cache, spans, self.batch_decodes))
+        batch = StepBatch.of(chunks, self.cache)
+        hidden = self.runner.run(batch)
         for c in chunks:
             self.scheduler.computed(c.seq, c.length)
         self.stats.steps += 1
-        self.stats.step_tokens = len(tokens)
+        self.stats.step_tokens = len(batch.tokens)
         return hidden
-
-    def _pass(self, tokens: list[int], positions: list[int], backend: PagedAttention) -> torch.Tensor:
-        """One forward pass: by the fused decode layers where they serve it, else by the model's modules."""
-        tokens_t, positions_t = self._tensor(tokens), self._tensor(positions)
-        if self.fused is not None and (hidden := self.fused.forward(tokens_t, positions_t, backend)) is not None:
-            return hidden
-        return self.model(tokens_t, positions_t, backend)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -14,29 +14,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from .block_manager import BlockManager
+from .config import EngineConfig
 from .sequence import Sequence
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_step_tokens: int = 512  # tokens in one forward pass
-    max_running: int = 64  # sequences decoding together
-    kv_capacity_tokens: int = 1 << 20  # KV cache positions in the pool, all sequences together
-    block_size: int = 16
-    prefix_caching: bool = True  # reuse the KV blocks of identical prompt prefixes
-    # Batch invariance at any precision: every sequence gets its own forward pass and the same
-    # chunking as if it ran alone (no shared budget, no cached prefixes computed elsewhere).
-    deterministic: bool = False
-    max_rollback: int | None = None  # most positions `truncate` may take back (None: any)
-
-    def __post_init__(self) -> None:
-        for name in ("max_step_tokens", "max_running", "kv_capacity_tokens", "block_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    @property
-    def num_blocks(self) -> int:
-        return self.kv_capacity_tokens // self.block_size
 
 
 @dataclass
@@ -48,7 +27,7 @@ class Chunk:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: EngineConfig):
         self.config = config
         self.blocks = BlockManager(config.num_blocks, config.block_size)
         self.waiting: deque[Sequence] = deque()

@@ -1,14 +1,14 @@
 """A decoding pass's Llama-family layers in one C++ call (csrc/decode_layer.cpp).
 
-model.py runs a layer as ~25 tensor ops and a dozen module calls. For a small model decoding one token
-per pass, that Python costs about as much as the arithmetic (SmolLM2: ~4.5 of ~9 ms per token). Where
-the model is the plain Llama form (RMSNorm before attention and MLP, rotary, full attention, SwiGLU,
-an optional QKV bias: Llama, SmolLM2, Qwen2) and a pass is all decodes on the paged cache's
-decode-attention kernel whose products take a vector or an AMX kernel (not the dense path), the engine
-runs the pass through `FusedDecode.forward` instead of the model's: every layer in one call of a C++
-object that holds the layers' weights. Each layer calls the functions the modules reach, in the same
-order with the same arguments, so its output is the modules' bit for bit (tests/test_fused_decode.py).
-The model itself stays plain modules."""
+transformer.py runs a layer as ~25 tensor ops and a dozen module calls. For a small model decoding one
+token per pass, that Python costs about as much as the arithmetic. Where the model is the plain Llama
+form (RMSNorm before attention and MLP, rotary, full attention, SwiGLU, an optional QKV bias: Llama,
+SmolLM2, Qwen2) with bfloat16 activations on a CPU with our kernels, the engine (engine/runner.py) runs
+its passes of decodes through `FusedDecode.forward` instead: every layer in one call of a C++ object that
+holds the layers' weights. Each layer calls the functions the modules reach, in the same order with the
+same arguments and the same products (`quant.Product`, chosen per projection by the module itself), so
+its output is the modules' bit for bit (tests/model/test_fused_decode.py). The model stays plain modules.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from ..kernels import library
-from .paged_kv import PagedAttention
-from .quant import GROUP, Int4Linear, Int8Linear
+from .paged_kv import DecodeBatch
+from .quant import GROUP, Int4Linear, Int8Linear, Product
 
 
-def _projection(module: nn.Module) -> list[torch.Tensor] | None:
+def _tensors(module: nn.Module) -> list[torch.Tensor] | None:
     """A projection's tensors as decode_layer.cpp reads them, or None for a form it does not take."""
     if isinstance(module, Int4Linear):
         return [module.weight, module.scales_zeros]
@@ -31,34 +31,31 @@ def _projection(module: nn.Module) -> list[torch.Tensor] | None:
     return None
 
 
-PATH_CODES = {"kernel": 0, "amx": 1}  # decode_layer.cpp's Path
-
-
-def _path(module: nn.Module, rows: int) -> int | None:
-    """A projection's product for `rows` rows as the op's code; None for the dense path."""
-    return PATH_CODES.get(module.path(rows)) if hasattr(module, "path") else PATH_CODES["kernel"]
-
-
 def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
     return layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down
+
+
+def _product(module: nn.Module, rows: int) -> Product:
+    """The module's product for `rows` rows (a dense bfloat16 weight's is always DENSE)."""
+    return module.product(rows) if isinstance(module, (Int4Linear, Int8Linear)) else Product.DENSE
 
 
 class FusedDecode:
     """Every layer's weights gathered once into decode_layer.cpp's DecodeStack; `forward` takes the place of
     the model's for a pass of decodes."""
 
-    def __init__(self, model: nn.Module, projections: list[list[list[torch.Tensor]]]):
+    def __init__(self, model: nn.Module, tensors: list[list[list[torch.Tensor]]]):
         cfg = model.cfg
         self.model = model
         parts: list[torch.Tensor] = []
         layout: list[int] = []  # per layer: has a QKV bias, tensors of qkv, o, gate_up, down
-        for layer, weights in zip(model.layers, projections):
+        for layer, weights in zip(model.layers, tensors):
             bias = [] if layer.attn.qkv_bias is None else [layer.attn.qkv_bias]
             parts += [layer.attn_norm.weight, layer.ffn_norm.weight, *bias, *(t for w in weights for t in w)]
             layout += [len(bias), *(len(w) for w in weights)]
         self.stack = torch.classes.seriatim.DecodeStack(parts, layout, cfg.rms_norm_eps, GROUP, cfg.num_heads,
                                                         cfg.attn_scale)
-        self.by_rows: dict[int, list[int] | None] = {}  # rows -> paths(rows)
+        self.by_rows: dict[int, list[int]] = {}  # rows -> products(rows)
 
     @classmethod
     def of(cls, model: nn.Module) -> FusedDecode | None:
@@ -70,31 +67,24 @@ class FusedDecode:
         llama = plain and windowless and one_rope and cfg.activation == "silu"
         if not llama or library.for_tensor(model.norm.weight) is None:
             return None
-        projections = []
-        for layer in model.layers:
-            parts = [_projection(m) for m in _projections(layer)]
-            if any(p is None for p in parts):
-                return None
-            projections.append(parts)
-        return cls(model, projections)
+        tensors = [[_tensors(m) for m in _projections(layer)] for layer in model.layers]
+        if any(t is None for layer in tensors for t in layer):
+            return None
+        return cls(model, tensors)
 
-    def paths(self, rows: int) -> list[int] | None:
-        """The op's product codes for qkv, o, gate_up and down (0: vector kernel, 1: AMX) at `rows` rows, as
-        the modules choose them; None where a module would take another path (a dense chunk)."""
+    def products(self, rows: int) -> list[int]:
+        """Each layer's products of qkv, o, gate_up and down for `rows` rows, as the modules pick them."""
         if rows not in self.by_rows:
-            per_layer = {tuple(_path(m, rows) for m in _projections(layer)) for layer in self.model.layers}
-            codes = per_layer.pop() if len(per_layer) == 1 else (None,)
-            self.by_rows[rows] = None if None in codes else list(codes)
+            self.by_rows[rows] = [int(_product(m, rows)) for layer in self.model.layers for m in _projections(layer)]
         return self.by_rows[rows]
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, backend: PagedAttention) -> torch.Tensor | None:
-        """The model's forward (tokens, positions: [T] -> hidden states [T, D]) by the DecodeStack, or None
-        where this pass cannot take it (prompt tokens in it, or products on the dense path)."""
-        paths = self.paths(len(tokens))
-        batch = backend.decode_kernel_batch() if paths is not None else None
-        if batch is None:
-            return None
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                decodes: DecodeBatch) -> torch.Tensor:
+        """The model's forward for a pass of decodes only (tokens, positions: [T] -> hidden states [T, D]), over
+        the paged cache's pools [layers, Hkv, S, Dh]."""
         model = self.model
         x = model.embed_tokens(tokens)
         (cos, sin), = model.rope_tables(positions, x.dtype)
-        return model.norm(self.stack.forward(x, paths, cos, sin, *batch))
+        products = self.products(len(tokens))
+        return model.norm(self.stack.forward(x, products, cos, sin, cache_k, cache_v, decodes.rows, decodes.write,
+                                             decodes.read, decodes.lengths))

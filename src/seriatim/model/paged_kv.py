@@ -131,8 +131,6 @@ class PagedAttention:
         # Each run's slots for its new keys and values, gathered once for all layers.
         self.run_writes = [torch.cat([_as_tensor(span.write, cache.device) for _, span in part]) if len(part) > 1
                            else None for part in self.parts]
-        # A pass of decodes only, on the decode-attention kernel: fused layers may run (fused_decode.py).
-        self.kernel_decodes_only = kernel and self.decodes is not None and not self.rows
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
@@ -161,15 +159,6 @@ class PagedAttention:
         for part, part_out in zip(self.parts, outs):
             out[part[0][0].start : part[-1][0].stop] = part_out
         return out
-
-    def decode_kernel_batch(self) -> tuple[torch.Tensor, ...] | None:
-        """When the pass is all decodes on seriatim's decode-attention kernel and every layer is pooled: the
-        kernel's caches [layers, Hkv, S, Dh] and batch arguments (k, v, rows, write, slots, lengths), for the
-        fused layers (fused_decode.py). Else None."""
-        if not self.kernel_decodes_only or self.cache.has_rings:
-            return None
-        d = self.decodes
-        return self.cache.k, self.cache.v, d.rows, d.write, d.read, d.lengths
 
     def _sliding(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  window: int) -> torch.Tensor:

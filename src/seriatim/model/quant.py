@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from enum import IntEnum
 
 import numpy as np
 import torch
@@ -49,6 +50,16 @@ ROW_CHUNK = 4096  # rows dequantized at a time: a large embedding never exists w
 # Below AMX's rows, our vector kernels (csrc/gemv.cpp) take int8, ~1.4x torch's, and int4 at one row,
 # ~1.3x; torch's take int4 at a few rows.
 PACK_BLOCK = 64  # output rows per block in the CPU int4 kernel's packed layout (AVX-512 and AVX2)
+
+
+class Product(IntEnum):
+    """Which product multiplies a chunk of activation rows by a compact weight. Decided here, in Python, for
+    the modules and the fused decode layers alike; the values are csrc/decode_layer.cpp's."""
+
+    VECTOR = 0  # seriatim's vector kernel (csrc/gemv.cpp)
+    WEIGHT_ONLY = 1  # PyTorch's weight-only kernel
+    AMX = 2  # seriatim's AMX kernel (csrc/amx_mm.cpp)
+    DENSE = 3  # the weight expanded to the activation dtype, then one dense matmul
 
 
 @dataclass(frozen=True)
@@ -168,23 +179,28 @@ class Int4Linear(nn.Module):
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
         return cls(packed, sz.transpose(0, 1).contiguous().to(dtype))
 
-    def path(self, rows: int) -> str:
-        """Which product `forward` runs for `rows` activation rows (see `product_path`)."""
+    def product(self, rows: int) -> Product:
+        """The product `forward` runs for `rows` activation rows (see `product_path`): our vector kernel
+        takes one row, PyTorch's a few more, and the dense path needs our packed layout."""
+        ops = library.for_tensor(self.scales_zeros)
         amx_fits = self._expandable() and self.in_features % GROUP == 0
-        return product_path(rows, library.for_tensor(self.scales_zeros), amx_fits, INT4_CROSSOVERS)
+        path = product_path(rows, ops, amx_fits, INT4_CROSSOVERS)
+        if path is Product.AMX or (path is Product.DENSE and self._expandable()):
+            return path
+        return Product.VECTOR if rows == 1 and ops is not None else Product.WEIGHT_ONLY
 
     def _expandable(self) -> bool:
         return self.out_features % PACK_BLOCK == 0 and _int4_layout_known()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]"""
-        path = self.path(x.shape[0])
-        if path == "amx":
+        product = self.product(x.shape[0])
+        if product is Product.AMX:
             return library.ops().int4_mm_amx(x, self.weight, self.scales_zeros, GROUP)
-        if path == "dense" and self._expandable():
+        if product is Product.DENSE:
             return x @ self.dequantize_t()
-        if x.shape[0] == 1 and (ops := library.for_tensor(self.scales_zeros)) is not None:
-            return ops.int4_gemv(x, self.weight, self.scales_zeros, GROUP)
+        if product is Product.VECTOR:
+            return library.ops().int4_gemv(x, self.weight, self.scales_zeros, GROUP)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, GROUP, self.scales_zeros)
 
     def dequantize_t(self) -> torch.Tensor:
@@ -220,22 +236,25 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", q)
         self.register_buffer("scale", scale.to(dtype))
 
-    def path(self, rows: int) -> str:
-        """Which product `forward` runs for `rows` activation rows (see `product_path`)."""
-        amx_fits = self.out_features % 32 == 0 and self._steps_fit()
-        return product_path(rows, library.for_tensor(self.scale), amx_fits, INT8_CROSSOVERS)
+    def product(self, rows: int) -> Product:
+        """The product `forward` runs for `rows` activation rows (see `product_path`)."""
+        ops = library.for_tensor(self.scale)
+        path = product_path(rows, ops, self.out_features % 32 == 0 and self._steps_fit(), INT8_CROSSOVERS)
+        if path is not Product.VECTOR:
+            return path
+        return Product.VECTOR if ops is not None and self._steps_fit() else Product.WEIGHT_ONLY
 
     def _steps_fit(self) -> bool:
         return self.in_features % 64 == 0  # our kernels step through K 64 columns at a time
 
     def forward(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
         """x: [M, K] -> [M, N] in x's dtype, or float32 with float_out (our kernels write it unrounded)."""
-        path = self.path(x.shape[0])
-        if path == "amx":
+        product = self.product(x.shape[0])
+        if product is Product.AMX:
             return library.ops().int8_mm_amx(x, self.weight, self.scale, float_out)
-        if path == "kernel" and library.for_tensor(self.scale) is not None and self._steps_fit():
+        if product is Product.VECTOR:
             return library.ops().int8_gemv(x, self.weight, self.scale, float_out)
-        if path == "dense":
+        if product is Product.DENSE:
             y = F.linear(x, self.dequantize())
         else:
             y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
@@ -259,14 +278,15 @@ class Int8Embedding(nn.Module):
         return self.table.embed(tokens)
 
 
-def product_path(rows: int, ops: object | None, amx_fits: bool, at: Crossovers) -> str:
-    """'kernel' (a vector kernel: ours or torch's weight-only), 'amx' (ours) or 'dense' for a chunk of
-    `rows` activation rows, given whether our kernels are built and the weight's shape suits AMX."""
+def product_path(rows: int, ops: object | None, amx_fits: bool, at: Crossovers) -> Product:
+    """VECTOR (a vector kernel: ours or PyTorch's weight-only, as the module decides), AMX (ours) or DENSE
+    for a chunk of `rows` activation rows, given whether our kernels are built and the weight's shape
+    suits AMX."""
     amx = ops is not None and amx_fits and library.amx()
     dense_from = at.dense_amx if amx else at.dense if ops is not None else at.dense_unaided
     if rows >= dense_from:
-        return "dense"
-    return "amx" if amx and rows >= at.amx else "kernel"
+        return Product.DENSE
+    return Product.AMX if amx and rows >= at.amx else Product.VECTOR
 
 
 @functools.cache

@@ -7,31 +7,22 @@ import uuid
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from jinja2 import TemplateError
 
 from ..sampling import MAX_LOGPROBS
 from .completions import check_model
 from .errors import invalid
 from .formatting import TokenTexts, chat_logprobs
-from .generation import Choice, Job, check_n, check_prompt, max_new_tokens, sampling_params
+from .generation import Choice, Job, check_n, check_prompt, max_new_tokens, param_error, sampling_params
 from .schemas import ChatCompletionRequest, ChatMessage
 from .streaming import event_stream, run_to_completion, sse
 
 
-def message_dicts(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as the chat template expects them: role and text content."""
-    out = []
-    for m in messages:
-        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-    return out
-
-
 def chat_prompt_ids(llm, messages: list[ChatMessage]) -> list[int]:
+    """The messages rendered by the model's chat template (LLM.chat_prompt), as token ids; 400 if it cannot."""
     try:
-        return llm.chat_prompt(message_dicts(messages))
-    except (ValueError, TemplateError) as e:
-        raise invalid(f"the chat template could not render these messages: {e}", "messages") from None
+        return llm.chat_prompt([m.model_dump(include={"role", "content"}) for m in messages])
+    except ValueError as e:
+        raise param_error(e, "messages") from None
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state, metrics) -> Response:
@@ -51,7 +42,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     ids = chat_prompt_ids(llm, body.messages)
     n = check_n(body.n, 1, config)
     ctx = llm.config.context_length
-    check_prompt(ids, llm.config.vocab_size, ctx, "messages")
+    ids = check_prompt(ids, llm.config.vocab_size, ctx, "messages")
     requested, name = body.max_completion_tokens, "max_completion_tokens"
     if requested is None:
         requested, name = body.max_tokens, "max_tokens"

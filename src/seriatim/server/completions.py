@@ -9,7 +9,6 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from ..engine.async_engine import EngineShutDown
-from ..model.scoring import prompt_logprobs
 from ..sampling import MAX_LOGPROBS
 from .errors import APIError, invalid
 from .formatting import TextOffsets, TokenTexts, completion_logprobs
@@ -39,7 +38,8 @@ def parse_prompts(prompt, tokenizer) -> list[tuple[str | None, list[int]]]:
 async def create_completion(body: CompletionRequest, request: Request, state, metrics) -> Response:
     llm, engine = state.require()
     check_model(body.model, state)
-    prompts = parse_prompts(body.prompt, llm.tokenizer)
+    prompts = [(text, check_prompt(ids, llm.config.vocab_size, llm.config.context_length))
+               for text, ids in parse_prompts(body.prompt, llm.tokenizer)]
     n = _check(body, len(prompts), state.config)
     choices = _choices(body, prompts, n, llm, state.config)
     texts = TokenTexts(llm.tokenizer)
@@ -77,7 +77,6 @@ def _choices(body: CompletionRequest, prompts: list[tuple[str | None, list[int]]
     ctx, echo = llm.config.context_length, bool(body.echo)
     choices = []
     for i, (_, ids) in enumerate(prompts):
-        check_prompt(ids, llm.config.vocab_size, ctx)
         max_tokens = max_new_tokens(body.max_tokens, DEFAULT_MAX_TOKENS, len(ids), ctx, config, allow_zero=echo)
         for j in range(n):
             c = Choice(i * n + j, ids, sampling_params(body, max(max_tokens, 1), body.logprobs, j))
@@ -95,8 +94,7 @@ async def _prompt_logprobs(body: CompletionRequest, prompts: list[tuple[str | No
     out = []
     for _, ids in prompts:
         try:
-            entries = await engine.run_in_engine_thread(
-                lambda ids=ids: prompt_logprobs(llm.model, ids, body.logprobs, llm.engine.kv_dtype, llm.device))
+            entries = await engine.run_in_engine_thread(lambda ids=ids: llm.prompt_logprobs(ids, body.logprobs))
         except EngineShutDown:
             raise APIError(503, "the server is shutting down") from None
         # The echoed text is the prompt decoded with its special tokens (or as given, when given as text).

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, fields as dc_fields
+from dataclasses import dataclass, field
 
 from ..engine.async_engine import AsyncEngine, EngineError, EngineShutDown, QueueFull
-from ..engine.engine import validate_prompt
+from ..engine.engine import ValidPrompt, validate_prompt
+from ..errors import ParameterError
 from ..outputs import Delta
 from ..sampling import SamplingParams, TokenLogprobs
 from .errors import APIError, invalid
@@ -17,24 +18,20 @@ from .metrics import Metrics
 from .schemas import _Sampling
 from .state import ServerConfig
 
-_PARAM_NAMES = {f.name for f in dc_fields(SamplingParams)}
+def param_error(e: ValueError, prompt_param: str = "prompt") -> APIError:
+    """A 400 for a ValueError of seriatim's: naming the parameter where it is a ParameterError (a prompt's
+    under `prompt_param`, "messages" for chat)."""
+    if not isinstance(e, ParameterError):
+        return invalid(str(e))
+    return invalid(str(e), prompt_param if e.param == "prompt" else e.param, e.code)
 
 
-def param_error(e: ValueError) -> APIError:
-    """A 400 for SamplingParams' or the engine's ValueError, naming the parameter when the message does."""
-    message = str(e)
-    first = message.split(" ", 1)[0]
-    if "context" in message:
-        return invalid(message, "prompt" if first == "prompt" else None, "context_length_exceeded")
-    return invalid(message, first if first in _PARAM_NAMES or first == "prompt" else None)
-
-
-def check_prompt(ids: list[int], vocab_size: int, context: int, param: str = "prompt") -> None:
-    """The engine's prompt checks (engine.validate_prompt) as 400s naming `param`."""
+def check_prompt(ids: list[int], vocab_size: int, context: int, param: str = "prompt") -> ValidPrompt:
+    """The engine's prompt checks (engine.validate_prompt) as 400s naming `param`; the ids, checked."""
     try:
-        validate_prompt(ids, vocab_size, context)
-    except ValueError as e:
-        raise invalid(str(e), param, "context_length_exceeded" if "context" in str(e) else None) from None
+        return validate_prompt(ids, vocab_size, context)
+    except ParameterError as e:
+        raise param_error(e, param) from None
 
 
 def max_new_tokens(requested: int | None, default: int | None, prompt_len: int, context: int,
@@ -97,7 +94,7 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, seed_
 @dataclass
 class Choice:
     index: int
-    prompt_ids: list[int]
+    prompt_ids: ValidPrompt
     params: SamplingParams
     rid: int | None = None
     text: str = ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -14,8 +14,42 @@ import numpy as np
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from ..errors import ParameterError
+
 # Names a message's reasoning may come under; transformers fills all of the first two from any of them.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def text_messages(messages: object) -> list[dict[str, Any]]:
+    """Chat messages in the form templates take, checked: dicts with a string role and text content, given as
+    a string or as OpenAI's text parts (joined); "developer" is the system role. Content may be missing only
+    on an assistant turn (OpenAI's tool-call form). ParameterError (param "messages") otherwise."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise ParameterError("messages", f"messages must be a non-empty list of message dicts, got {messages!r}")
+    return [_text_message(i, m) for i, m in enumerate(messages)]
+
+
+def _text_message(i: int, message: object) -> dict[str, Any]:
+    if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+        raise ParameterError("messages", f"message {i} must be a dict with a string 'role', got {message!r}")
+    role, content = message["role"], message.get("content")
+    if isinstance(content, Sequence) and not isinstance(content, str):
+        content = "".join(_text_part(i, part) for part in content)
+    if content is None and role != "assistant":
+        raise ParameterError("messages", f"message {i} (a {role} message) has no content")
+    if content is not None and not isinstance(content, str):
+        raise ParameterError("messages", f"message {i}: content must be a string or a list of text parts, "
+                             f"got {type(content).__name__}")
+    return {**message, "role": "system" if role == "developer" else role, "content": content}
+
+
+def _text_part(i: int, part: object) -> str:
+    kind = part.get("type") if isinstance(part, Mapping) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    what = f"{kind} content is" if isinstance(kind, str) else f"content part {part!r} is"
+    raise ParameterError("messages", f"message {i}: {what} not supported; only text parts ({{'type': 'text', "
+                         "'text': ...}})")
 
 
 def render_chat(

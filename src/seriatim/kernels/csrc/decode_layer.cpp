@@ -1,8 +1,8 @@
 // The Llama-family decoder layers of a decoding step in C++ (fused_decode.py), bfloat16 on the CPU.
 //
-// A decode step of a small model is mostly overhead: SmolLM2's layer is ~25 tensor ops and a dozen module
-// calls from Python, ~150 us, against ~140 us of arithmetic. Here a layer calls the same functions the
-// modules reach (our fused ops, the products each module would pick for this many rows), in the same order
+// A decode step of a small model is mostly overhead: a layer is ~25 tensor ops and a dozen module calls
+// from Python, about as long as its arithmetic. Here a layer calls the same functions the modules reach
+// (our fused ops, and the product each module picked in Python for this many rows), in the same order
 // with the same arguments, so its output is the modules' bit for bit, without the Python in between; and
 // one call runs every layer of the pass (DecodeStack).
 #include <ATen/ATen.h>
@@ -15,46 +15,54 @@
 
 namespace {
 
-// Which product a projection takes (quant.product_path, decided per pass by fused_decode.py).
-enum Path : int64_t { kVector = 0, kAmx = 1 };
+// Which product a projection takes: quant.Product, decided in Python by the module itself.
+enum Product : int64_t { kVector = 0, kWeightOnly = 1, kAmx = 2, kDense = 3 };
 
 // x [T, K] times a projection given as its tensors: packed int4 and scales_zeros (quant.Int4Linear), int8
-// and row scales (quant.Int8Linear), or a dense weight; by the product the module would take for T rows.
-at::Tensor product(const at::Tensor& x, at::TensorList w, int64_t group, int64_t path) {
+// and row scales (quant.Int8Linear), or a dense weight; by `product`, as the module's forward runs it.
+at::Tensor product(const at::Tensor& x, at::TensorList w, int64_t group, int64_t product) {
   if (w[0].scalar_type() == at::kByte) {
-    if (path == kAmx) return seriatim::int4_mm_amx(x, w[0], w[1], group);
-    return x.size(0) == 1 ? seriatim::int4_gemv(x, w[0], w[1], group) : at::_weight_int4pack_mm_for_cpu(x, w[0], group, w[1]);
+    switch (product) {
+      case kVector: return seriatim::int4_gemv(x, w[0], w[1], group);
+      case kAmx: return seriatim::int4_mm_amx(x, w[0], w[1], group);
+      case kDense: return x.matmul(seriatim::int4_dequantize_t(w[0], w[1], group));
+      default: return at::_weight_int4pack_mm_for_cpu(x, w[0], group, w[1]);
+    }
   }
   if (w[0].scalar_type() == at::kChar) {
-    if (path == kAmx) return seriatim::int8_mm_amx(x, w[0], w[1]);
-    return w[0].size(1) % 64 == 0 ? seriatim::int8_gemv(x, w[0], w[1]) : at::_weight_int8pack_mm(x, w[0], w[1]);
+    switch (product) {
+      case kVector: return seriatim::int8_gemv(x, w[0], w[1]);
+      case kAmx: return seriatim::int8_mm_amx(x, w[0], w[1]);
+      case kDense: return at::linear(x, w[0].to(w[1].scalar_type()) * w[1].unsqueeze(1));
+      default: return at::_weight_int8pack_mm(x, w[0], w[1]);
+    }
   }
   return at::linear(x, w[0]);
 }
 
 // x [T, D] -> [T, D]: pre-norm attention and SwiGLU, each added to the residual stream. Rows `rows` of
-// the batch are the decoding sequences (decode_attention's arguments from `rows` to `scale`); `paths`
+// the batch are the decoding sequences (decode_attention's arguments from `rows` to `scale`); `products`
 // gives the product of qkv, o, gate_up and down.
 at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& ffn_norm, double eps,
                         at::TensorList qkv, const std::optional<at::Tensor>& qkv_bias, at::TensorList o,
-                        at::TensorList gate_up, at::TensorList down, int64_t group, at::IntArrayRef paths, const at::Tensor& cos,
+                        at::TensorList gate_up, at::TensorList down, int64_t group, at::IntArrayRef products, const at::Tensor& cos,
                         const at::Tensor& sin, int64_t heads, at::Tensor& k_cache, at::Tensor& v_cache,
                         const at::Tensor& rows, const at::Tensor& write, const at::Tensor& slots,
                         const at::Tensor& lengths, double scale) {
   const int64_t kv_heads = k_cache.size(0), dim = k_cache.size(2);
-  at::Tensor h = product(seriatim::rms_norm(x, attn_norm, eps, false), qkv, group, paths[0]);  // [T, (H + 2 Hkv) Dh]
+  at::Tensor h = product(seriatim::rms_norm(x, attn_norm, eps, false), qkv, group, products[0]);  // [T, (H + 2 Hkv) Dh]
   if (qkv_bias) h = h + *qkv_bias;
   const at::Tensor qk = seriatim::rotary(h.narrow(1, 0, (heads + kv_heads) * dim).view({-1, heads + kv_heads, dim}), cos, sin);
   const at::Tensor v = h.narrow(1, (heads + kv_heads) * dim, kv_heads * dim).view({-1, kv_heads, dim});
   const at::Tensor attn = seriatim::decode_attention(qk.narrow(1, 0, heads), qk.narrow(1, heads, kv_heads), v, k_cache,
                                                      v_cache, rows, write, slots, lengths, scale);  // [T, H, Dh]
-  const at::Tensor y = x + product(attn.view({-1, heads * dim}), o, group, paths[1]);
-  const at::Tensor gated = seriatim::silu_mul(product(seriatim::rms_norm(y, ffn_norm, eps, false), gate_up, group, paths[2]));
-  return y + product(gated, down, group, paths[3]);
+  const at::Tensor y = x + product(attn.view({-1, heads * dim}), o, group, products[1]);
+  const at::Tensor gated = seriatim::silu_mul(product(seriatim::rms_norm(y, ffn_norm, eps, false), gate_up, group, products[2]));
+  return y + product(gated, down, group, products[3]);
 }
 
 // A decoding pass's layers with their weights gathered once, run by one call per pass: a call of
-// decode_layer from Python costs ~13 us of argument handling (0.4 ms of SmolLM2's ~6 ms token).
+// decode_layer from Python per layer would pay its argument handling once a layer.
 struct DecodeStack : torch::CustomClassHolder {
   struct Layer {
     at::Tensor attn_norm, ffn_norm;
@@ -89,14 +97,15 @@ struct DecodeStack : torch::CustomClassHolder {
     TORCH_CHECK(next == parts.size(), "parts holds more tensors than layout counts");
   }
 
-  // x [T, D] through every layer -> [T, D]. Layer i's cache is k_pool[i], v_pool[i] ([layers, Hkv, S, Dh]);
-  // the other arguments are decode_layer's, the same for every layer.
-  at::Tensor forward(at::Tensor x, std::vector<int64_t> paths, at::Tensor cos, at::Tensor sin, at::Tensor k_pool,
+  // x [T, D] through every layer -> [T, D]. Layer i's cache is k_pool[i], v_pool[i] ([layers, Hkv, S, Dh])
+  // and its products products[4i .. 4i + 4); the other arguments are decode_layer's, the same for every layer.
+  at::Tensor forward(at::Tensor x, std::vector<int64_t> products, at::Tensor cos, at::Tensor sin, at::Tensor k_pool,
                      at::Tensor v_pool, at::Tensor rows, at::Tensor write, at::Tensor slots, at::Tensor lengths) {
+    TORCH_CHECK(products.size() == 4 * layers.size(), "products holds four codes per layer");
     for (size_t i = 0; i < layers.size(); ++i) {
       const Layer& l = layers[i];
       at::Tensor k_cache = k_pool.select(0, i), v_cache = v_pool.select(0, i);
-      x = decode_layer(x, l.attn_norm, l.ffn_norm, eps, l.w[0], l.qkv_bias, l.w[1], l.w[2], l.w[3], group, paths, cos,
+      x = decode_layer(x, l.attn_norm, l.ffn_norm, eps, l.w[0], l.qkv_bias, l.w[1], l.w[2], l.w[3], group, at::IntArrayRef(products).slice(4 * i, 4), cos,
                        sin, heads, k_cache, v_cache, rows, write, slots, lengths, scale);
     }
     return x;

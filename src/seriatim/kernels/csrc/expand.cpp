@@ -10,15 +10,12 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "ops.h"
 #include "simd.h"
 
 #include <cstdint>
 
-namespace {
-
-using namespace seriatim;
-
-constexpr int64_t kBlock = kInt4Block;
+namespace seriatim {
 
 // The int4 weight expanded to dense bfloat16, transposed: [K, N] (a block's column is 64 contiguous outputs).
 at::Tensor int4_dequantize_t(const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t group) {
@@ -32,15 +29,15 @@ at::Tensor int4_dequantize_t(const at::Tensor& packed, const at::Tensor& scales_
   // then finds its rows in one core's cache, not half of every row in each).
   at::parallel_for(0, k / group, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t gi = g0; gi < g1; ++gi) {
-      for (int64_t b = 0; b < n / kBlock; ++b) {
-        const GroupScale g = load_group(sp + 2 * b * kBlock + gi * 2 * n, 8.f);
-        const uint8_t* block = wp + b * kBlock * k / 2;
+      for (int64_t b = 0; b < n / kInt4Block; ++b) {
+        const GroupScale g = load_group(sp + 2 * b * kInt4Block + gi * 2 * n, 8.f);
+        const uint8_t* block = wp + b * kInt4Block * k / 2;
         for (int64_t c = gi * group; c < (gi + 1) * group; ++c) {
           __m512 w[4];
-          dequant_column(block + c * (kBlock / 2), g, w);
+          dequant_column(block + c * (kInt4Block / 2), g, w);
           for (int j = 0; j < 4; ++j) {
             const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(w[j]));  // round to nearest even
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * n + b * kBlock + 16 * j), h);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * n + b * kInt4Block + 16 * j), h);
           }
         }
       }
@@ -49,12 +46,12 @@ at::Tensor int4_dequantize_t(const at::Tensor& packed, const at::Tensor& scales_
   return wt;
 }
 
-}  // namespace
+}  // namespace seriatim
 
 TORCH_LIBRARY_FRAGMENT(seriatim, lib) {
   lib.def("int4_dequantize_t(Tensor packed, Tensor scales_zeros, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(seriatim, CPU, lib) {
-  lib.impl("int4_dequantize_t", &int4_dequantize_t);
+  lib.impl("int4_dequantize_t", &seriatim::int4_dequantize_t);
 }

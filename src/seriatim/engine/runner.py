@@ -1,0 +1,82 @@
+"""A step's forward pass: the scheduled chunks as one flat batch, and the one place that decides whether the
+fused decode layers or the model's modules compute it."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import library
+from ..model.fused_decode import FusedDecode
+from ..model.paged_kv import DecodeBatch, PagedAttention, PagedKVCache, PagedSpan
+from ..model.transformer import Transformer
+from .scheduler import Chunk
+
+
+@dataclass
+class StepBatch:
+    """The new tokens of every scheduled sequence, concatenated: [T] ids and positions, and each sequence's
+    span of them in the paged cache."""
+
+    tokens: list[int]
+    positions: list[int]
+    spans: list[PagedSpan]
+
+    @classmethod
+    def of(cls, chunks: list[Chunk], cache: PagedKVCache) -> StepBatch:
+        tokens: list[int] = []
+        positions: list[int] = []
+        spans: list[PagedSpan] = []
+        for c in chunks:
+            start, end = c.seq.num_cached, c.seq.num_cached + c.length
+            tokens += c.seq.pending_tokens()[: c.length]
+            positions += range(start, end)
+            blocks = c.seq.block_table.blocks
+            spans.append(PagedSpan(start, c.length, cache.slots(blocks, start, end), cache.slots(blocks, 0, end),
+                                   cache.ring_of(c.seq.request_id)))
+        return cls(tokens, positions, spans)
+
+    @property
+    def decodes_only(self) -> bool:
+        return all(span.length == 1 for span in self.spans)
+
+    def per_sequence(self) -> list[StepBatch]:
+        """One batch per sequence, in order."""
+        bounds = [0, *itertools.accumulate(span.length for span in self.spans)]
+        return [StepBatch(self.tokens[a:b], self.positions[a:b], [span])
+                for a, b, span in zip(bounds, bounds[1:], self.spans)]
+
+
+class ModelRunner:
+    """Runs a `StepBatch` through the model over the paged cache -> hidden states [T, D].
+
+    Passes of decodes only go through the fused decode layers where the model has them (the plain Llama form,
+    bfloat16, our kernels: fused_decode.py); everything else through the modules. The float32 reference
+    attends one sequence at a time (batch-invariant to the last bit), and with `deterministic` every
+    sequence gets a pass of its own."""
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, deterministic: bool):
+        self.model = model
+        self.cache = cache
+        self.deterministic = deterministic
+        self.batch_decodes = cache.k.dtype != torch.float32
+        kernel = library.for_tensor(cache.k) is not None  # the decode-attention kernel serves this cache
+        self.fused = FusedDecode.of(model) if self.batch_decodes and kernel and not cache.has_rings else None
+
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        if self.deterministic:  # results cannot depend on the batch
+            return torch.cat([self._modules(part, batch_decodes=False) for part in batch.per_sequence()])
+        if self.fused is not None and batch.decodes_only:
+            decodes = DecodeBatch.of(list(enumerate(batch.spans)), self.cache.device)
+            return self.fused.forward(self._tensor(batch.tokens), self._tensor(batch.positions), self.cache.k,
+                                      self.cache.v, decodes)
+        return self._modules(batch, self.batch_decodes)
+
+    def _modules(self, batch: StepBatch, batch_decodes: bool) -> torch.Tensor:
+        backend = PagedAttention(self.cache, batch.spans, batch_decodes)
+        return self.model(self._tensor(batch.tokens), self._tensor(batch.positions), backend)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.cache.device)
