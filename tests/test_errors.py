@@ -50,7 +50,8 @@ def test_unsupported_weight_type(tiny_llama, tmp_path):
     from support.tiny_models import train_tokenizer, write_gguf_llama
 
     path = write_gguf_llama(tmp_path / "q51.gguf", tiny_llama[1], train_tokenizer(), "Q5_1")
-    with pytest.raises(ValueError, match=r"unsupported GGUF tensor type\(s\) Q5_1; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"):
+    message = r"unsupported GGUF tensor type\(s\) Q5_1; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"
+    with pytest.raises(ValueError, match=message):
         LLM(str(path))
 
 

@@ -16,8 +16,8 @@ import torch
 
 from seriatim import LLM, SamplingParams
 from seriatim.bench.quality import TEXT
-from seriatim.weights.registry import resolve_model
 from seriatim.model.scoring import perplexity
+from seriatim.weights.registry import resolve_model
 
 pytestmark = pytest.mark.real_model
 

@@ -6,9 +6,10 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what the lazy exports below resolve to, for type checkers and editors
-    from .llm import LLM
-    from .outputs import CompletionOutput, Delta
-    from .sampling import SamplingParams
+    from .llm import LLM as LLM
+    from .outputs import CompletionOutput as CompletionOutput
+    from .outputs import Delta as Delta
+    from .sampling import SamplingParams as SamplingParams
 
 # Exported lazily (PEP 562): `from seriatim import LLM` works as ever, while the command line's
 # `seriatim --help`, `models` or `pull` do not pay for importing PyTorch (~1 s) before they start.

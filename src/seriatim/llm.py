@@ -5,26 +5,27 @@ from __future__ import annotations
 import numbers
 import sys
 from collections import deque
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 from pathlib import Path
 
 import torch
 from jinja2 import TemplateError
 
-from .weights import converted
 from .engine.config import EngineConfig
 from .engine.engine import Engine, ValidPrompt
+from .engine.sequence import Sequence
 from .errors import ParameterError
 from .hardware import keep_freed_memory, physical_cores, usable_cpus
-from .weights.loader import build_model, choose_precision, load
+from .model.scoring import prompt_logprobs
 from .model.transformer import Transformer
 from .outputs import CompletionOutput, Delta
-from .weights.registry import DEFAULT_MODEL, resolve_model
-from .model.scoring import prompt_logprobs
 from .sampling import SamplingParams, TokenLogprobs
-from .engine.sequence import Sequence
 from .text.chat_template import text_messages
 from .text.tokenizer import Tokenizer
+from .weights import converted
+from .weights.loader import build_model, choose_precision, load
+from .weights.registry import DEFAULT_MODEL, resolve_model
 
 Prompt = str | Seq[int]
 

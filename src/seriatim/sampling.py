@@ -103,7 +103,8 @@ class SamplingParams:
         if self.logit_bias is None:
             return
         if not isinstance(self.logit_bias, dict):
-            raise ParameterError("logit_bias", f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
+            raise ParameterError("logit_bias",
+                                 f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
         for k, v in self.logit_bias.items():
             if not _is_int(k):
                 raise ParameterError("logit_bias", f"logit_bias keys must be int token ids, got {k!r}")
@@ -129,7 +130,8 @@ class SamplingParams:
         """Raise ParameterError if a logit_bias key is not a token id of this vocabulary."""
         for k in self.logit_bias or {}:
             if not 0 <= k < vocab_size:
-                raise ParameterError("logit_bias", f"logit_bias token id {k} is outside the vocabulary [0, {vocab_size})")
+                raise ParameterError("logit_bias",
+                                     f"logit_bias token id {k} is outside the vocabulary [0, {vocab_size})")
 
     @property
     def greedy(self) -> bool:

@@ -75,6 +75,8 @@ def test_concurrent_generations_equal_sequential(tiny_llm):
     expected = [tiny_llm.generate(p, sp)[0] for p, sp in zip(prompts, params)]
     seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=20, ignore_eos=True)
     expected_seeded = tiny_llm.generate(prompts[0], seeded)[0]
+    stats = tiny_llm.engine.stats
+    finished, aborted = stats.finished, stats.aborted
 
     async def main():
         rec = RecordingEngine(tiny_llm.engine)
@@ -91,12 +93,14 @@ def test_concurrent_generations_equal_sequential(tiny_llm):
         assert "".join(d.text for d in deltas) == exp.text
         assert deltas[-1].finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
         assert deltas[-1].metrics is not None
-    assert ae.counts.finished == 7 and ae.counts.aborted == 0
+    assert (stats.finished - finished, stats.aborted - aborted) == (7, 0)
     assert not tiny_llm.engine.has_unfinished()
 
 
 def test_cancelled_consumer_aborts_within_one_step(tiny_llm):
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    stats = tiny_llm.engine.stats
+    aborted = stats.aborted
 
     async def main():
         rec = RecordingEngine(tiny_llm.engine)
@@ -106,8 +110,8 @@ def test_cancelled_consumer_aborts_within_one_step(tiny_llm):
             rid = got[0].request_id
             rec.log.append("closed")
             await gen.aclose()  # the consumer stops reading
-            busy, counts = await ae.run_in_engine_thread(lambda: (tiny_llm.engine.has_unfinished(), ae.counts))
-            assert not busy and counts.aborted == 1 and counts.running == 0
+            busy, m = await ae.run_in_engine_thread(lambda: (tiny_llm.engine.has_unfinished(), tiny_llm.engine.metrics))
+            assert not busy and m.stats.aborted - aborted == 1 and m.running == 0
             log = rec.log[rec.log.index("closed"):]
             assert f"abort {rid}" in log and log.index(f"abort {rid}") <= 2  # at most one step in between
 
@@ -118,7 +122,7 @@ def test_cancelled_consumer_aborts_within_one_step(tiny_llm):
             with pytest.raises(asyncio.CancelledError):
                 await task
             busy = await ae.run_in_engine_thread(tiny_llm.engine.has_unfinished)
-            assert not busy and ae.counts.aborted == 2
+            assert not busy and stats.aborted - aborted == 2
 
     asyncio.run(main())
 
@@ -198,7 +202,8 @@ def test_shutdown_aborts_in_flight_and_refuses_new_requests(tiny_llm):
         # Without aborting, running requests complete before the thread ends.
         ae = AsyncEngine(tiny_llm.engine)
         ae.start()
-        task = asyncio.create_task(collect(ae, [5, 6, 7], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)))
+        params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+        task = asyncio.create_task(collect(ae, [5, 6, 7], params))
         await asyncio.sleep(0.01)
         await ae.shutdown(abort_running=False)
         assert (await task)[-1].finish_reason == "length"

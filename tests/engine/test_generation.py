@@ -81,19 +81,22 @@ def test_stop_string_across_token_boundary(tiny_llm):
     full = tiny_llm.generate(prompt, params)[0]
     # Pick a stop string that straddles the boundary between two generated tokens.
     pieces = [tiny_llm.tokenizer.decode([t]) for t in full.token_ids]
-    k = next(i for i in range(3, len(pieces)) if pieces[i - 1] and pieces[i] and full.text.count(pieces[i - 1] + pieces[i][0]) == 1)
+    k = next(i for i in range(3, len(pieces))
+             if pieces[i - 1] and pieces[i] and full.text.count(pieces[i - 1] + pieces[i][0]) == 1)
     stop = pieces[k - 1] + pieces[k][0]
     start = full.text.index(stop)
     stopped = tiny_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop]))[0]
     assert stopped.finish_reason == "stop"
     assert stopped.text == full.text[:start]
-    deltas = [d.text for d in tiny_llm.stream(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=stop))]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=stop)
+    deltas = [d.text for d in tiny_llm.stream(prompt, params)]
     assert "".join(deltas) == full.text[:start]
 
 
 def test_eos_stops_generation(tiny_llm):
     eos = min(tiny_llm.tokenizer.eos_token_ids)
-    out = tiny_llm.generate(prompt_ids(tiny_llm, 5), SamplingParams(temperature=0, max_tokens=30, logit_bias={eos: 100}))[0]
+    params = SamplingParams(temperature=0, max_tokens=30, logit_bias={eos: 100})
+    out = tiny_llm.generate(prompt_ids(tiny_llm, 5), params)[0]
     assert out.token_ids == [eos] and out.finish_reason == "stop" and out.text == ""
     ignored = tiny_llm.generate(prompt_ids(tiny_llm, 5),
                                 SamplingParams(temperature=0, max_tokens=5, logit_bias={eos: 100}, ignore_eos=True))[0]
@@ -102,7 +105,8 @@ def test_eos_stops_generation(tiny_llm):
 
 def test_context_length_ends_generation(tiny_llm):
     ctx = tiny_llm.config.context_length
-    out = tiny_llm.generate(prompt_ids(tiny_llm, ctx - 3), SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0]
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    out = tiny_llm.generate(prompt_ids(tiny_llm, ctx - 3), params)[0]
     assert len(out.token_ids) == 3 and out.finish_reason == "length"
 
 
@@ -137,9 +141,10 @@ def test_multibyte_characters_never_split_in_stream(tiny_llm):
     # Random sampling over a byte-level vocabulary emits lone bytes of multi-byte characters.
     text = ""
     for seed in range(4):
-        deltas = list(tiny_llm.stream("你好，世界！😀", SamplingParams(temperature=1.5, seed=seed, max_tokens=60, ignore_eos=True)))
+        params = SamplingParams(temperature=1.5, seed=seed, max_tokens=60, ignore_eos=True)
+        deltas = list(tiny_llm.stream("你好，世界！😀", params))
         joined = "".join(d.text for d in deltas)
-        assert joined == tiny_llm.generate("你好，世界！😀", SamplingParams(temperature=1.5, seed=seed, max_tokens=60, ignore_eos=True))[0].text
+        assert joined == tiny_llm.generate("你好，世界！😀", params)[0].text
         for d in deltas[:-1]:
             assert not d.text.endswith("\ufffd")
         text += joined
@@ -164,9 +169,9 @@ def test_request_metrics_time_every_token(tiny_llm):
 
 def test_held_back_text_that_completes_a_stop_at_the_length_limit_finishes_as_stop(tiny_llm):
     """The last allowed token leaves a character incomplete; flushed, its U+FFFD completes the stop string."""
-    from seriatim.text.detokenizer import IncrementalDetokenizer
-    from seriatim.sampling import SamplingState
     from seriatim.engine.sequence import Sequence
+    from seriatim.sampling import SamplingState
+    from seriatim.text.detokenizer import IncrementalDetokenizer
 
     tok = tiny_llm.tokenizer
     ids = tok.encode("aお", add_special_tokens=False)[:-1]  # "a" and part of "お"

@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from seriatim import SamplingParams
-from seriatim.engine.engine import Engine
 from seriatim.engine.config import EngineConfig
+from seriatim.engine.engine import Engine
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 

@@ -16,8 +16,8 @@ from seriatim.model.quant import (
     INT8_CROSSOVERS,
     Int4Linear,
     Int8Linear,
-    int8_rows,
     Product,
+    int8_rows,
     product_path,
 )
 

@@ -37,7 +37,8 @@ def generate(llm: LLM, fused: bool, monkeypatch) -> tuple[list, int]:
 
 
 @needs_kernels
-@pytest.mark.parametrize("family, source", [("llama", "Q4_1"), ("llama", "BF16"), ("qwen2", "Q4_K"), ("qwen2", "mixed")])
+@pytest.mark.parametrize("family, source",
+                         [("llama", "Q4_1"), ("llama", "BF16"), ("qwen2", "Q4_K"), ("qwen2", "mixed")])
 def test_fused_layers_equal_the_modules(family, source, request, monkeypatch):
     """Int4, int8 and dense projections, with and without a QKV bias (Qwen2): the same tokens and the
     same log-probabilities to the last bit, and the fused op did run."""
@@ -78,8 +79,8 @@ def test_batched_decodes_fuse_on_the_products_the_modules_pick(tiny_llama, monke
 @needs_kernels
 @pytest.mark.parametrize("source", ["Q4_1", "Q8_0"])
 def test_wide_decode_passes_fuse_on_the_dense_product(tiny_llama, source, monkeypatch):
-    """512 sequences decoding together (past every crossover to the dense product): int4 and int8 projections expanded to dense weights, in C++ as in the
-    modules, with the same tokens and log-probabilities."""
+    """512 sequences decoding together (past every crossover to the dense product): int4 and int8 projections
+    expanded to dense weights, in C++ as in the modules, with the same tokens and log-probabilities."""
     llm = LLM(str(tiny_llama[0] / f"{source}.gguf"), prefix_caching=False, max_running=512,
               max_step_tokens=2048)
     rows = 512

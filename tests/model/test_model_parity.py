@@ -11,9 +11,9 @@ import torch
 
 from seriatim import LLM, SamplingParams
 from seriatim.model.sequence_cache import SequenceCache
-
-from support.parity import CHUNKS, assert_logits_match, random_ids, reference, rel_err, run_chunks
+from support.parity import assert_logits_match, random_ids, reference
 from support.tiny_models import GGUF_TYPES, NEW_FAMILY_TYPES, build_tiny
+
 
 @pytest.fixture(scope="module")
 def tiny_gemma3_variant(tmp_path_factory):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from seriatim.kernels import library
-from seriatim.model.config import ModelConfig
 from seriatim.model.attention import attend, flash_kernel
+from seriatim.model.config import ModelConfig
 from seriatim.model.paged_kv import ROLLBACK, PagedAttention, PagedKVCache, PagedSpan
 
 CFG = ModelConfig(arch="llama", vocab_size=32, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=4,

@@ -27,7 +27,6 @@ from seriatim.model.quant import (
     int4_from_blocks,
     int8_from_blocks,
 )
-
 from support.kquants import quantize_k
 from support.parity import CHUNKS, random_ids, run_chunks
 from support.tiny_models import K_QUANT_TYPES

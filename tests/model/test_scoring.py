@@ -15,7 +15,8 @@ def test_token_logprobs_match_transformers(tiny_llama, tiny_llm, monkeypatch):
     _, hf = tiny_llama
     ids = torch.randint(0, tiny_llm.config.vocab_size, (50,), generator=torch.Generator().manual_seed(3)).tolist()
     with torch.no_grad():
-        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1], -1)
+        ref = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
     got = scoring.token_logprobs(tiny_llm.model, ids, torch.float32, tiny_llm.device)
     assert torch.allclose(got, ref, atol=1e-4)
     assert scoring.perplexity(tiny_llm.model, ids, torch.float32, tiny_llm.device) == pytest.approx(

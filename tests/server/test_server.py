@@ -12,7 +12,6 @@ import openai
 import pytest
 
 from seriatim import SamplingParams
-
 from support.live_server import LiveServer, tiny_config
 
 MODEL = "hf"  # the served name of the tiny model's directory
@@ -82,7 +81,8 @@ def test_chat_matches_the_engine(client, tiny_llm):
 
     # Content parts, and max_completion_tokens.
     parts = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}],
+        model=MODEL,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}],
         max_completion_tokens=10, temperature=0)
     assert parts.choices[0].message.content == tiny_llm.chat(
         [{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=10)).text
@@ -108,7 +108,8 @@ def test_completion_top_logprobs_include_the_sampled_token(client):
     out = client.completions.create(model=MODEL, prompt="The quick", max_tokens=24, temperature=2.0, seed=1,
                                     logprobs=1, extra_body={"ignore_eos": True})
     lp = out.choices[0].logprobs
-    assert all(tok in top and top[tok] == chosen for tok, top, chosen in zip(lp.tokens, lp.top_logprobs, lp.token_logprobs))
+    assert all(tok in top and top[tok] == chosen
+               for tok, top, chosen in zip(lp.tokens, lp.top_logprobs, lp.token_logprobs))
     assert any(len(top) == 2 for top in lp.top_logprobs)  # a draw that was not the most probable token
 
 
@@ -136,6 +137,7 @@ def test_completion_logprobs_and_echo(client, tiny_llm):
     assert c.logprobs.text_offset[n_prompt] == len(prompt)
     # The prompt's logprobs are the model's (the reference: a plain forward pass over the prompt).
     import torch
+
     from support.parity import run_chunks
 
     ids = expected.prompt_token_ids
@@ -182,7 +184,8 @@ def test_n_seed_and_stop(client, tiny_llm):
             == [c.message.content for c in client.chat.completions.create(**chat).choices])
 
     full = greedy(tiny_llm, "The quick brown fox", 30, ignore_eos=True).text
-    stop = next(full[i:i + 2] for i in range(4, len(full) - 2) if full[i:i + 2].strip() and full.count(full[i:i + 2]) == 1)
+    stop = next(full[i:i + 2] for i in range(4, len(full) - 2)
+                if full[i:i + 2].strip() and full.count(full[i:i + 2]) == 1)
     out = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=30, temperature=0,
                                     stop=[stop], extra_body={"ignore_eos": True})
     assert out.choices[0].text == full[:full.index(stop)] and out.choices[0].finish_reason == "stop"
@@ -253,7 +256,8 @@ def test_invalid_requests_are_400_naming_the_problem(server, tiny_llm):
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
     err = error_of(post("/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}}), 400)
     assert "structured output is not supported" in err["message"] and err["param"] == "response_format"
-    assert post("/v1/chat/completions", {**chat, "response_format": {"type": "text"}, "max_tokens": 2}).status_code == 200
+    text_format = {**chat, "response_format": {"type": "text"}, "max_tokens": 2}
+    assert post("/v1/chat/completions", text_format).status_code == 200
     err = error_of(post("/v1/chat/completions", {**chat, "top_logprobs": 2}), 400)
     assert "logprobs" in err["message"]
     err = error_of(post("/v1/chat/completions", {"model": MODEL, "messages": []}), 400)
@@ -271,7 +275,8 @@ def test_unknown_model_and_route_are_404(server):
     assert "/v1/nothing" in err["message"]
     error_of(httpx.get(server.url + "/v1/completions"), 405)
     with pytest.raises(openai.NotFoundError):
-        openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0).completions.create(model="nope", prompt="a")
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        client.completions.create(model="nope", prompt="a")
 
 
 def test_api_key_body_limit_cap_queue_and_timeout(strict_server):
@@ -293,11 +298,11 @@ def test_api_key_body_limit_cap_queue_and_timeout(strict_server):
 
     strict_server.slow.delay = 0.5  # 8 tokens take longer than the 2 s timeout: a stream is in flight for 2 s
     try:
-        with httpx.Client(headers=auth, timeout=30) as h:
-            with h.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as first:
-                next(first.iter_lines())  # it is running now
-                err = error_of(h.post(url + "/v1/completions", json=body), 429)
-                assert "limit" in err["message"]
+        with (httpx.Client(headers=auth, timeout=30) as h,
+              h.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as first):
+            next(first.iter_lines())  # it is running now
+            err = error_of(h.post(url + "/v1/completions", json=body), 429)
+            assert "limit" in err["message"]
         idle = lambda: strict_server.state.engine._reserved == 0  # noqa: E731 - no request holds a slot
         wait_for(idle)  # the dropped stream is aborted, freeing its slot (within one step)
         err = error_of(httpx.post(url + "/v1/completions", json=body, headers=auth), 408)
@@ -352,12 +357,12 @@ def test_client_disconnect_aborts_the_request(server):
     aborted = server.metric("seriatim_requests_aborted_total")
     server.slow.delay = 0.05
     try:
-        with httpx.Client(timeout=30) as h:
-            with h.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}) as r:
-                lines = r.iter_lines()
-                assert next(lines).startswith("data: ")
-                assert server.metric("seriatim_requests_running") == 1
-            # the response is closed: the connection drops mid-stream
+        with (httpx.Client(timeout=30) as h,
+              h.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}) as r):
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert server.metric("seriatim_requests_running") == 1
+        # the response is closed: the connection drops mid-stream
         wait_for(lambda: server.metric("seriatim_requests_aborted_total") == aborted + 1)
         assert server.metric("seriatim_requests_running") == 0
         assert server.metric("seriatim_requests_waiting") == 0
@@ -407,7 +412,8 @@ def test_64_concurrent_streams(server, tiny_llm):
 
 
 def test_metrics_text(server):
-    httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}).raise_for_status()
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    httpx.post(server.url + "/v1/completions", json=body).raise_for_status()
     text = httpx.get(server.url + "/metrics").text
     for name in ("seriatim_http_requests_total", "seriatim_prompt_tokens_total", "seriatim_generation_tokens_total",
                  "seriatim_time_to_first_token_seconds_bucket", "seriatim_inter_token_latency_seconds_bucket",

@@ -68,7 +68,8 @@ def _q6_k(blocks: np.ndarray) -> np.ndarray:
     sc = np.clip(np.round(scale / d[:, None]), 1, 127).astype(np.int8)
     q = np.clip(np.round(sub / (d[:, None] * sc)[..., None]), -32, 31).astype(np.int16) + 32
     q = q.reshape(-1, 2, 128).astype(np.uint8)  # two halves of 128 weights
-    # Low 4 bits: half h, weight r -> ql byte h*64 + r%64, nibble r//64; high 2 bits -> qh byte h*32 + r%32, bits 2*(r//32).
+    # Low 4 bits: half h, weight r -> ql byte h*64 + r%64, nibble r//64;
+    # high 2 bits -> qh byte h*32 + r%32, bits 2*(r//32).
     low = q & 0x0F
     ql = (low[:, :, :64] | (low[:, :, 64:] << 4)).reshape(-1, 128)
     high = (q >> 4).reshape(-1, 2, 4, 32)

@@ -9,7 +9,6 @@ import threading
 import time
 
 import httpx
-import pytest
 import uvicorn
 
 from seriatim.server import ServerConfig, create_app

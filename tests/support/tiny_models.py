@@ -1,4 +1,5 @@
-"""Tiny random-weight models built by the tests (Llama, Qwen2, Gemma 3): HF directories and GGUF files of the same weights."""
+"""Tiny random-weight models built by the tests (Llama, Qwen2, Gemma 3): HF directories and GGUF files of the
+same weights."""
 
 from __future__ import annotations
 

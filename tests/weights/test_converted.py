@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from seriatim import LLM, SamplingParams
-from seriatim.weights import converted
 from seriatim.hardware import cpu_has_bf16
 from seriatim.model.sequence_cache import BatchAttention, SequenceCache, Span
+from seriatim.weights import converted
 from seriatim.weights.loader import Precision, build_model, load
 
 COMPACT = Precision(torch.bfloat16, compact=True)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from seriatim.cli import main
 from seriatim.weights import pull as pull_module
 from seriatim.weights import registry
-from seriatim.cli import main
 from seriatim.weights.registry import REGISTRY, Package, RegistryEntry, installed_path, model_file, resolve_model
 
 # Declared order differs from name order (part10 < part2 as text), so a sort would be caught.

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..llm import LLM
-from ..sampling import SamplingParams
 from ..model.scoring import perplexity
+from ..sampling import SamplingParams
 
 # A fixed multilingual text: prose in several languages, code and numbers.
 TEXT = """The history of science covers the development of science from ancient times to the present. It encompasses all three major branches of science: natural, social, and formal. Protoscience, early sciences, and natural philosophies such as alchemy and astrology existed during the Bronze Age, Iron Age, classical antiquity and the Middle Ages.

@@ -43,8 +43,8 @@ def memory_bandwidth(threads: int, device: str = "cpu") -> float:
 
 def _model_and_ids(model: str) -> tuple[str, list[int]]:
     """The model's file and the benchmark text as its token ids (the same ids for every engine)."""
-    from ..weights.registry import resolve_model
     from ..text.tokenizer import Tokenizer
+    from ..weights.registry import resolve_model
 
     path = str(resolve_model(model))
     return path, Tokenizer.from_gguf(path).encode(_TEXT * 40, add_special_tokens=False)
@@ -77,7 +77,8 @@ def _run_engines(engines: list[str], path: str, threads: int, runs: int | str, i
     for i, engine in enumerate(engines, 1):
         print(f"[{i}/{len(engines)}] {engine}{what} ...", file=sys.stderr, flush=True)
         why_not = _available(engine)
-        results.append({"engine": engine, "error": why_not} if why_not else _run_worker(engine, path, threads, runs, ids, device))
+        result = {"engine": engine, "error": why_not} if why_not else None
+        results.append(result or _run_worker(engine, path, threads, runs, ids, device))
     return results
 
 
@@ -98,13 +99,17 @@ def format_table(results: list[dict], meta: dict) -> str:
             continue
         lines.append(
             f"{r['engine']:18} {_summary(r['decode_tok_s']):>20} {_summary(r['prefill_tok_s']):>22} "
-            f"{_summary(r['ttft_ms']):>20} {r['peak_rss_mb']:12.0f} {r['load_s']:7.2f} {r['load_to_first_token_s']:10.2f}"
+            f"{_summary(r['ttft_ms']):>20} {r['peak_rss_mb']:12.0f} {r['load_s']:7.2f} "
+            f"{r['load_to_first_token_s']:10.2f}"
         )
     lines += [f"  {r['engine']}: peak GPU memory {r['peak_gpu_mb']:.0f} MB" for r in results if r.get("peak_gpu_mb")]
     ours = next((r for r in results if r["engine"] == "seriatim" and "error" not in r), None)
     if ours is None:
         return "\n".join(lines)
-    med = lambda r, k: statistics.median(r[k])
+
+    def med(r, k):
+        return statistics.median(r[k])
+
     lines.append("seriatim / peer (higher is better for rates, lower for TTFT and memory):")
     for r in results:
         if r is ours or "error" in r:

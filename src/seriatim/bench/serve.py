@@ -144,11 +144,13 @@ def measure_server(model: str, threads: int, device: str, levels: list[int], pro
 def format_serve(result: dict, meta: dict) -> str:
     lines = [f"model {meta['model']}  device {meta['device']}  threads {meta['threads']}  streamed /v1/completions, "
              f"{result['max_tokens']} tokens each (greedy, ignore_eos), prompts of {meta['prompt_tokens']} tokens",
-             f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'tok/s':>8} {'TTFT median ms':>15} {'TTFT p90 ms':>12}"]
+             f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'tok/s':>8} {'TTFT median ms':>15} "
+             f"{'TTFT p90 ms':>12}"]
     for r in result["levels"]:
         lines.append(f"{r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['requests_per_s']:7.2f} "
                      f"{r['tokens_per_s']:8.1f} {r['ttft_ms_median']:15.0f} {r['ttft_ms_p90']:12.0f}")
         if r["first_error"]:
             lines.append(f"        first error: {r['first_error']}")
-    lines.append(f"server peak RSS {result['server_peak_rss_mb']:.0f} MB; exit code after SIGTERM {result['exit_code']}")
+    lines.append(f"server peak RSS {result['server_peak_rss_mb']:.0f} MB; "
+                 f"exit code after SIGTERM {result['exit_code']}")
     return "\n".join(lines)

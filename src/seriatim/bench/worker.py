@@ -56,7 +56,9 @@ def _seriatim(path: str, threads: int, device: str, deterministic: bool = False)
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
         return time.perf_counter() - start, sum(o.metrics.first_token - start for o in outs) / len(outs)
 
-    first = lambda ids: llm.generate(ids, SamplingParams(temperature=0, max_tokens=1))[0].metrics.time_to_first_token
+    def first(ids):
+        return llm.generate(ids, SamplingParams(temperature=0, max_tokens=1))[0].metrics.time_to_first_token
+
     # The steady state is measured for the default mode only: at 64 in flight it would take minutes serialised.
     steady = None if deterministic else functools.partial(closed_loop, llm.engine)
     return Runner(first, decode, weight_bytes_read_per_token(llm.model), batch, steady)
@@ -71,7 +73,8 @@ def closed_loop(engine, prompts: list[list[int]], lengths: list[int], level: int
 
     def submit() -> None:
         ids, n = queue.pop(0)
-        submitted[engine.add_request(ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))] = time.perf_counter()
+        rid = engine.add_request(ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        submitted[rid] = time.perf_counter()
 
     start = time.perf_counter()
     for _ in range(min(level, len(queue))):
@@ -138,7 +141,10 @@ def _transformers(path: str, threads: int, device: str, dtype: str) -> Runner:
         width = max(map(len, prompts))
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        run = lambda k: generate_timed(ids, mask, k)
+
+        def run(k):
+            return generate_timed(ids, mask, k)
+
         with torch.inference_mode():
             return run(n), run(1)
 

@@ -11,9 +11,11 @@ condition variable; it never spins.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence as Seq
+from collections.abc import AsyncIterator, Callable
+from collections.abc import Sequence as Seq
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -39,14 +41,6 @@ class EngineError(RuntimeError):
 
 
 @dataclass
-class EngineCounts:
-    running: int = 0  # admitted to the running batch
-    waiting: int = 0  # submitted, not yet admitted
-    finished: int = 0  # ended with "stop" or "length"
-    aborted: int = 0  # cancelled (client gone, timeout, shutdown)
-
-
-@dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue  # of Delta | BaseException
@@ -62,8 +56,7 @@ class AsyncEngine:
     def __init__(self, engine: Engine, *, max_requests: int | None = None):
         self.engine = engine
         self.max_requests = max_requests
-        self.counts = EngineCounts()
-        self.engine_metrics: EngineMetrics | None = None  # the engine's `metrics` after the last step
+        self.engine_metrics: EngineMetrics = engine.metrics  # refreshed in the engine thread after every step
         self._cond = threading.Condition()
         self._inbox: list[Callable[[], None]] = []
         self._streams: dict[int, _Stream] = {}  # engine-thread only
@@ -72,7 +65,6 @@ class AsyncEngine:
         self._exited = False
         self._running = threading.Event()  # set once the thread has started
         self._thread: threading.Thread | None = None
-        self._step_error: BaseException | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -215,7 +207,7 @@ class AsyncEngine:
                         self._step()
                     else:  # cannot happen with a sound engine; never spin on it
                         self._fail_all(EngineError("the engine dropped requests without finishing them"))
-                self._update_counts()
+                self._snapshot()
                 with self._cond:
                     if self._stopping and not self._streams and not self._inbox:
                         self._exited = True
@@ -251,7 +243,7 @@ class AsyncEngine:
                 continue
             out.setdefault(stream.loop, []).append((stream.queue, delta))
             if delta.finish_reason is not None:
-                self._end(delta.request_id, aborted=delta.finish_reason == "abort")
+                self._end(delta.request_id)
         for loop, items in out.items():
             _deliver(loop, items)
 
@@ -266,7 +258,7 @@ class AsyncEngine:
                 self._reserved -= 1
             raise
         self._streams[rid] = stream
-        self._update_counts()
+        self._snapshot()
         return rid
 
     def _abort(self, rid: int) -> None:
@@ -274,35 +266,30 @@ class AsyncEngine:
         if stream is None:
             return
         delta = self.engine.abort(rid) or Delta(rid, "", [], None, "abort")
-        self._end(rid, aborted=True)
+        self._end(rid)
         _deliver(stream.loop, [(stream.queue, delta)])
 
     def _abort_all(self) -> None:
         for rid in list(self._streams):
             self._abort(rid)
 
-    def _end(self, rid: int, aborted: bool) -> None:
+    def _end(self, rid: int) -> None:
         self._streams.pop(rid, None)
         with self._cond:
             self._reserved -= 1
-        if aborted:
-            self.counts.aborted += 1
-        else:
-            self.counts.finished += 1
-        self._update_counts()
+        self._snapshot()
 
     def _fail_all(self, err: BaseException) -> None:
         streams = list(self._streams.items())
         for rid, _ in streams:
-            self._end(rid, aborted=True)
+            self._end(rid)
         for _, stream in streams:
             _deliver(stream.loop, [(stream.queue, err)])
-        self._update_counts()
+        self._snapshot()
 
-    def _update_counts(self) -> None:
-        """Refresh `counts` and `engine_metrics` (a snapshot taken here, in the engine thread)."""
-        m = self.engine_metrics = self.engine.metrics
-        self.counts.running, self.counts.waiting = m.running, m.waiting
+    def _snapshot(self) -> None:
+        """Refresh `engine_metrics` (a snapshot taken here, in the engine thread)."""
+        self.engine_metrics = self.engine.metrics
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Any]]) -> None:
@@ -310,7 +297,5 @@ def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, A
         for queue, item in items:
             queue.put_nowait(item)
 
-    try:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
         loop.call_soon_threadsafe(put)
-    except RuntimeError:  # the loop is closed: nobody is listening any more
-        pass

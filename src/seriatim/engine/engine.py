@@ -15,29 +15,29 @@ from dataclasses import dataclass
 
 import torch
 
-from ..text.detokenizer import IncrementalDetokenizer
 from ..errors import ParameterError, PromptTooLong
+from ..model.paged_kv import PagedKVCache
 from ..model.transformer import Transformer
 from ..outputs import Delta
-from ..model.paged_kv import PagedKVCache
 from ..sampling import SamplingParams, SamplingState, sample
+from ..text.detokenizer import IncrementalDetokenizer
+from ..text.tokenizer import Tokenizer
 from .config import EngineConfig
 from .runner import ModelRunner, StepBatch
 from .scheduler import Chunk, Scheduler
 from .sequence import Sequence
-from ..text.tokenizer import Tokenizer
 
 
 @dataclass
 class EngineStats:
-    """Counters of the engine's work: `steps` and `step_tokens` reach the server's /metrics (which counts
-    requests and tokens itself); the rest serve the Python API, benchmarks and tests."""
+    """Counters of the engine's work: the server's /metrics reports the steps and requests (it counts tokens
+    itself); the token counts serve the Python API, benchmarks and tests."""
 
     steps: int = 0
     step_tokens: int = 0  # tokens fed in the last step
     prompt_tokens: int = 0  # prompt tokens computed (prefix-cache hits excluded)
     generated_tokens: int = 0
-    finished: int = 0
+    finished: int = 0  # requests that ended with "stop" or "length"
     aborted: int = 0
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .block_manager import BlockTable
-from ..text.detokenizer import IncrementalDetokenizer
 from ..outputs import CompletionOutput, Delta, FinishReason, RequestMetrics
 from ..sampling import SamplingParams, SamplingState, TokenLogprobs
+from ..text.detokenizer import IncrementalDetokenizer
+from .block_manager import BlockTable
 from .stopping import StopStringFilter
 
 

@@ -41,7 +41,8 @@ class ModelConfig:
     activation: str = "silu"  # gate activation of the MLP: "silu" or "gelu_tanh"
     embed_scale: float | None = None  # Gemma: embeddings are multiplied by sqrt(hidden_size)
     query_pre_attn_scalar: float | None = None  # attention scores scale by its -1/2 power (default head_dim)
-    sliding_window: int | None = None  # a sliding layer's query sees the last `sliding_window` positions, itself included
+    # A sliding layer's query sees the last `sliding_window` positions, itself included.
+    sliding_window: int | None = None
     sliding_layers: tuple[bool, ...] = ()  # per layer: does it slide? (empty: none does)
     rope_local_theta: float | None = None  # rotary base of the sliding layers (Gemma 3); None: rope_theta
     final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)

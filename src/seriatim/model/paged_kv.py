@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import library
-from .config import ModelConfig
 from .attention import MaskKey, attend, flash_kernel, ring_store
+from .config import ModelConfig
 
 ROLLBACK = 16  # positions a ring keeps beyond its window, so rejected speculative tokens can be rolled back
 
@@ -208,7 +208,8 @@ class DecodeBatch:
                v: torch.Tensor, scale: float) -> torch.Tensor:
         """Store the new keys/values, then attend -> [B, H, Dh]."""
         if (ops := library.for_tensor(q)) is not None:  # one op: stores, then reads the cache in place
-            return ops.decode_attention(q, k, v, k_store, v_store, self.rows, self.write, self.read, self.lengths, scale)
+            return ops.decode_attention(q, k, v, k_store, v_store, self.rows, self.write, self.read, self.lengths,
+                                        scale)
         k_store.index_copy_(1, self.write, k[self.rows].transpose(0, 1))
         v_store.index_copy_(1, self.write, v[self.rows].transpose(0, 1))
         (batch, width), (kv_heads, _, dim) = self.read.shape, k_store.shape
@@ -225,7 +226,8 @@ def _fresh_runs(rows: list[tuple[slice, PagedSpan]]) -> list[list[tuple[slice, P
     runs: list[list[tuple[slice, PagedSpan]]] = []
     for sl, span in rows:
         last_sl, last = runs[-1][-1] if runs else (None, None)
-        if last is not None and last_sl.stop == sl.start and span.start == last.start == 0 and span.length == last.length:
+        adjacent = last is not None and last_sl.stop == sl.start
+        if adjacent and span.start == last.start == 0 and span.length == last.length:
             runs[-1].append((sl, span))
         else:
             runs.append([(sl, span)])
@@ -244,7 +246,8 @@ def _fresh_batch(k_store: torch.Tensor, v_store: torch.Tensor, run: list[tuple[s
     heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
     keys, values = (x[a:b].view(groups, n, kv_heads, dim).transpose(1, 2) for x in (k, v))  # [G, Hkv, n, Dh]
     if (ops := flash_kernel(q)) is not None:
-        return ops.prefill_attention(q[a:b].view(groups, n, heads, dim), keys, values, 0, 0, 0, scale).view(-1, heads, dim)
+        out = ops.prefill_attention(q[a:b].view(groups, n, heads, dim), keys, values, 0, 0, 0, scale)
+        return out.view(-1, heads, dim)
     out = F.scaled_dot_product_attention(
         q[a:b].view(groups, n, heads, dim).transpose(1, 2), keys, values, is_causal=True, scale=scale, enable_gqa=True,
     )

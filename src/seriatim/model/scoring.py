@@ -4,13 +4,14 @@ logprobs for the server's `echo`."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 
 import torch
 
+from ..sampling import TokenLogprobs
 from .sequence_cache import BatchAttention, SequenceCache, Span
 from .transformer import Transformer
-from ..sampling import TokenLogprobs
 
 CHUNK = 512  # tokens per forward pass, to bound activation memory on long texts
 

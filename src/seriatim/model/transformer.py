@@ -24,6 +24,7 @@ from torch import nn
 from ..kernels import library
 from .config import ModelConfig
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, 1, Dh]
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
 
 
@@ -105,7 +106,7 @@ class Attention(nn.Module):
         self.qk_norm = RMSNorm((heads, cfg.head_dim), cfg.rms_norm_eps, cfg.gemma_norms) if cfg.qk_norm else None
         self.o = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, backend: AttentionBackend) -> torch.Tensor:
         """x: [T, D] -> [T, D]"""
         qkv = self.qkv(x)  # [T, (H + 2 Hkv) Dh]
         if self.qkv_bias is not None:
@@ -150,7 +151,7 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = norm() if cfg.post_norms else nn.Identity()
         self.post_ffn_norm = norm() if cfg.post_norms else nn.Identity()
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, backend: AttentionBackend) -> torch.Tensor:
         """x: [T, D] -> [T, D]"""
         x = x + self.post_attn_norm(self.attn(self.attn_norm(x), rope, backend))
         return x + self.post_ffn_norm(self.mlp(self.ffn_norm(x)))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from functools import cache
 
-from ..text.detokenizer import IncrementalDetokenizer
 from ..sampling import TokenLogprobs
+from ..text.detokenizer import IncrementalDetokenizer
 from ..text.tokenizer import byte_spelling
 
 

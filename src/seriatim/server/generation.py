@@ -18,6 +18,7 @@ from .metrics import Metrics
 from .schemas import _Sampling
 from .state import ServerConfig
 
+
 def param_error(e: ValueError, prompt_param: str = "prompt") -> APIError:
     """A 400 for a ValueError of seriatim's: naming the parameter where it is a ParameterError (a prompt's
     under `prompt_param`, "messages" for chat)."""
@@ -107,8 +108,8 @@ class Choice:
 class Job:
     """All choices of one HTTP request, submitted together, read from one queue.
 
-    Use as `async with Job(...) as job: await job.start(); async for choice, delta in job.events()`.
-    Leaving the block aborts whatever has not finished (client gone, timeout, error).
+    `start()` submits them, `events()` yields their deltas, and `close()` (called by whoever streams or
+    waits for the response: client gone, timeout, error) aborts whatever has not finished.
     """
 
     def __init__(self, engine: AsyncEngine, metrics: Metrics, choices: list[Choice], timeout: float | None):
@@ -119,12 +120,6 @@ class Job:
         self.queue: asyncio.Queue = asyncio.Queue()
         self._by_rid: dict[int, Choice] = {}
         self._first_token_seen = False
-
-    async def __aenter__(self) -> Job:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         for c in self.choices:

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..engine.async_engine import AsyncEngine, EngineCounts
+from ..engine.async_engine import AsyncEngine
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -24,21 +24,22 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator:
         ae = self.source()
-        counts = ae.counts if ae is not None else EngineCounts()
-        yield _metric(GaugeMetricFamily, "seriatim_requests_running", "Requests in the running batch", counts.running)
-        yield _metric(GaugeMetricFamily, "seriatim_requests_waiting", "Requests queued, not yet running", counts.waiting)
-        yield _metric(CounterMetricFamily, "seriatim_requests_finished", "Requests that ended with stop or length",
-                      counts.finished)
-        yield _metric(CounterMetricFamily, "seriatim_requests_aborted", "Requests aborted (disconnect, timeout, shutdown)",
-                      counts.aborted)
-        m = ae.engine_metrics if ae is not None else None  # a snapshot taken in the engine thread; None before a step
-        if m is None:
+        if ae is None:
             return
+        m = ae.engine_metrics  # a snapshot taken in the engine thread
+        yield _metric(GaugeMetricFamily, "seriatim_requests_running", "Requests in the running batch", m.running)
+        yield _metric(GaugeMetricFamily, "seriatim_requests_waiting", "Requests queued, not yet running", m.waiting)
+        yield _metric(CounterMetricFamily, "seriatim_requests_finished", "Requests that ended with stop or length",
+                      m.stats.finished)
+        yield _metric(CounterMetricFamily, "seriatim_requests_aborted",
+                      "Requests aborted (disconnect, timeout, shutdown)",
+                      m.stats.aborted)
         blocks = m.kv_blocks_used + m.kv_blocks_free
         yield _metric(CounterMetricFamily, "seriatim_engine_steps", "Forward passes run by the engine", m.stats.steps)
         yield _metric(GaugeMetricFamily, "seriatim_engine_step_tokens", "Tokens fed to the last forward pass",
                       m.stats.step_tokens)
-        yield _metric(CounterMetricFamily, "seriatim_preemptions", "Sequences preempted to free KV memory", m.preemptions)
+        yield _metric(CounterMetricFamily, "seriatim_preemptions", "Sequences preempted to free KV memory",
+                      m.preemptions)
         yield _metric(GaugeMetricFamily, "seriatim_kv_cache_usage_ratio", "Fraction of the KV-cache blocks in use",
                       m.kv_blocks_used / blocks if blocks else 0.0)
         yield _metric(GaugeMetricFamily, "seriatim_prefix_cache_hit_rate",

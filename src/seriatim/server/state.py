@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -132,10 +133,8 @@ async def _in_daemon_thread(fn: Callable[[ServerConfig], Any], config: ServerCon
             outcome = (fut.set_exception, e)
         else:
             outcome = (fut.set_result, result)
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the server stopped while loading
             loop.call_soon_threadsafe(settle, *outcome)
-        except RuntimeError:  # the loop is gone: the server stopped while loading
-            pass
 
     threading.Thread(target=work, name="seriatim-load", daemon=True).start()
     return await fut

@@ -14,8 +14,8 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
-from .chat_template import render_chat
 from ..weights.gguf_metadata import read_gguf_metadata
+from .chat_template import render_chat
 
 # llama.cpp's `tokenizer.ggml.token_type` values that matter here.
 _CONTROL, _USER_DEFINED = 3, 4

@@ -141,7 +141,7 @@ def load_hf_dir(path: Path, progress: Progress | None = None) -> Checkpoint:
     tensors: dict[str, torch.Tensor] = {}
     for i, file in enumerate(files):
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 name = _canonical(key, names, "model.layers.")
                 if name is not None:
                     tensors[name] = f.get_tensor(key).float()

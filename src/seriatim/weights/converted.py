@@ -23,8 +23,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from torch import nn
 
 from ..model.config import ModelConfig
-from ..model.transformer import Transformer
 from ..model.quant import Int4Linear, Int8Embedding, Int8Linear
+from ..model.transformer import Transformer
 from ..storage import cache_dir
 from ..text.tokenizer import Tokenizer
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, load_gguf, load_hf_dir
 from ..hardware import cpu_has_bf16
-from ..model.transformer import RMSNorm, Transformer
 from ..model.quant import BlockWeight, compact_embedding, compact_linear, conversion_notice
+from ..model.transformer import RMSNorm, Transformer
 from ..text.tokenizer import Tokenizer
+from .checkpoint import Checkpoint, load_gguf, load_hf_dir
 
 log = logging.getLogger(__name__)
 

