@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
+import shutil
+
+import pytest
 
 from seriatim.cli import main
 
@@ -19,7 +23,7 @@ def test_generate_streams_text_and_prints_stats(tiny_llama, tiny_llm, capsys):
     from seriatim import SamplingParams
 
     model = str(tiny_llama[0] / "hf")
-    code, out, err = run(["generate", "The quick brown fox", "--model", model, "--dtype", "float32",
+    code, out, err = run(["generate", "The quick brown fox", "--raw", "--model", model, "--dtype", "float32",
                           "--temperature", "0", "--max-tokens", "12"], capsys)
     assert code == 0
     expected = tiny_llm.generate("The quick brown fox", SamplingParams(temperature=0, max_tokens=12))[0].text
@@ -68,3 +72,41 @@ def test_the_command_line_starts_without_pytorch():
 
     code = "import sys, seriatim.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def without_template(tiny_llama, tmp_path):
+    """The tiny Llama's HF directory without its chat template: a base model."""
+    target = tmp_path / "base"
+    shutil.copytree(tiny_llama[0] / "hf", target)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    (target / "chat_template.jinja").unlink(missing_ok=True)
+    return str(target)
+
+
+def test_generate_renders_the_chat_template_by_default(tiny_llama, tiny_llm, capsys):
+    from seriatim import SamplingParams
+
+    argv = ["generate", "hi there", "--model", str(tiny_llama[0] / "hf"), "--dtype", "float32", "--temperature", "0",
+            "--max-tokens", "6"]
+    params = SamplingParams(temperature=0, max_tokens=6)
+    chat = tiny_llm.generate(tiny_llm.chat_prompt([{"role": "user", "content": "hi there"}]), params)[0].text
+    raw = tiny_llm.generate("hi there", params)[0].text
+    assert chat != raw
+    for flags, expected in (([], chat), (["--chat"], chat), (["--raw"], raw)):
+        code, out, _ = run(argv + flags, capsys)
+        assert (code, out) == (0, expected + "\n")
+
+
+def test_a_base_model_continues_raw_text(tiny_llama, tmp_path, capsys):
+    code, out, _ = run(["generate", "hi there", "--model", without_template(tiny_llama, tmp_path), "--dtype",
+                        "float32", "--temperature", "0", "--max-tokens", "3"], capsys)
+    assert code == 0 and out
+
+
+@pytest.mark.parametrize("argv", [["generate", "hi", "--chat"], ["chat"]])
+def test_chat_on_a_model_without_template_fails_before_loading(tiny_llama, tmp_path, capsys, monkeypatch, argv):
+    monkeypatch.setattr("seriatim.llm.LLM.__init__", lambda *a, **k: pytest.fail("loaded the weights"))
+    code, _, err = run([*argv, "--model", without_template(tiny_llama, tmp_path)], capsys)
+    assert code == 2 and "has no chat template" in err and len(err.strip().splitlines()) == 1

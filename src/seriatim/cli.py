@@ -54,9 +54,17 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="seriatim", description="Generate text one token at a time.")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="stream a completion of PROMPT")
+    gen = sub.add_parser(
+        "generate", help="stream a reply to PROMPT",
+        description="Stream the model's reply to PROMPT. A model with a chat template (an instruct model) gets "
+                    "PROMPT as a user message rendered by its template, as mlx_lm.generate and llama-cli do; a "
+                    "model without one (a base model) continues PROMPT as plain text.")
     gen.add_argument("prompt")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    form = gen.add_mutually_exclusive_group()
+    form.add_argument("--chat", action="store_true",
+                      help="render PROMPT with the chat template (the default where the model has one; an error "
+                           "where it has none)")
+    form.add_argument("--raw", action="store_true", help="send PROMPT as plain text, without the chat template")
     _add_model_args(gen)
     _add_sampling_args(gen)
     chat = sub.add_parser("chat", help="interactive chat")
@@ -131,16 +139,33 @@ def _print_stats(m: RequestMetrics | None) -> None:
     )
 
 
+def _uses_chat_template(args: argparse.Namespace, required: bool) -> bool:
+    """Whether the model's chat template renders the prompt, decided from the file's metadata before any
+    weight loads: by default where it has one; ValueError where one is `required` and it has none."""
+    from .text.tokenizer import chat_template_of
+    from .weights.registry import resolve_model
+
+    if getattr(args, "raw", False):
+        return False
+    has_template = bool(chat_template_of(resolve_model(args.model)))
+    if required and not has_template:
+        raise ValueError(f"the model {args.model!r} has no chat template, so it cannot chat; "
+                         "`seriatim generate` continues plain text on such a model (drop --chat)")
+    return has_template
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     params = _sampling_params(args)
+    chat = _uses_chat_template(args, required=args.chat)
     llm = _load(args)
-    prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if chat else args.prompt
     _, metrics = _print_stream(llm, llm.stream(prompt, params), args.show_probs)
     _print_stats(metrics)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     params = _sampling_params(args)
+    _uses_chat_template(args, required=True)
     llm = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("Type a message; an empty line or Ctrl-D ends the chat.", file=sys.stderr)

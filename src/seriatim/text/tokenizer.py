@@ -10,6 +10,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from gguf import GGUFReader
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
@@ -194,11 +195,7 @@ class Tokenizer:
         path = Path(path)
         hf = HFTokenizer.from_file(str(path / "tokenizer.json"))
         config = _read_json(path / "tokenizer_config.json")
-        template = config.get("chat_template")
-        if isinstance(template, list):  # the older named-templates form
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if (path / "chat_template.jinja").is_file():  # where newer transformers save it
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        template = _dir_chat_template(path, config)
         eos_token_id = _token_id(hf, config.get("eos_token"))
         generation_eos = _read_json(path / "generation_config.json").get("eos_token_id")
         eos_ids = [eos_token_id, *(generation_eos if isinstance(generation_eos, list) else [generation_eos])]
@@ -243,6 +240,25 @@ class Tokenizer:
             eos_token=self.eos_token,
             **extra,
         )
+
+
+def chat_template_of(path: Path) -> str | None:
+    """The chat template of a .gguf file or an HF directory, from its metadata alone (no weights read)."""
+    if path.is_dir():
+        return _dir_chat_template(path, _read_json(path / "tokenizer_config.json"))
+    field = GGUFReader(path).fields.get("tokenizer.chat_template")
+    return None if field is None else field.contents()
+
+
+def _dir_chat_template(path: Path, config: Mapping[str, Any]) -> str | None:
+    """An HF directory's template: chat_template.jinja (where newer transformers save it), else the one in
+    tokenizer_config.json."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # the older named-templates form
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
 
 
 def _stop_ids(hf: HFTokenizer, declared: Iterable[int | None]) -> frozenset[int]:
