@@ -121,7 +121,7 @@ def _print_stream(llm, deltas: Iterator[Delta], show_probs: bool) -> tuple[str, 
             sys.stdout.flush()
         text.append(delta.text)
     if not show_probs:
-        sys.stdout.write("\n")
+        print(flush=True)  # before the stats line on stderr, where a terminal shows both
     return "".join(text), metrics
 
 

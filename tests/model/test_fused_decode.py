@@ -27,13 +27,26 @@ def count_passes(monkeypatch) -> list[int]:
     return sizes
 
 
+def results(outs) -> list:
+    return [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs]) for o in outs]
+
+
 def generate(llm: LLM, fused: bool, monkeypatch) -> tuple[list, int]:
     """Greedy generations with logprobs for three prompts, one at a time; and how many fused passes ran."""
     runs = count_passes(monkeypatch)
     llm.engine.runner.fused = FusedDecode.of(llm.model) if fused else None
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
     outs = [llm.generate(prompt, params)[0] for prompt in ([5, 9, 11], [40, 41, 42, 43, 44, 45, 46], [7])]
-    return [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs]) for o in outs], len(runs)
+    return results(outs), len(runs)
+
+
+def generate_batch(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict[bool, list]:
+    """The prompts generated together, by the modules (False) and by the fused layers (True)."""
+    out = {}
+    for fused in (False, True):
+        llm.engine.runner.fused = FusedDecode.of(llm.model) if fused else None
+        out[fused] = results(llm.generate(prompts, params))
+    return out
 
 
 @needs_kernels
@@ -64,16 +77,12 @@ def test_batched_decodes_fuse_on_the_products_the_modules_pick(tiny_llama, monke
     log-probabilities as the modules."""
     llm = LLM(str(tiny_llama[0] / "Q4_1.gguf"), prefix_caching=False)
     prompts = [[5, 9, 11], [40, 41, 42, 43, 44, 45, 46], [7], [100, 3]]
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
-    results, batch_sizes = {}, count_passes(monkeypatch)
-    for fused in (False, True):
-        llm.engine.runner.fused = FusedDecode.of(llm.model) if fused else None
-        outs = llm.generate(prompts, params)
-        results[fused] = [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs]) for o in outs]
+    batch_sizes = count_passes(monkeypatch)
+    got = generate_batch(llm, prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3))
     assert batch_sizes.count(4) >= 8  # most steps decoded all four together
     if library.amx():
         assert set(llm.engine.runner.fused.products(4)) == {Product.AMX}
-    assert results[True] == results[False]
+    assert got[True] == got[False]
 
 
 @needs_kernels
@@ -86,11 +95,7 @@ def test_wide_decode_passes_fuse_on_the_dense_product(tiny_llama, source, monkey
     rows = 512
     assert Product.DENSE in llm.engine.runner.fused.products(rows)
     prompts = [[5 + i % 50, 9, 11 + i % 7] for i in range(rows)]
-    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=2)
-    results, batch_sizes = {}, count_passes(monkeypatch)
-    for fused in (False, True):
-        llm.engine.runner.fused = FusedDecode.of(llm.model) if fused else None
-        outs = llm.generate(prompts, params)
-        results[fused] = [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs]) for o in outs]
+    batch_sizes = count_passes(monkeypatch)
+    got = generate_batch(llm, prompts, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=2))
     assert rows in batch_sizes
-    assert results[True] == results[False]
+    assert got[True] == got[False]

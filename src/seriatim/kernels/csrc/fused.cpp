@@ -1,9 +1,10 @@
 // RMSNorm, rotary embedding and SwiGLU's silu(gate) * up as one op each, for bfloat16 activations on the CPU.
 //
 // A decode step is ~45 small tensor ops per layer, each costing 1-2 us of dispatch however small the
-// tensor; RMSNorm alone is eight of them and rotary seven. As single ops they save ~2 ms of a ~12 ms
-// SmolLM2 token, and, vectorised, a tenth of a long prefill chunk. Arithmetic is float32 with one rounding at the end (the eager ops round after each
-// step), so results can differ from the eager path in the last bfloat16 bit.
+// tensor; RMSNorm alone is eight of them and rotary seven. As single ops they remove most of that, and,
+// vectorised, part of a long prefill chunk's time. Arithmetic is float32 with one rounding at the end
+// (the eager ops round after each step), so results can differ from the eager path in the last bfloat16
+// bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

@@ -5,7 +5,7 @@
 //   becomes four vectors of bfloat16 pairs (128 + q, exact, as in amx_mm.cpp) with two byte permutes and
 //   a few bit ops, and AVX-512's bfloat16 dot product adds x_c w_c + x_c+1 w_c+1 into float32 per output.
 //   Each group's scale and zero apply once per group. Weights exact, activations as given; with a
-//   prefetch ahead, ~1.3x torch's int4 kernel on SmolLM2's layers (2.7 against 3.7 ms per token).
+//   prefetch ahead, faster than torch's int4 kernel on SmolLM2's layers (which is why it serves one row).
 // - int8 with one scale per output row (the head): the activations are quantized to 16 bits per 64
 //   columns (simd.h), as amx_mm.cpp does, so both kernels compute the same integer sums and a sequence's
 //   logits barely depend on which one ran. The weight rows are widened to 16 bits and multiplied with
