@@ -110,3 +110,22 @@ def test_chat_on_a_model_without_template_fails_before_loading(tiny_llama, tmp_p
     monkeypatch.setattr("seriatim.llm.LLM.__init__", lambda *a, **k: pytest.fail("loaded the weights"))
     code, _, err = run([*argv, "--model", without_template(tiny_llama, tmp_path)], capsys)
     assert code == 2 and "has no chat template" in err and len(err.strip().splitlines()) == 1
+
+
+def test_version_names_the_cpu_and_the_isa_tier(capsys, monkeypatch):
+    from seriatim.kernels import isa
+
+    monkeypatch.setenv("SERIATIM_ISA", "none")
+    isa.tier.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as done:
+            main(["--version"])
+        assert done.value.code == 0
+        assert "ISA tier none" in capsys.readouterr().out
+        monkeypatch.setenv("SERIATIM_ISA", "sse2")
+        isa.tier.cache_clear()
+        with pytest.raises(SystemExit) as done:
+            main(["--version"])
+        assert done.value.code == 2 and "SERIATIM_ISA='sse2' is no ISA tier" in capsys.readouterr().err
+    finally:
+        isa.tier.cache_clear()

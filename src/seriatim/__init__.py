@@ -21,3 +21,13 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'seriatim' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
+
+def package_version() -> str:
+    """The installed distribution's version ("0" when run from a source tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("seriatim")
+    except PackageNotFoundError:
+        return "0"

@@ -51,8 +51,27 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show-probs", action="store_true", help="print each token's probability and alternatives")
 
 
+class _Version(argparse.Action):
+    """--version: the package's version, the CPU and the ISA tier the kernels would use (worked out only
+    when asked, since the AMX check needs PyTorch)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the version, the CPU and its ISA tier")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import package_version
+        from .kernels import isa
+
+        try:
+            print(f"seriatim {package_version()} ({isa.describe()})")
+        except ValueError as e:  # a SERIATIM_ISA that names no tier
+            parser.error(str(e))
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="seriatim", description="Generate text one token at a time.")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser(
         "generate", help="stream a reply to PROMPT",
@@ -85,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead of batch-1 speed: aggregate throughput with N requests at once, e.g. 1,4,16,64")
     bench.add_argument("--serve", default=None, metavar="N,N,...",
                        help="instead: start `seriatim serve` and load it with N streaming clients, e.g. 1,8,32")
+    bench.add_argument("--rows", default=None, metavar="K,K,...",
+                       help="instead: the cost of one pass over k new tokens of one sequence against k = 1, "
+                            "e.g. 1,2,4,8,16,32")
     bench.add_argument("--quality", action="store_true",
                        help="instead of speed: perplexity and greedy agreement of the fast mode against float32")
     _add_serve_parser(sub)
@@ -202,7 +224,7 @@ def cmd_pull(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench.run import run_bench, run_concurrency_bench, run_serve_bench
+    from .bench.run import run_bench, run_concurrency_bench, run_rows_bench, run_serve_bench
     from .hardware import physical_cores
 
     if args.quality:
@@ -216,7 +238,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if unknown or args.runs < 1:
         raise ValueError(f"unknown engine(s) {', '.join(unknown)}" if unknown else "--runs must be >= 1")
     threads = args.threads or physical_cores()
-    if args.serve:
+    if args.rows:
+        run_rows_bench(args.model, threads, _levels("--rows", args.rows), args.runs, args.json, args.device)
+    elif args.serve:
         run_serve_bench(args.model, threads, _levels("--serve", args.serve), args.json, args.device)
     elif args.concurrency:
         levels = _levels("--concurrency", args.concurrency)

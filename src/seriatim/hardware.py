@@ -37,6 +37,18 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it ("unknown CPU" where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def cpu_has_bf16() -> bool:
     """True where bfloat16 matrix arithmetic is native (AVX-512 BF16 or AMX)."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import numbers
 import sys
 from collections import deque
@@ -17,6 +18,7 @@ from .engine.engine import Engine, ValidPrompt
 from .engine.sequence import Sequence
 from .errors import ParameterError
 from .hardware import keep_freed_memory, physical_cores, usable_cpus
+from .kernels import isa
 from .model.scoring import prompt_logprobs
 from .model.transformer import Transformer
 from .outputs import CompletionOutput, Delta
@@ -28,6 +30,7 @@ from .weights.loader import build_model, choose_precision, load
 from .weights.registry import DEFAULT_MODEL, resolve_model
 
 Prompt = str | Seq[int]
+log = logging.getLogger(__name__)
 
 
 def _progress_printer(label: str):
@@ -86,6 +89,8 @@ class LLM:
         if self.device.type == "cpu":
             keep_freed_memory()
         self.precision = choose_precision(dtype, self.device)
+        if self.device.type == "cpu":
+            log.info("%s; %s", isa.describe(), self.precision.name)
         path = resolve_model(model)
         self.model, self.tokenizer = self._load(path, progress)
         self.config = self.model.cfg

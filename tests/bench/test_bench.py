@@ -1,8 +1,8 @@
-"""`seriatim bench --concurrency`: the closed loop it measures a server's steady state with, and its tables."""
+"""`seriatim bench --concurrency` and `--rows`: what they run, and their tables."""
 
 import pytest
 
-from seriatim.bench.run import format_concurrency
+from seriatim.bench.run import format_concurrency, format_rows
 from seriatim.bench.worker import closed_loop, steady_lengths
 from seriatim.llm import LLM
 
@@ -58,3 +58,30 @@ def test_closed_loop_with_fewer_requests_than_the_level(tiny_llama, level):
     llm = LLM(str(tiny_llama[0] / "Q8_0.gguf"), threads=1, prefix_caching=False)
     _, ttft = closed_loop(llm.engine, [[5, 6, 7]] * 2, [2, 3], level)
     assert len(ttft) == 2
+
+
+def test_rows_feeds_k_tokens_of_one_sequence_per_pass(tiny_llama, monkeypatch):
+    """`--rows`: each timed step runs one pass over exactly k new tokens of the one sequence."""
+    from seriatim.bench import worker
+    from seriatim.engine.engine import Engine
+
+    tokens = []
+    original = Engine._forward
+
+    def forward(self, chunks):
+        tokens.append([c.length for c in chunks])
+        return original(self, chunks)
+
+    monkeypatch.setattr(Engine, "_forward", forward)
+    monkeypatch.setattr(worker, "ROWS_SAMPLES", 2)
+    result = worker.measure_rows(str(tiny_llama[0] / "Q8_0.gguf"), 1, [1, 3, 8], 1, list(range(5, 200)), "cpu")
+    assert list(result["rows"]) == [1, 3, 8] and all(r["ms"] > 0 for r in result["rows"].values())
+    assert tokens[0] == [worker.ROWS_PROMPT]  # the prefill, then three passes (one warm-up) per k
+    assert tokens[1:] == [[1]] * 3 + [[3]] * 3 + [[8]] * 3
+
+
+def test_rows_table_gives_each_pass_against_one_token():
+    result = {"engine": "seriatim", "rows": {"1": {"ms": 4.0}, "2": {"ms": 6.0}, "8": {"ms": 10.0}}}
+    text = format_rows([result], {"model": "m", "device": "cpu", "threads": 2, "prompt": 128, "samples": 30})
+    assert text.splitlines()[-3:] == ["           1         4.00     1.00x", "           2         6.00     1.50x",
+                                      "           8        10.00     2.50x"]

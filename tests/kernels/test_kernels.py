@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seriatim.kernels import library
+from seriatim.hardware import cpu_model
+from seriatim.kernels import isa, library
 from seriatim.model import transformer as model
 from seriatim.model.quant import (
     GROUP,
@@ -84,13 +85,69 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, caplog)
         library.ops.cache_clear()
 
 
-def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setenv("SERIATIM_KERNELS", "0")
-    library.ops.cache_clear()
-    try:
-        assert library.ops() is None
-    finally:
+@pytest.fixture
+def tier(monkeypatch):
+    """Set SERIATIM_ISA (None: unset) and forget the tier and kernels chosen before; forgotten again after."""
+    def use(name: str | None):
+        if name is None:
+            monkeypatch.delenv("SERIATIM_ISA", raising=False)
+        else:
+            monkeypatch.setenv("SERIATIM_ISA", name)
+        isa.tier.cache_clear()
         library.ops.cache_clear()
+
+    yield use
+    monkeypatch.delenv("SERIATIM_ISA", raising=False)
+    isa.tier.cache_clear()
+    isa.machine_tier.cache_clear()
+    library.ops.cache_clear()
+
+
+AVX2_FLAGS = {"avx2", "fma", "f16c"}
+AVX512_FLAGS = AVX2_FLAGS | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512vbmi",
+                             "avx512_vnni"}
+
+
+@pytest.mark.parametrize("flags, granted, expected", [
+    (set(), True, isa.Tier.NONE),
+    ({"avx2", "fma"}, True, isa.Tier.NONE),  # AVX2 without F16C
+    (AVX2_FLAGS, True, isa.Tier.AVX2),
+    (AVX512_FLAGS - {"avx512_bf16"}, True, isa.Tier.AVX2),  # Skylake-X: AVX-512 without BF16
+    (AVX512_FLAGS, True, isa.Tier.AVX512),  # Zen 4/5, Ice Lake
+    (AVX512_FLAGS | {"amx_tile", "amx_bf16", "amx_int8"}, False, isa.Tier.AVX512),  # AMX Linux does not grant
+    (AVX512_FLAGS | {"amx_tile", "amx_bf16", "amx_int8"}, True, isa.Tier.AMX),  # Sapphire Rapids
+])
+def test_the_tier_follows_the_cpu_flags(tier, monkeypatch, flags, granted, expected):
+    monkeypatch.setattr(isa, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(isa, "_amx_granted", lambda: granted)
+    isa.machine_tier.cache_clear()
+    tier(None)
+    assert isa.machine_tier() is expected and isa.tier() is expected
+
+
+def test_seriatim_isa_lowers_the_tier_and_never_raises_it(tier):
+    machine = isa.machine_tier()
+    for lower in [t for t in isa.Tier if t <= machine]:
+        tier(str(lower))
+        assert isa.tier() is lower
+        assert (library.ops() is not None) == (lower >= isa.Tier.AVX512)
+        assert library.amx() == (lower is isa.Tier.AMX)
+    for higher in [t for t in isa.Tier if t > machine]:
+        tier(str(higher))
+        assert isa.tier() is machine
+    tier("AVX512 ")  # case and spaces do not matter
+    assert isa.tier() is min(machine, isa.Tier.AVX512)
+    tier("sse2")
+    with pytest.raises(ValueError, match="SERIATIM_ISA='sse2' is no ISA tier; use one of: amx, avx512, avx2, none"):
+        isa.tier()
+
+
+def test_describe_names_the_cpu_and_the_tier(tier):
+    tier("none")
+    text = isa.describe()
+    assert text.startswith(cpu_model()) and "ISA tier none" in text
+    if isa.machine_tier() > isa.Tier.NONE:
+        assert f"lowered from {isa.machine_tier()}" in text
 
 
 def eager(fn, *args):
@@ -231,15 +288,24 @@ def test_int8_head_writes_float32_that_rounds_to_its_bfloat16_product(rows):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 17, 33, 64])
 @pytest.mark.parametrize("shape", [(64, 32), (960, 576), (576, 1536)])
-def test_int4_vector_product_matches_torchs_kernel(shape):
+def test_int4_vector_product_matches_torchs_kernel(tier, shape, rows):
+    """Any number of rows, each row's result the same as alone (four rows share a pass over a block, each
+    summed in the same order); at the avx512 tier (no AMX) the module takes it below the dense path."""
     module = int4_module(*shape, seed=3)
-    x = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(5)).bfloat16()
+    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(5)).bfloat16()
+    x[:, 3] *= 50  # an outlier column, as hidden states have
     expected = torch.ops.aten._weight_int4pack_mm_for_cpu(x, module.weight, GROUP, module.scales_zeros)
     got = library.ops().int4_gemv(x, module.weight, module.scales_zeros, GROUP)
     # Exact weights and float32 sums in both; a wrong nibble or scale would be off by ~10%.
     assert got.shape == expected.shape and rel(got, expected) < 1e-3
-    assert torch.equal(module(x), got)  # the module's path for one row
+    alone = torch.cat([library.ops().int4_gemv(x[i : i + 1], module.weight, module.scales_zeros, GROUP)
+                       for i in range(rows)])
+    assert torch.equal(alone, got)
+    tier("avx512")
+    assert module.product(rows) is Product.VECTOR
+    assert torch.equal(module(x), got)
 
 
 @needs_kernels

@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from .worker import CONCURRENT_TOKENS
+from ..kernels import isa
+from .worker import CONCURRENT_TOKENS, ROWS_PROMPT, ROWS_SAMPLES
 
 ENGINES = ("seriatim", "llama.cpp", "llama.cpp-fa", "transformers-f32", "transformers-bf16")
 CONCURRENCY_ENGINES = ("seriatim", "seriatim-deterministic", "transformers-bf16", "llama.cpp")
@@ -127,12 +128,42 @@ def format_table(results: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _report(meta: dict, results: list[dict], as_json: bool, formatter) -> None:
+    """The results as JSON, or as the formatter's table under a line naming the CPU and the ISA tier."""
+    meta = {"cpu": isa.describe(), **meta}
+    print(json.dumps({"meta": meta, "results": results}, indent=2) if as_json
+          else f"cpu {meta['cpu']}\n{formatter(results, meta)}")
+
+
 def run_bench(model: str, threads: int, runs: int, engines: list[str], as_json: bool, device: str = "cpu") -> None:
     path, ids = _model_and_ids(model)
     meta = {"model": path, "device": device, "threads": threads, "runs": runs,
             "bandwidth_gb_s": memory_bandwidth(threads, device) / 1e9}
-    results = _run_engines(engines, path, threads, runs, ids, device, "")
-    print(json.dumps({"meta": meta, "results": results}, indent=2) if as_json else format_table(results, meta))
+    _report(meta, _run_engines(engines, path, threads, runs, ids, device, ""), as_json, format_table)
+
+
+def format_rows(results: list[dict], meta: dict) -> str:
+    """One pass over k new tokens of one sequence against k = 1."""
+    (r,) = results
+    if "error" in r:
+        return f"seriatim: {r['error']}"
+    lines = [f"model {meta['model']}  device {meta['device']}  threads {meta['threads']}  one sequence, "
+             f"{meta['prompt']}-token prompt; medians of {meta['samples']} passes",
+             f"{'k new tokens':>12} {'ms per pass':>12} {'vs k = 1':>9}"]
+    rows = {int(k): v["ms"] for k, v in r["rows"].items()}
+    one = rows.get(1)
+    for k, ms in rows.items():
+        lines.append(f"{k:>12} {ms:>12.2f} " + (f"{ms / one:>8.2f}x" if one else f"{'-':>9}"))
+    return "\n".join(lines)
+
+
+def run_rows_bench(model: str, threads: int, ks: list[int], runs: int, as_json: bool, device: str = "cpu") -> None:
+    path, ids = _model_and_ids(model)
+    meta = {"model": path, "device": device, "threads": threads, "prompt": ROWS_PROMPT,
+            "samples": ROWS_SAMPLES * runs}
+    spec = f"rows={','.join(map(str, ks))};{runs}"
+    _report(meta, _run_engines(["seriatim"], path, threads, spec, ids, device, " over k new tokens"), as_json,
+            format_rows)
 
 
 def _per_level(engines: list[dict], levels: list[int], key: str, cell, width: int) -> list[str]:
@@ -189,7 +220,7 @@ def run_concurrency_bench(model: str, threads: int, levels: list[int], runs: int
     meta = {"model": path, "device": device, "threads": threads, "levels": levels, "runs": runs}
     spec = f"concurrency={','.join(map(str, levels))};{runs}"
     results = _run_engines(engines, path, threads, spec, ids, device, f" at {', '.join(map(str, levels))} concurrent")
-    print(json.dumps({"meta": meta, "results": results}, indent=2) if as_json else format_concurrency(results, meta))
+    _report(meta, results, as_json, format_concurrency)
 
 
 def run_serve_bench(model: str, threads: int, levels: list[int], as_json: bool, device: str = "cpu") -> None:
@@ -198,6 +229,7 @@ def run_serve_bench(model: str, threads: int, levels: list[int], as_json: bool, 
     path, ids = _model_and_ids(model)
     prompt_tokens = 64
     prompts = [ids[7 * i : 7 * i + prompt_tokens] for i in range(64)]  # distinct, so no prefix is reused
-    meta = {"model": path, "device": device, "threads": threads, "prompt_tokens": prompt_tokens}
+    meta = {"cpu": isa.describe(), "model": path, "device": device, "threads": threads, "prompt_tokens": prompt_tokens}
     result = measure_server(path, threads, device, levels, prompts)
-    print(json.dumps({"meta": meta, **result}, indent=2) if as_json else format_serve(result, meta))
+    text = f"cpu {meta['cpu']}\n{format_serve(result, meta)}"
+    print(json.dumps({"meta": meta, **result}, indent=2) if as_json else text)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 PREFILL_TOKENS, TTFT_TOKENS, DECODE_TOKENS = 512, 128, 256
 CONCURRENT_PROMPT, CONCURRENT_TOKENS = 64, 64  # per request, in the concurrency benchmark
 STEADY_REQUESTS_PER_SLOT = 4  # the closed loop serves this many requests per slot in flight
+ROWS_PROMPT, ROWS_SAMPLES = 128, 10  # `--rows`: the sequence's prompt, and passes timed per k and run
 
 
 @dataclass
@@ -223,6 +224,30 @@ def measure_concurrency(engine: str, path: str, threads: int, levels: list[int],
     return result
 
 
+def measure_rows(path: str, threads: int, ks: list[int], runs: int, ids: list[int], device: str) -> dict:
+    """Milliseconds of one engine step that feeds k new tokens of one sequence, for each k: its cache rolled
+    back k - 1 positions first, as a speculative verification pass is fed (k = 1: a plain decode). The
+    step's logits are the last position's only. Medians of ROWS_SAMPLES x `runs` passes."""
+    from seriatim.llm import LLM
+    from seriatim.sampling import SamplingParams
+
+    llm = LLM(path, threads=threads, device=device, prefix_caching=False)
+    engine = llm.engine
+    rid = engine.add_request(ids[:ROWS_PROMPT], SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True))
+    seq = engine.requests[rid]
+    while not seq.output_ids:  # the prefill
+        engine.step()
+    result = {"engine": "seriatim", "rows": {}}
+    for k in ks:
+        samples = []
+        for _ in range(1 + ROWS_SAMPLES * runs):  # the first is a warm-up
+            engine.scheduler.truncate(seq, seq.length - k)
+            samples.append(_timed(engine.step))
+        result["rows"][k] = {"ms": 1000 * statistics.median(samples[1:]), "samples_ms": [1000 * t for t in samples[1:]]}
+    engine.abort(rid)
+    return result
+
+
 def steady_lengths(count: int) -> list[int]:
     """New tokens per request in the closed loop: 32 to 96 (mean ~64), spread so that requests finish at
     different steps and new ones arrive while others decode, as in a server's steady state."""
@@ -262,5 +287,9 @@ if __name__ == "__main__":
         levels, repeats = runs.removeprefix("concurrency=").split(";")
         print(json.dumps(measure_concurrency(engine, path, int(threads), [int(x) for x in levels.split(",")],
                                              int(repeats), stdin, device)))
+    elif runs.startswith("rows="):  # rows=KS;REPEATS
+        ks, repeats = runs.removeprefix("rows=").split(";")
+        print(json.dumps(measure_rows(path, int(threads), [int(x) for x in ks.split(",")], int(repeats), stdin,
+                                      device)))
     else:
         print(json.dumps(measure(engine, path, int(threads), int(runs), stdin, device)))

@@ -2,7 +2,7 @@
 
 - expand.cpp: packed int4 weights expanded to dense bfloat16 in one AVX-512 pass (long chunks).
 - fused.cpp: RMSNorm, rotary embedding and silu(gate) * up as one op each for bfloat16 activations.
-- gemv.cpp: int4 weights times one activation row, int8 times a few (decode steps' vector products).
+- gemv.cpp: int4 and int8 weights times a few activation rows (decode steps' vector products).
 - amx_mm.cpp: int4 and int8 weights times a few to a hundred activation rows on AMX tiles (batched decode).
 - decode_attention.cpp: one query per sequence over its cached keys and values, read in place.
 - decode_layer.cpp: a decoding pass's Llama-family decoder layers in one call (DecodeStack, fused_decode.py).
@@ -11,8 +11,8 @@
 
 The first use compiles them (about 30 s, with a notice) into `<cache>/kernels/<key>`, the key
 being a hash of the sources, the flags and the PyTorch version; later processes load the built library
-directly. Where they cannot be had (no AVX-512 with BF16, VBMI and VNNI, no compiler,
-`SERIATIM_KERNELS=0`), `ops()` returns None and the callers use tensor ops instead: slower, and the
+directly. Where they cannot be had (an ISA tier below avx512, by the CPU or by `SERIATIM_ISA`, see isa.py;
+no compiler), `ops()` returns None and the callers use tensor ops instead: slower, and the
 same numbers up to bfloat16 rounding.
 """
 
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ..hardware import cpu_flags
 from ..storage import cache_dir
+from . import isa
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq
 
 
 def _cpu_supports() -> bool:
-    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512vbmi", "avx512_vnni"} <= cpu_flags()
+    """Whether the tier in use runs these kernels (all of them need AVX-512; see isa.py)."""
+    return isa.tier() >= isa.Tier.AVX512
 
 
 def _build_dir() -> Path:
@@ -63,12 +64,10 @@ def _build(folder: Path) -> None:
                        build_directory=str(folder), is_python_module=False)
 
 
-@functools.cache
 def amx() -> bool:
-    """Whether the AMX kernels (amx_mm.cpp, prefill_attention.cpp) may run: the CPU has AMX (tiles, BF16 and
-    INT8 products) and Linux grants the tile state."""
-    init = getattr(torch._C._cpu, "_init_amx", None)  # asks Linux for the permission (arch_prctl)
-    return {"amx_tile", "amx_bf16", "amx_int8"} <= cpu_flags() and init is not None and bool(init())
+    """Whether the AMX kernels (amx_mm.cpp, prefill_attention.cpp) may run: the tier in use is AMX (the CPU
+    has tiles, BF16 and INT8 products, Linux grants the tile state, and SERIATIM_ISA does not forbid it)."""
+    return isa.tier() is isa.Tier.AMX
 
 
 @functools.cache
@@ -77,7 +76,7 @@ def ops() -> object | None:
     int4_mm_amx, int8_mm_amx, decode_attention, prefill_attention, argmax_rows; and the class
     torch.classes.seriatim.DecodeStack), or None where unavailable.
     The AMX ones (and DecodeStack given AMX paths) may run only where `amx()` says so."""
-    if os.environ.get("SERIATIM_KERNELS", "1") == "0" or not _cpu_supports():
+    if not _cpu_supports():
         return None
     folder = _build_dir()
     library = folder / f"{NAME}.so"

@@ -39,16 +39,14 @@ INT4_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K)
 INT8_TYPES = (QT.Q8_0, QT.Q6_K, QT.Q5_K, QT.Q5_0)
 COMPACT_TYPES = INT4_TYPES + INT8_TYPES  # kept as blocks until the compact modules are built
 ROW_CHUNK = 4096  # rows dequantized at a time: a large embedding never exists whole in float32
-# Which product serves a chunk of `rows` activation rows (measured on SmolLM2's shapes, 2 cores, weights
-# from memory; `Crossovers` below). torch's weight-only kernels are matrix-vector products in a loop:
-# fastest at one row, then linear in rows (a 512-row chunk took 7x a dense bfloat16 matmul). Our AMX
-# kernels (csrc/amx_mm.cpp) multiply 16 rows per weight read: 3.8x faster than torch's at 16 rows and
-# 3.7x at 64; from 64 rows the int4 one expands a block of weights to bfloat16 tiles once for all rows
-# (a prompt chunk of 128 rows: 19% faster than the nibble tiles made per 16 rows). For long chunks,
-# expanding the weight and one dense matmul wins; the int4 expansion costs little (csrc/expand.cpp),
-# the int8 head's is a float conversion of 28M weights, so dense wins late.
-# Below AMX's rows, our vector kernels (csrc/gemv.cpp) take int8, ~1.4x torch's, and int4 at one row,
-# ~1.3x; torch's take int4 at a few rows.
+# Which product serves a chunk of `rows` activation rows (measured on SmolLM2's shapes, 2 cores; `Crossovers`
+# below). PyTorch's weight-only kernels are matrix-vector products in a loop: linear in rows. Our AMX
+# kernels (csrc/amx_mm.cpp) multiply 16 rows per weight read; from 64 rows the int4 one expands a block of
+# weights to bfloat16 tiles once for all rows. Without AMX, our int4 vector kernel (csrc/gemv.cpp) reads a
+# block once for up to four rows, at about half PyTorch's time at every row count, until the expanded
+# weight and one dense matmul catch up (~96 rows). For long chunks, expanding the weight and one dense
+# matmul wins; the int4 expansion costs little (csrc/expand.cpp), the int8 head's is a float conversion of
+# its whole weight, so dense wins late.
 PACK_BLOCK = 64  # output rows per block in the CPU int4 kernel's packed layout (AVX-512 and AVX2)
 
 
@@ -72,7 +70,7 @@ class Crossovers:
     dense_unaided: int  # the same, without our kernels (expansion by tensor ops)
 
 
-INT4_CROSSOVERS = Crossovers(amx=2, dense_amx=224, dense=48, dense_unaided=128)
+INT4_CROSSOVERS = Crossovers(amx=2, dense_amx=224, dense=96, dense_unaided=128)
 INT8_CROSSOVERS = Crossovers(amx=4, dense_amx=512, dense=160, dense_unaided=128)
 
 
@@ -180,14 +178,14 @@ class Int4Linear(nn.Module):
         return cls(packed, sz.transpose(0, 1).contiguous().to(dtype))
 
     def product(self, rows: int) -> Product:
-        """The product `forward` runs for `rows` activation rows (see `product_path`): our vector kernel
-        takes one row, PyTorch's a few more, and the dense path needs our packed layout."""
+        """The product `forward` runs for `rows` activation rows (see `product_path`); our kernels need
+        blocks of 64 outputs in the packed layout they read."""
         ops = library.for_tensor(self.scales_zeros)
         amx_fits = self._expandable() and self.in_features % GROUP == 0
         path = product_path(rows, ops, amx_fits, INT4_CROSSOVERS)
         if path is Product.AMX or (path is Product.DENSE and self._expandable()):
             return path
-        return Product.VECTOR if rows == 1 and ops is not None else Product.WEIGHT_ONLY
+        return Product.VECTOR if ops is not None and self._expandable() else Product.WEIGHT_ONLY
 
     def _expandable(self) -> bool:
         return self.out_features % PACK_BLOCK == 0 and _int4_layout_known()

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from .. import package_version
 from .chat import chat_prompt_ids, create_chat_completion
 from .completions import check_model, create_completion
 from .errors import APIError, error_body, install_error_handlers, invalid
@@ -37,7 +38,7 @@ def create_app(config: ServerConfig, load: Callable[[ServerConfig], Any] | None 
         yield
         await state.close()
 
-    app = FastAPI(title="seriatim", version=_version(), lifespan=lifespan, redoc_url=None,
+    app = FastAPI(title="seriatim", version=package_version(), lifespan=lifespan, redoc_url=None,
                   description="OpenAI-compatible text generation with seriatim")
     app.state.seriatim = state
     app.state.metrics = metrics
@@ -117,15 +118,6 @@ def _health(state: ServerState) -> Response:
     if state.load_error:
         body["error"] = state.load_error
     return JSONResponse(body, status_code=503)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("seriatim")
-    except PackageNotFoundError:
-        return "0"
 
 
 def _model_card(state: ServerState, llm) -> dict:

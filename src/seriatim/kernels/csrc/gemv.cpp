@@ -1,11 +1,12 @@
 // Compact weights (quant.py) times one or a few activation rows: the matrix-vector products of a decode
 // step, which read every weight once and should run at memory speed.
 //
-// - int4, one row: each pair of input columns of a 64-output block (64 bytes of torch's packed layout)
+// - int4, one row or a few: each pair of input columns of a 64-output block (64 bytes of torch's packed layout)
 //   becomes four vectors of bfloat16 pairs (128 + q, exact, as in amx_mm.cpp) with two byte permutes and
 //   a few bit ops, and AVX-512's bfloat16 dot product adds x_c w_c + x_c+1 w_c+1 into float32 per output.
 //   Each group's scale and zero apply once per group. Weights exact, activations as given; with a
-//   prefetch ahead, faster than torch's int4 kernel on SmolLM2's layers (which is why it serves one row).
+//   prefetch ahead, faster than torch's int4 kernel on SmolLM2's layers. Up to four rows share each
+//   expanded column pair, so a block is read from memory once for every row of a short batch.
 // - int8 with one scale per output row (the head): the activations are quantized to 16 bits per 64
 //   columns (simd.h), as amx_mm.cpp does, so both kernels compute the same integer sums and a sequence's
 //   logits barely depend on which one ran. The weight rows are widened to 16 bits and multiplied with
@@ -26,33 +27,60 @@ namespace {
 
 using namespace seriatim;
 
-constexpr int kMaxRows = 4;  // int8: activation rows per pass over a weight row (their sums stay in registers)
+constexpr int kMaxRows = 4;  // activation rows per pass over a weight block or row (their sums stay in registers)
 constexpr int64_t kBlock = kInt4Block;
 constexpr int kPrefetch = 2048;  // bytes ahead of the weights being read (measured: 1-4 KB alike)
 
 // ---- int4 ---------------------------------------------------------------------------------------------
 
-// One 64-output block of x [K] (as bfloat16 pairs) times the packed weight -> y [64].
+// One 64-output block of R activation rows (each [K] as bfloat16 pairs, `x_stride` pairs apart) times the
+// packed weight -> y [R, 64] (rows `y_stride` apart). The nibbles of each column pair are expanded once for
+// the R rows, and each row's sums run in the same order whatever R is, so a row's result does not depend
+// on how many rows share the call.
+template <int R>
 void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride, int64_t group, int64_t k,
-                const uint32_t* x, const float* sums, at::BFloat16* y) {
+                const uint32_t* x, int64_t x_stride, const float* sums, at::BFloat16* y, int64_t y_stride) {
   const NibblePairs nibbles;
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  for (int64_t g = 0; g < k / group; ++g) {
-    __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  const int64_t groups = k / group;
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 part[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) part[r][j] = _mm512_setzero_ps();
     for (int64_t c = g * group; c < (g + 1) * group; c += 2) {
       const uint8_t* at = block + c * (kBlock / 2);
       _mm_prefetch(reinterpret_cast<const char*>(at + kPrefetch), _MM_HINT_T0);
       __m512i w[4];
       nibbles(at, w);
-      const __m512bh xc = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(x[c / 2])));
-      for (int j = 0; j < 4; ++j) part[j] = _mm512_dpbf16_ps(part[j], reinterpret_cast<__m512bh>(w[j]), xc);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh xc = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(x[r * x_stride + c / 2])));
+        for (int j = 0; j < 4; ++j) part[r][j] = _mm512_dpbf16_ps(part[r][j], reinterpret_cast<__m512bh>(w[j]), xc);
+      }
     }
     // sum x w = s S + (z - 136 s) sum x, where S = sum x (128 + q) (torch's form: w = (q - 8) s + z).
     const GroupScale gs = load_group(pairs + g * pair_stride, 136.f);
-    const __m512 sum = _mm512_set1_ps(sums[g]);
-    for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(gs.scale[j], part[j], _mm512_fmadd_ps(gs.offset[j], sum, acc[j]));
+    for (int r = 0; r < R; ++r) {
+      const __m512 sum = _mm512_set1_ps(sums[r * groups + g]);
+      for (int j = 0; j < 4; ++j)
+        acc[r][j] = _mm512_fmadd_ps(gs.scale[j], part[r][j], _mm512_fmadd_ps(gs.offset[j], sum, acc[r][j]));
+    }
   }
-  for (int j = 0; j < 4; ++j) store_bf16(y + 16 * j, acc[j]);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) store_bf16(y + r * y_stride + 16 * j, acc[r][j]);
+}
+
+// The rows [r, r + count) of x against one block (count <= kMaxRows), by the kernel for that many rows.
+void int4_block_rows(int64_t count, const uint8_t* block, const uint16_t* pairs, int64_t pair_stride, int64_t group,
+                     int64_t k, const uint32_t* x, const float* sums, at::BFloat16* y, int64_t n) {
+  const int64_t xs = k / 2;
+  switch (count) {
+    case 1: int4_block<1>(block, pairs, pair_stride, group, k, x, xs, sums, y, n); break;
+    case 2: int4_block<2>(block, pairs, pair_stride, group, k, x, xs, sums, y, n); break;
+    case 3: int4_block<3>(block, pairs, pair_stride, group, k, x, xs, sums, y, n); break;
+    default: int4_block<4>(block, pairs, pair_stride, group, k, x, xs, sums, y, n); break;
+  }
 }
 
 // ---- int8 ---------------------------------------------------------------------------------------------
@@ -106,24 +134,28 @@ void int8_outputs(const int8_t* wp, const QuantizedActivations& xq, int64_t m, i
 
 namespace seriatim {
 
-// x [1, K] bfloat16 times the packed int4 weight [N, K/2] with scales_zeros [K/group, N, 2] -> [1, N].
+// x [M, K] bfloat16 times the packed int4 weight [N, K/2] with scales_zeros [K/group, N, 2] -> [M, N]: each
+// block of 64 outputs is read from memory once for all M rows (kMaxRows at a time, the block then in cache).
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t group) {
-  const int64_t k = x.size(1), n = packed.size(0);
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(0) == 1, "x must be bfloat16 [1, K]");
+  const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bfloat16 [M, K]");
   check_int4(packed, scales_zeros, k, group);
   TORCH_CHECK(group % 16 == 0, "the group must be a multiple of 16");
   const at::Tensor xc = x.contiguous();
   const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
-  std::vector<float> sums(k / group);
-  span_sums(xp, k, group, sums.data());
-  at::Tensor y = at::empty({1, n}, x.options());
+  const int64_t groups = k / group;
+  std::vector<float> sums(m * groups);
+  for (int64_t r = 0; r < m; ++r) span_sums(xp + r * k, k, group, sums.data() + r * groups);
+  at::Tensor y = at::empty({m, n}, x.options());
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales_zeros.data_ptr<at::BFloat16>());
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const uint32_t* pairs = reinterpret_cast<const uint32_t*>(xp);  // x as (x_c, x_c+1) pairs
   at::parallel_for(0, n / kBlock, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
-      int4_block(wp + b * kBlock * k / 2, sp + 2 * b * kBlock, 2 * n, group, k,
-                 reinterpret_cast<const uint32_t*>(xp), sums.data(), yp + b * kBlock);  // x as (x_c, x_c+1) pairs
+      for (int64_t r = 0; r < m; r += kMaxRows)
+        int4_block_rows(std::min<int64_t>(kMaxRows, m - r), wp + b * kBlock * k / 2, sp + 2 * b * kBlock, 2 * n,
+                        group, k, pairs + r * k / 2, sums.data() + r * groups, yp + r * n + b * kBlock, n);
   });
   return y;
 }
