@@ -64,3 +64,23 @@ def tiny_llm(tiny_llama):
     from seriatim import LLM
 
     return LLM(str(tiny_llama[0] / "hf"), dtype="float32")
+
+
+@pytest.fixture
+def tier(monkeypatch):
+    """Set SERIATIM_ISA (None: unset) and forget the tier and kernels chosen before; forgotten again after."""
+    from seriatim.kernels import isa, library
+
+    def use(name: str | None):
+        if name is None:
+            monkeypatch.delenv("SERIATIM_ISA", raising=False)
+        else:
+            monkeypatch.setenv("SERIATIM_ISA", name)
+        isa.tier.cache_clear()
+        library.ops.cache_clear()
+
+    yield use
+    monkeypatch.delenv("SERIATIM_ISA", raising=False)
+    isa.tier.cache_clear()
+    isa.machine_tier.cache_clear()
+    library.ops.cache_clear()

@@ -49,11 +49,6 @@ def cpu_model() -> str:
     return "unknown CPU"
 
 
-def cpu_has_bf16() -> bool:
-    """True where bfloat16 matrix arithmetic is native (AVX-512 BF16 or AMX)."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
 def available_memory(device: str = "cpu") -> int:
     """Bytes free for new allocations on `device`: free GPU memory on CUDA; else MemAvailable, or 8 GiB if unknown."""
     if device == "cuda":

@@ -21,6 +21,7 @@ from seriatim.model.quant import (
     int8_rows,
     product_path,
 )
+from seriatim.weights.loader import Precision
 
 needs_kernels = pytest.mark.skipif(not library._cpu_supports(), reason="needs AVX-512 with BF16")
 needs_amx = pytest.mark.skipif(not (library._cpu_supports() and library.amx()), reason="needs AMX-BF16")
@@ -73,9 +74,11 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, caplog)
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(library, "_cpu_supports", lambda: True)
+    monkeypatch.setattr(library, "_registered", lambda: False)
     monkeypatch.setattr(library, "_build_dir", lambda: tmp_path)
     monkeypatch.setattr(library, "_build", broken)
     library.ops.cache_clear()
+    library._library.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="seriatim.kernels.library"):
             assert library.ops() is None and library.ops() is None
@@ -83,24 +86,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, caplog)
             "seriatim's CPU kernels are unavailable (no compiler here); using tensor ops (slower)"]
     finally:
         library.ops.cache_clear()
-
-
-@pytest.fixture
-def tier(monkeypatch):
-    """Set SERIATIM_ISA (None: unset) and forget the tier and kernels chosen before; forgotten again after."""
-    def use(name: str | None):
-        if name is None:
-            monkeypatch.delenv("SERIATIM_ISA", raising=False)
-        else:
-            monkeypatch.setenv("SERIATIM_ISA", name)
-        isa.tier.cache_clear()
-        library.ops.cache_clear()
-
-    yield use
-    monkeypatch.delenv("SERIATIM_ISA", raising=False)
-    isa.tier.cache_clear()
-    isa.machine_tier.cache_clear()
-    library.ops.cache_clear()
+        library._library.cache_clear()
 
 
 AVX2_FLAGS = {"avx2", "fma", "f16c"}
@@ -377,3 +363,15 @@ def test_argmax_rows_equals_torch(vocab):
     x[3] = torch.randn(vocab, generator=gen)
     x[4, -1] = 10.0  # the largest in the tail lanes
     assert torch.equal(library.ops().argmax_rows(x), x.argmax(dim=-1))
+
+
+def test_the_fast_mode_follows_the_tier(tier):
+    """Below avx512 (a CPU without bfloat16 arithmetic, or SERIATIM_ISA=avx2) the fast mode is float32."""
+    from seriatim.weights.loader import choose_precision
+
+    cpu = torch.device("cpu")
+    tier("avx2")
+    assert choose_precision("auto", cpu) == Precision(torch.float32, compact=False)
+    if isa.machine_tier() >= isa.Tier.AVX512:
+        tier("avx512")
+        assert choose_precision("auto", cpu) == Precision(torch.bfloat16, compact=True)

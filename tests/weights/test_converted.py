@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from seriatim import LLM, SamplingParams
-from seriatim.hardware import cpu_has_bf16
+from seriatim.kernels import isa
 from seriatim.model.sequence_cache import BatchAttention, SequenceCache, Span
 from seriatim.weights import converted
 from seriatim.weights.loader import Precision, build_model, load
@@ -57,7 +57,8 @@ def test_a_changed_file_is_converted_again(tiny_llama, tmp_path, monkeypatch):
     assert converted.load(path, COMPACT.name, torch.bfloat16) is None
 
 
-@pytest.mark.skipif(not cpu_has_bf16(), reason="the fast mode keeps weights compact only with bfloat16 arithmetic")
+@pytest.mark.skipif(isa.tier() < isa.Tier.AVX512,
+                    reason="the fast mode keeps weights compact only at a tier with bfloat16 arithmetic")
 def test_llm_writes_then_reads_the_cache(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("SERIATIM_CACHE", str(tmp_path))
     monkeypatch.setattr(converted, "MIN_BYTES", 0)

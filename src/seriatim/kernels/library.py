@@ -74,10 +74,17 @@ def amx() -> bool:
 def ops() -> object | None:
     """`torch.ops.seriatim` (int4_dequantize_t, rms_norm, rotary, silu_mul, int4_gemv, int8_gemv,
     int4_mm_amx, int8_mm_amx, decode_attention, prefill_attention, argmax_rows; and the class
-    torch.classes.seriatim.DecodeStack), or None where unavailable.
-    The AMX ones (and DecodeStack given AMX paths) may run only where `amx()` says so."""
-    if not _cpu_supports():
-        return None
+    torch.classes.seriatim.DecodeStack) where the tier in use runs them, else None.
+    The AMX ones (and DecodeStack given AMX products) may run only where `amx()` says so."""
+    return _library() if _cpu_supports() else None
+
+
+@functools.cache
+def _library() -> object | None:
+    """The kernels, loaded into this process once (built first if this machine has no build of these
+    sources); None where they cannot be had."""
+    if _registered():  # loaded already, from another cache folder say: a second load would register twice
+        return torch.ops.seriatim
     folder = _build_dir()
     library = folder / f"{NAME}.so"
     try:
@@ -89,6 +96,15 @@ def ops() -> object | None:
         log.warning("seriatim's CPU kernels are unavailable (%s); using tensor ops (slower)", e)
         return None
     return torch.ops.seriatim
+
+
+def _registered() -> bool:
+    """Whether this process has the kernels' ops registered."""
+    try:
+        torch.ops.seriatim.argmax_rows  # noqa: B018 - the lookup is the test
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def for_tensor(x: torch.Tensor) -> object | None:

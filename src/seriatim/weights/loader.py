@@ -2,9 +2,10 @@
 
 Modes: "float32" (every weight dequantized: the exact reference path),
 "bfloat16"/"float16" (dequantized to that type), and "auto", the fast mode:
-on a CPU with bfloat16 arithmetic, quantized weights stay compact and
-activations are bfloat16; elsewhere it falls back to dense float weights
-(bfloat16 on CUDA, float32 on CPUs without bfloat16 support).
+at an ISA tier with bfloat16 arithmetic (avx512 or amx, kernels/isa.py),
+quantized weights stay compact and activations are bfloat16; elsewhere it
+falls back to dense float weights (bfloat16 on CUDA, float32 on CPUs below
+that tier, or restricted below it by SERIATIM_ISA).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..hardware import cpu_has_bf16
+from ..kernels import isa
 from ..model.quant import BlockWeight, compact_embedding, compact_linear, conversion_notice
 from ..model.transformer import RMSNorm, Transformer
 from ..text.tokenizer import Tokenizer
@@ -49,7 +50,7 @@ def choose_precision(mode: str, device: torch.device) -> Precision:
         return Precision(DTYPES[mode], compact=False)
     if device.type == "cuda":
         return Precision(torch.bfloat16, compact=False)
-    if cpu_has_bf16():
+    if isa.tier() >= isa.Tier.AVX512:
         return Precision(torch.bfloat16, compact=True)
     return Precision(torch.float32, compact=False)
 
