@@ -129,3 +129,32 @@ def test_ring_attention_equals_attention_over_every_position():
         expected = attend(q[start : start + n], k[: start + n].transpose(0, 1), v[: start + n].transpose(0, 1),
                           start, SLIDING.attn_scale, window, {})
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not library._cpu_supports(), reason="needs seriatim's kernels (AVX-512 with BF16)")
+def test_a_short_chunk_after_cached_tokens_computes_what_decoding_them_did(tiny_llama, tier, monkeypatch):
+    """Fed again as one pass (as a speculative verification is), the last 4 tokens of a sequence give the
+    next token's logits bit for bit as decoding them one at a time did: their attention is the decode
+    kernel's, and at the avx512 tier every product sums a row alike whatever the rows beside it."""
+    from seriatim import LLM, SamplingParams
+    from seriatim.model import paged_kv
+
+    tier("avx512")
+    chunks = []
+    of = paged_kv.DecodeBatch.of.__func__
+    monkeypatch.setattr(paged_kv.DecodeBatch, "of",
+                        classmethod(lambda cls, spans, device: chunks.append([s.length for _, s in spans])
+                                    or of(cls, spans, device)))
+    llm = LLM(str(tiny_llama[0] / "Q4_1.gguf"), prefix_caching=False)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    alone = llm.generate([5, 9, 11, 40], params)[0]
+    engine = llm.engine
+    seq = engine.requests[engine.add_request([5, 9, 11, 40], params)]
+    while len(seq.output_ids) < 6:
+        engine.step()
+    engine.scheduler.truncate(seq, seq.length - 4)
+    engine.step()
+    assert chunks[-1] == [4]  # the refed tokens attended as four queries of the decode kernel
+    assert seq.output_ids == alone.token_ids[:7]
+    assert (seq.logprobs[6].logprob, seq.logprobs[6].top) == (alone.logprobs[6].logprob, alone.logprobs[6].top)
+    engine.abort(seq.request_id)

@@ -118,13 +118,16 @@ class PagedAttention:
         offsets = [0, *itertools.accumulate(s.length for s in spans)]
         self.spans = [(slice(a, b), span) for a, b, span in zip(offsets, offsets[1:], spans)]
         self.masks: dict[MaskKey, torch.Tensor] = {}  # shared by the layers of one pass
-        single = [(sl.start, span) for sl, span in self.spans if span.length == 1]
-        # With the decode-attention kernel even a lone decode goes this way: it beats SDPA there too.
+        # With the decode-attention kernel even a lone decode goes this way: it beats SDPA there too. So do
+        # short chunks after cached positions (a speculative verification's): each token attends as its
+        # decode would, and SDPA's set-up would cost more than the attention.
         kernel = library.for_tensor(cache.k) is not None
+        queries = [(sl.start, span) for sl, span in self.spans if span.length == 1 or (kernel and _short_chunk(span))]
         fewest = 1 if kernel else 2
-        self.decodes = DecodeBatch.of(single, cache.device) if batch_decodes and len(single) >= fewest else None
+        self.decodes = DecodeBatch.of(queries, cache.device) if batch_decodes and len(queries) >= fewest else None
+        batched = {id(span) for _, span in queries} if self.decodes is not None else set()
         # The spans attended one by one in the pooled layers.
-        self.rows = [(sl, span) for sl, span in self.spans if self.decodes is None or span.length > 1]
+        self.rows = [(sl, span) for sl, span in self.spans if id(span) not in batched]
         # ... except that, in the fast mode, consecutive whole prompts of one length attend in one call
         # (`_fresh_batch`; the float32 reference keeps one call per sequence, like its decodes).
         self.parts = _fresh_runs(self.rows) if batch_decodes else [[row] for row in self.rows]
@@ -171,30 +174,38 @@ class PagedAttention:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
+SHORT_CHUNK = 16  # new tokens of one sequence after cached ones that attend as decodes (decode kernel)
+
+
+def _short_chunk(span: PagedSpan) -> bool:
+    return 1 < span.length <= SHORT_CHUNK and span.start > 0
+
+
 @dataclass
 class DecodeBatch:
-    """The single-token spans of a pass in a pooled layer, attended together: by the decode-attention
+    """New tokens of a pass that attend one query each, together, in a pooled layer: every decode, and the
+    tokens of short chunks, each seeing its sequence's positions up to its own. By the decode-attention
     kernel, which stores the new keys and values and reads each sequence's slots in place, or with each
-    sequence's keys gathered into one padded [B, Hkv, width, Dh] batch and masked to its own length."""
+    query's keys gathered into one padded [B, Hkv, width, Dh] batch and masked to its own length."""
 
     rows: torch.Tensor  # [B] their rows in the flat batch
     write: torch.Tensor  # [B] slot of each new token
-    read: torch.Tensor  # [B, width] slots of each sequence's positions, padded with slot 0
-    lengths: torch.Tensor  # [B] positions each sequence sees (its cached ones and the new one)
+    read: torch.Tensor  # [B, width] slots of each query's sequence's positions, padded with slot 0
+    lengths: torch.Tensor  # [B] positions each query sees (the cached ones, and the new ones up to its own)
 
     @classmethod
     def of(cls, spans: list[tuple[int, PagedSpan]], device: torch.device) -> DecodeBatch:
-        width = max(span.start + 1 for _, span in spans)
-        reads = [_as_tensor(span.read, device) for _, span in spans]
-        read = torch.zeros(len(spans), width, dtype=torch.long, device=device)
-        for row, slots in zip(read, reads):
-            row[: len(slots)] = slots
-        lengths = torch.tensor([span.start + 1 for _, span in spans], device=device)
+        """The tokens of `spans`, whose first token is at the given row of the flat batch."""
+        queries = [(row + i, span, span.start + i + 1) for row, span in spans for i in range(span.length)]
+        width = max(length for _, _, length in queries)
+        read = torch.zeros(len(queries), width, dtype=torch.long, device=device)
+        for slots, (_, span, length) in zip(read, queries):
+            slots[:length] = _as_tensor(span.read, device)[:length]
         return cls(
-            rows=torch.tensor([row for row, _ in spans], device=device),
+            rows=torch.tensor([row for row, _, _ in queries], device=device),
             write=torch.cat([_as_tensor(span.write, device) for _, span in spans]),
             read=read,
-            lengths=lengths,
+            lengths=torch.tensor([length for _, _, length in queries], device=device),
         )
 
     @functools.cached_property

@@ -145,10 +145,10 @@ void check_rows(const at::Tensor& x, const char* name) {
 
 namespace seriatim {
 
-// The new token of each decoding sequence b (row rows[b] of the flat batch q [T, H, Dh], k/v [T, Hkv, Dh]):
-// its key and value are stored at slot write[b] of the cache [Hkv, S, Dh], then its query attends over the
-// slots slots[b, :lengths[b]] -> [B, H, Dh]. One op for the store and the attention: the decode's
-// gathers, cache writes and attention took six per layer.
+// Each new token b (row rows[b] of the flat batch q [T, H, Dh], k/v [T, Hkv, Dh]: a decoding sequence's, or
+// one of a short chunk's): its key and value are stored at slot write[b] of the cache [Hkv, S, Dh], then
+// its query attends over the slots slots[b, :lengths[b]] -> [B, H, Dh]. One op for the stores and the
+// attention: a decode's gathers, cache writes and attention took six per layer.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                             at::Tensor& v_cache, const at::Tensor& rows, const at::Tensor& write,
                             const at::Tensor& slots, const at::Tensor& lengths, double scale) {
@@ -179,15 +179,19 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   BFloat16 *kc = k_cache.data_ptr<BFloat16>(), *vc = v_cache.data_ptr<BFloat16>();
   BFloat16* op = out.data_ptr<BFloat16>();
   const int64_t head_stride = capacity * dim;
-  // One task per (sequence, key/value head): it stores that head's new key and value, then attends. No
-  // other task reads the slot it writes (a sequence's new slot is in a block of its own).
+  // Every new key and value is stored before any query attends: several rows may be new tokens of one
+  // sequence (a chunk), each seeing the ones before it.
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+      std::copy_n(kp + rp[b] * k.stride(0) + kvh * dim, dim, kc + kvh * head_stride + wp[b] * dim);
+      std::copy_n(vp + rp[b] * v.stride(0) + kvh * dim, dim, vc + kvh * head_stride + wp[b] * dim);
+    }
+  // Then one task per (query row, key/value head).
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores((heads / kv_heads) * width);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / kv_heads, kvh = t % kv_heads, row = rp[b], group = heads / kv_heads;
-      BFloat16 *kh = kc + kvh * head_stride, *vh = vc + kvh * head_stride;
-      std::copy_n(kp + row * k.stride(0) + kvh * dim, dim, kh + wp[b] * dim);
-      std::copy_n(vp + row * v.stride(0) + kvh * dim, dim, vh + wp[b] * dim);
+      const BFloat16 *kh = kc + kvh * head_stride, *vh = vc + kvh * head_stride;
       const int64_t* seq = sp + b * width;
       auto key = [&](int64_t j) { return kh + seq[j] * dim; };
       auto value = [&](int64_t j) { return vh + seq[j] * dim; };
