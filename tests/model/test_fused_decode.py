@@ -99,3 +99,24 @@ def test_wide_decode_passes_fuse_on_the_dense_product(tiny_llama, source, monkey
     got = generate_batch(llm, prompts, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=2))
     assert rows in batch_sizes
     assert got[True] == got[False]
+
+
+@needs_kernels
+def test_a_short_chunk_after_cached_tokens_fuses_and_equals_the_modules(tiny_llama, monkeypatch):
+    """The last four tokens fed again in one pass (as a speculative verification feeds them) run through
+    the fused layers, and give what the modules give."""
+    llm = LLM(str(tiny_llama[0] / "Q4_1.gguf"), prefix_caching=False)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    sizes, got = count_passes(monkeypatch), {}
+    for fused in (False, True):
+        llm.engine.runner.fused = FusedDecode.of(llm.model) if fused else None
+        engine = llm.engine
+        seq = engine.requests[engine.add_request([5, 9, 11, 40], params)]
+        while len(seq.output_ids) < 6:
+            engine.step()
+        engine.scheduler.truncate(seq, seq.length - 4)
+        engine.step()
+        got[fused] = (seq.output_ids[:], seq.logprobs[6].logprob, seq.logprobs[6].top)
+        engine.abort(seq.request_id)
+    assert sizes[-1] == 4  # the chunk's pass was fused
+    assert got[True] == got[False]

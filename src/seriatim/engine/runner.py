@@ -10,7 +10,7 @@ import torch
 
 from ..kernels import library
 from ..model.fused_decode import FusedDecode
-from ..model.paged_kv import DecodeBatch, PagedAttention, PagedKVCache, PagedSpan
+from ..model.paged_kv import DecodeBatch, PagedAttention, PagedKVCache, PagedSpan, short_chunk
 from ..model.transformer import Transformer
 from .scheduler import Chunk
 
@@ -39,8 +39,14 @@ class StepBatch:
         return cls(tokens, positions, spans)
 
     @property
-    def decodes_only(self) -> bool:
-        return all(span.length == 1 for span in self.spans)
+    def queries_only(self) -> bool:
+        """Whether every new token attends as one query of the decode-attention kernel: decodes, and short
+        chunks after cached tokens (a speculative verification's)."""
+        return all(span.length == 1 or short_chunk(span) for span in self.spans)
+
+    def first_rows(self) -> list[int]:
+        """Each span's first row in the flat batch."""
+        return [0, *itertools.accumulate(span.length for span in self.spans)][:-1]
 
     def per_sequence(self) -> list[StepBatch]:
         """One batch per sequence, in order."""
@@ -52,8 +58,9 @@ class StepBatch:
 class ModelRunner:
     """Runs a `StepBatch` through the model over the paged cache -> hidden states [T, D].
 
-    Passes of decodes only go through the fused decode layers where the model has them (the plain Llama form,
-    bfloat16, our kernels: fused_decode.py); everything else through the modules. The float32 reference
+    Passes of decodes and short chunks after cached tokens go through the fused decode layers where the model
+    has them (the plain Llama form, bfloat16, our kernels: fused_decode.py); everything else through the
+    modules. The float32 reference
     attends one sequence at a time (batch-invariant to the last bit), and with `deterministic` every
     sequence gets a pass of its own."""
 
@@ -68,8 +75,8 @@ class ModelRunner:
     def run(self, batch: StepBatch) -> torch.Tensor:
         if self.deterministic:  # results cannot depend on the batch
             return torch.cat([self._modules(part, batch_decodes=False) for part in batch.per_sequence()])
-        if self.fused is not None and batch.decodes_only:
-            decodes = DecodeBatch.of(list(enumerate(batch.spans)), self.cache.device)
+        if self.fused is not None and batch.queries_only:
+            decodes = DecodeBatch.of(list(zip(batch.first_rows(), batch.spans)), self.cache.device)
             return self.fused.forward(self._tensor(batch.tokens), self._tensor(batch.positions), self.cache.k,
                                       self.cache.v, decodes)
         return self._modules(batch, self.batch_decodes)

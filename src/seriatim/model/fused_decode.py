@@ -4,7 +4,8 @@ transformer.py runs a layer as ~25 tensor ops and a dozen module calls. For a sm
 token per pass, that Python costs about as much as the arithmetic. Where the model is the plain Llama
 form (RMSNorm before attention and MLP, rotary, full attention, SwiGLU, an optional QKV bias: Llama,
 SmolLM2, Qwen2) with bfloat16 activations on a CPU with our kernels, the engine (engine/runner.py) runs
-its passes of decodes through `FusedDecode.forward` instead: every layer in one call of a C++ object that
+its passes of decodes (and of short chunks after cached tokens, which attend as decodes) through
+`FusedDecode.forward` instead: every layer in one call of a C++ object that
 holds the layers' weights. Each layer calls the functions the modules reach, in the same order with the
 same arguments and the same products (`quant.Product`, chosen per projection by the module itself), so
 its output is the modules' bit for bit (tests/model/test_fused_decode.py). The model stays plain modules.
@@ -80,8 +81,9 @@ class FusedDecode:
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                 decodes: DecodeBatch) -> torch.Tensor:
-        """The model's forward for a pass of decodes only (tokens, positions: [T] -> hidden states [T, D]), over
-        the paged cache's pools [layers, Hkv, S, Dh]."""
+        """The model's forward (tokens, positions: [T] -> hidden states [T, D]) for a pass whose every token
+        attends as one query of the decode-attention kernel (`decodes` covers all T rows, in order), over the
+        paged cache's pools [layers, Hkv, S, Dh]."""
         model = self.model
         x = model.embed_tokens(tokens)
         (cos, sin), = model.rope_tables(positions, x.dtype)

@@ -122,7 +122,7 @@ class PagedAttention:
         # short chunks after cached positions (a speculative verification's): each token attends as its
         # decode would, and SDPA's set-up would cost more than the attention.
         kernel = library.for_tensor(cache.k) is not None
-        queries = [(sl.start, span) for sl, span in self.spans if span.length == 1 or (kernel and _short_chunk(span))]
+        queries = [(sl.start, span) for sl, span in self.spans if span.length == 1 or (kernel and short_chunk(span))]
         fewest = 1 if kernel else 2
         self.decodes = DecodeBatch.of(queries, cache.device) if batch_decodes and len(queries) >= fewest else None
         batched = {id(span) for _, span in queries} if self.decodes is not None else set()
@@ -177,7 +177,8 @@ class PagedAttention:
 SHORT_CHUNK = 16  # new tokens of one sequence after cached ones that attend as decodes (decode kernel)
 
 
-def _short_chunk(span: PagedSpan) -> bool:
+def short_chunk(span: PagedSpan) -> bool:
+    """A few new tokens after cached ones: with the decode-attention kernel, they attend as decodes."""
     return 1 < span.length <= SHORT_CHUNK and span.start > 0
 
 
