@@ -10,6 +10,7 @@ from seriatim.kernels import library
 from seriatim.model.fused_decode import FusedDecode
 from seriatim.model.quant import Product
 from seriatim.sampling import SamplingParams
+from support.parity import refeed
 
 needs_kernels = pytest.mark.skipif(not library._cpu_supports(), reason="needs AVX-512 with BF16")
 
@@ -110,13 +111,8 @@ def test_a_short_chunk_after_cached_tokens_fuses_and_equals_the_modules(tiny_lla
     sizes, got = count_passes(monkeypatch), {}
     for fused in (False, True):
         llm.engine.runner.fused = FusedDecode.of(llm.model) if fused else None
-        engine = llm.engine
-        seq = engine.requests[engine.add_request([5, 9, 11, 40], params)]
-        while len(seq.output_ids) < 6:
-            engine.step()
-        engine.scheduler.truncate(seq, seq.length - 4)
-        engine.step()
+        seq = refeed(llm, [5, 9, 11, 40], params, decoded=6, chunk=4)
         got[fused] = (seq.output_ids[:], seq.logprobs[6].logprob, seq.logprobs[6].top)
-        engine.abort(seq.request_id)
+        llm.engine.abort(seq.request_id)
     assert sizes[-1] == 4  # the chunk's pass was fused
     assert got[True] == got[False]

@@ -12,6 +12,7 @@ from seriatim.kernels import library
 from seriatim.model.attention import attend, flash_kernel
 from seriatim.model.config import ModelConfig
 from seriatim.model.paged_kv import ROLLBACK, PagedAttention, PagedKVCache, PagedSpan
+from support.parity import refeed
 
 CFG = ModelConfig(arch="llama", vocab_size=32, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=4,
                   num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-6, context_length=256,
@@ -148,13 +149,8 @@ def test_a_short_chunk_after_cached_tokens_computes_what_decoding_them_did(tiny_
     llm = LLM(str(tiny_llama[0] / "Q4_1.gguf"), prefix_caching=False)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     alone = llm.generate([5, 9, 11, 40], params)[0]
-    engine = llm.engine
-    seq = engine.requests[engine.add_request([5, 9, 11, 40], params)]
-    while len(seq.output_ids) < 6:
-        engine.step()
-    engine.scheduler.truncate(seq, seq.length - 4)
-    engine.step()
+    seq = refeed(llm, [5, 9, 11, 40], params, decoded=6, chunk=4)
     assert chunks[-1] == [4]  # the refed tokens attended as four queries of the decode kernel
     assert seq.output_ids == alone.token_ids[:7]
     assert (seq.logprobs[6].logprob, seq.logprobs[6].top) == (alone.logprobs[6].logprob, alone.logprobs[6].top)
-    engine.abort(seq.request_id)
+    llm.engine.abort(seq.request_id)

@@ -53,3 +53,16 @@ def assert_logits_match(root, source: str, chunks: list[int] = CHUNKS):
     got = run_chunks(llm, ids, chunks)
     for pos in range(len(ids)):
         assert rel_err(got[pos], expected[pos]) <= REL_TOL, f"position {pos}"
+
+
+def refeed(llm: LLM, prompt: list[int], params, decoded: int, chunk: int):
+    """A request decoded one token at a time until it has `decoded` tokens, then its last `chunk` tokens fed
+    again in one pass (as a speculative verification feeds them), which samples one more: its Sequence.
+    The caller aborts it."""
+    engine = llm.engine
+    seq = engine.requests[engine.add_request(prompt, params)]
+    while len(seq.output_ids) < decoded:
+        engine.step()
+    engine.scheduler.truncate(seq, seq.length - chunk)
+    engine.step()
+    return seq
