@@ -85,3 +85,23 @@ def test_rows_table_gives_each_pass_against_one_token():
     text = format_rows([result], {"model": "m", "device": "cpu", "threads": 2, "prompt": 128, "samples": 30})
     assert text.splitlines()[-3:] == ["           1         4.00     1.00x", "           2         6.00     1.50x",
                                       "           8        10.00     2.50x"]
+
+
+def test_prefill_fraction_of_the_matmul_peak_is_printed(tiny_llama):
+    """The batch-1 table states prefill's projections in GFLOP/s against the measured bfloat16 matmul peak."""
+    from seriatim.bench.run import format_table
+    from seriatim.bench.worker import projection_flops_per_token
+
+    llm = LLM(str(tiny_llama[0] / "Q8_0.gguf"), threads=1)
+    flops = projection_flops_per_token(llm.model)
+    cfg = llm.config
+    per_layer = cfg.hidden_size * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * cfg.hidden_size \
+        + 3 * cfg.hidden_size * cfg.intermediate_size
+    assert flops == 2 * cfg.num_layers * per_layer
+    ours = {"engine": "seriatim", "decode_tok_s": [100.0], "prefill_tok_s": [1000.0], "ttft_ms": [50.0],
+            "peak_rss_mb": 400, "load_s": 1.0, "load_to_first_token_s": 1.1, "bytes_per_token": 10**8,
+            "flops_per_token": 2 * 10**8}
+    text = format_table([ours], {"model": "m", "device": "cpu", "threads": 2, "runs": 3, "bandwidth_gb_s": 40.0,
+                                 "matmul_gflop_s": 800.0})
+    assert "matmul peak: 800 GFLOP/s (bfloat16, 2048 x 2048 x 2048); seriatim prefill's projections run at " \
+           "200 GFLOP/s, 25% of it" in text

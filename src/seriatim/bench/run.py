@@ -42,6 +42,21 @@ def memory_bandwidth(threads: int, device: str = "cpu") -> float:
     return buf.numel() * 4 / best
 
 
+def matmul_peak(threads: int, device: str = "cpu") -> float:
+    """Floating-point operations per second of the best of several large dense bfloat16 matmuls."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(2048, 2048, device=device).bfloat16()
+    a @ a  # noqa: B018 - warm-up
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        (a @ a).sum().item()  # .item() waits for a GPU to finish
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best
+
+
 def _model_and_ids(model: str) -> tuple[str, list[int]]:
     """The model's file and the benchmark text as its token ids (the same ids for every engine)."""
     from ..text.tokenizer import Tokenizer
@@ -125,6 +140,11 @@ def format_table(results: list[dict], meta: dict) -> str:
         f"bandwidth floor: {ours['bytes_per_token'] / 1e6:.1f} MB of weights per token -> {floor:.0f} tok/s; "
         f"seriatim decode reaches {100 * med(ours, 'decode_tok_s') / floor:.0f}% of it"
     )
+    flops = ours["flops_per_token"] * med(ours, "prefill_tok_s")
+    lines.append(
+        f"matmul peak: {meta['matmul_gflop_s']:.0f} GFLOP/s (bfloat16, 2048 x 2048 x 2048); seriatim prefill's "
+        f"projections run at {flops / 1e9:.0f} GFLOP/s, {100 * flops / (meta['matmul_gflop_s'] * 1e9):.0f}% of it"
+    )
     return "\n".join(lines)
 
 
@@ -138,7 +158,8 @@ def _report(meta: dict, results: list[dict], as_json: bool, formatter) -> None:
 def run_bench(model: str, threads: int, runs: int, engines: list[str], as_json: bool, device: str = "cpu") -> None:
     path, ids = _model_and_ids(model)
     meta = {"model": path, "device": device, "threads": threads, "runs": runs,
-            "bandwidth_gb_s": memory_bandwidth(threads, device) / 1e9}
+            "bandwidth_gb_s": memory_bandwidth(threads, device) / 1e9,
+            "matmul_gflop_s": matmul_peak(threads, device) / 1e9}
     _report(meta, _run_engines(engines, path, threads, runs, ids, device, ""), as_json, format_table)
 
 

@@ -28,6 +28,7 @@ class Runner:
     first_token: Callable[[list[int]], float]
     decode: Callable[[list[int], int], float]
     bytes_per_token: int | None = None
+    flops_per_token: int | None = None  # of a prompt token's projections
     # All prompts submitted at once, `n` tokens each: (seconds until all are done, mean time to first token).
     batch: Callable[[list[list[int]], int], tuple[float, float]] | None = None
     # A closed loop: `level` requests in flight, prompt i generating lengths[i] tokens, the next prompt
@@ -62,7 +63,8 @@ def _seriatim(path: str, threads: int, device: str, deterministic: bool = False)
 
     # The steady state is measured for the default mode only: at 64 in flight it would take minutes serialised.
     steady = None if deterministic else functools.partial(closed_loop, llm.engine)
-    return Runner(first, decode, weight_bytes_read_per_token(llm.model), batch, steady)
+    return Runner(first, decode, weight_bytes_read_per_token(llm.model), projection_flops_per_token(llm.model),
+                  batch, steady)
 
 
 def closed_loop(engine, prompts: list[list[int]], lengths: list[int], level: int) -> tuple[float, list[float]]:
@@ -115,7 +117,7 @@ def _llama_cpp(path: str, threads: int, device: str, flash: bool) -> Runner:
             firsts.append(queued + run(ids, n)[0])
         return time.perf_counter() - start, sum(firsts) / len(firsts)
 
-    return Runner(lambda ids: run(ids, 1)[0], lambda ids, n: run(ids, n)[1], None, batch)
+    return Runner(lambda ids: run(ids, 1)[0], lambda ids, n: run(ids, n)[1], batch=batch)
 
 
 def _transformers(path: str, threads: int, device: str, dtype: str) -> Runner:
@@ -149,7 +151,7 @@ def _transformers(path: str, threads: int, device: str, dtype: str) -> Runner:
         with torch.inference_mode():
             return run(n), run(1)
 
-    return Runner(lambda ids: generate(ids, 1), lambda ids, n: generate(ids, n) - generate(ids, 1), None, batch)
+    return Runner(lambda ids: generate(ids, 1), lambda ids, n: generate(ids, n) - generate(ids, 1), batch=batch)
 
 
 def weight_bytes_read_per_token(model) -> int:
@@ -160,6 +162,14 @@ def weight_bytes_read_per_token(model) -> int:
         skip.add(id(embed))
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in skip}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def projection_flops_per_token(model) -> int:
+    """Floating-point operations of one prompt token's projections (2 per multiply-add of qkv, o, gate_up
+    and down in every layer); attention and the head, which a prefill computes for one token, left out."""
+    projections = [m for layer in model.layers for m in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up,
+                                                           layer.mlp.down)]
+    return sum(2 * m.in_features * m.out_features for m in projections)
 
 
 def _make_runner(engine: str, path: str, threads: int, device: str) -> Runner:
@@ -192,7 +202,8 @@ def measure(engine: str, path: str, threads: int, runs: int, ids: list[int], dev
     load = time.perf_counter() - start
     load_to_first = load + runner.first_token(ids[:8])
     result = {"engine": engine, "load_s": load, "load_to_first_token_s": load_to_first,
-              "prefill_tok_s": [], "ttft_ms": [], "decode_tok_s": [], "bytes_per_token": runner.bytes_per_token}
+              "prefill_tok_s": [], "ttft_ms": [], "decode_tok_s": [], "bytes_per_token": runner.bytes_per_token,
+              "flops_per_token": runner.flops_per_token}
     runner.decode(ids[:16], 8)  # warm-up
     for _ in range(runs):
         result["prefill_tok_s"].append(PREFILL_TOKENS / runner.first_token(ids[:PREFILL_TOKENS]))
