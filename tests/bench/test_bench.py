@@ -80,11 +80,19 @@ def test_rows_feeds_k_tokens_of_one_sequence_per_pass(tiny_llama, monkeypatch):
     assert tokens[1:] == [[1]] * 3 + [[3]] * 3 + [[8]] * 3
 
 
-def test_rows_table_gives_each_pass_against_one_token():
-    result = {"engine": "seriatim", "rows": {"1": {"ms": 4.0}, "2": {"ms": 6.0}, "8": {"ms": 10.0}}}
-    text = format_rows([result], {"model": "m", "device": "cpu", "threads": 2, "prompt": 128, "samples": 30})
-    assert text.splitlines()[-3:] == ["           1         4.00     1.00x", "           2         6.00     1.50x",
-                                      "           8        10.00     2.50x"]
+def test_rows_table_gives_each_pass_against_one_token_per_tier():
+    avx512 = {"engine": "seriatim", "tier": "avx512", "rows": {"1": {"ms": 4.0}, "2": {"ms": 6.0}, "8": {"ms": 10.0}}}
+    avx2 = {"engine": "seriatim", "tier": "avx2", "rows": {"1": {"ms": 20.0}, "2": {"ms": 40.0}, "8": {"ms": 160.0}}}
+    failed = {"engine": "seriatim", "tier": "amx", "error": "boom"}
+    text = format_rows([failed, avx512, avx2], {"model": "m", "device": "cpu", "threads": 2, "prompt": 128,
+                                               "samples": 30})
+    assert "tier amx: boom" in text
+    assert text.splitlines()[-4:] == [
+        "k new tokens         tier avx512           tier avx2",
+        "           1       4.00    1.00x      20.00    1.00x",
+        "           2       6.00    1.50x      40.00    2.00x",
+        "           8      10.00    2.50x     160.00    8.00x",
+    ]
 
 
 def test_prefill_fraction_of_the_matmul_peak_is_printed(tiny_llama):

@@ -8,6 +8,7 @@ time to first token and greedy batch-1 decode rate, each repeated.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -76,11 +77,12 @@ def _available(engine: str) -> str | None:
     return None
 
 
-def _run_worker(engine: str, path: str, threads: int, runs: int | str, ids: list[int], device: str) -> dict:
+def _run_worker(engine: str, path: str, threads: int, runs: int | str, ids: list[int], device: str,
+                env: dict[str, str] | None = None) -> dict:
     # Run by file path, not as part of the package: a peer's process must not import torch
     # through seriatim, or its memory would be charged with ours.
     cmd = [sys.executable, str(Path(__file__).with_name("worker.py")), engine, path, str(threads), str(runs), device]
-    proc = subprocess.run(cmd, input=json.dumps(ids), capture_output=True, text=True)
+    proc = subprocess.run(cmd, input=json.dumps(ids), capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"engine": engine, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -164,27 +166,34 @@ def run_bench(model: str, threads: int, runs: int, engines: list[str], as_json: 
 
 
 def format_rows(results: list[dict], meta: dict) -> str:
-    """One pass over k new tokens of one sequence against k = 1."""
-    (r,) = results
-    if "error" in r:
-        return f"seriatim: {r['error']}"
+    """One pass over k new tokens of one sequence against k = 1, a pair of columns per ISA tier."""
     lines = [f"model {meta['model']}  device {meta['device']}  threads {meta['threads']}  one sequence, "
-             f"{meta['prompt']}-token prompt; medians of {meta['samples']} passes",
-             f"{'k new tokens':>12} {'ms per pass':>12} {'vs k = 1':>9}"]
-    rows = {int(k): v["ms"] for k, v in r["rows"].items()}
-    one = rows.get(1)
-    for k, ms in rows.items():
-        lines.append(f"{k:>12} {ms:>12.2f} " + (f"{ms / one:>8.2f}x" if one else f"{'-':>9}"))
+             f"{meta['prompt']}-token prompt; medians of {meta['samples']} passes; ms per pass and against k = 1"]
+    lines += [f"tier {r['tier']}: {r['error']}" for r in results if "error" in r]
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return "\n".join(lines)
+    lines.append(f"{'k new tokens':>12} " + " ".join(f"{'tier ' + r['tier']:>19}" for r in ok))
+    for k in ok[0]["rows"]:
+        cells = [f"{r['rows'][k]['ms']:>10.2f} {r['rows'][k]['ms'] / r['rows'][next(iter(r['rows']))]['ms']:>7.2f}x"
+                 for r in ok]
+        lines.append(f"{k:>12} " + " ".join(f"{c:>19}" for c in cells))
     return "\n".join(lines)
 
 
 def run_rows_bench(model: str, threads: int, ks: list[int], runs: int, as_json: bool, device: str = "cpu") -> None:
+    """`--rows` at the tier in use and every tier below it down to avx2 (SERIATIM_ISA set for each run)."""
     path, ids = _model_and_ids(model)
     meta = {"model": path, "device": device, "threads": threads, "prompt": ROWS_PROMPT,
             "samples": ROWS_SAMPLES * runs}
     spec = f"rows={','.join(map(str, ks))};{runs}"
-    _report(meta, _run_engines(["seriatim"], path, threads, spec, ids, device, " over k new tokens"), as_json,
-            format_rows)
+    tiers = [t for t in reversed(isa.Tier) if isa.Tier.AVX2 <= t <= isa.tier()]
+    results = []
+    for i, tier in enumerate(tiers, 1):
+        print(f"[{i}/{len(tiers)}] seriatim over k new tokens at tier {tier} ...", file=sys.stderr, flush=True)
+        env = {**os.environ, "SERIATIM_ISA": str(tier)}
+        results.append({**_run_worker("seriatim", path, threads, spec, ids, device, env), "tier": str(tier)})
+    _report(meta, results, as_json, format_rows)
 
 
 def _per_level(engines: list[dict], levels: list[int], key: str, cell, width: int) -> list[str]:
