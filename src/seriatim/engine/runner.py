@@ -50,9 +50,8 @@ class StepBatch:
 
     def per_sequence(self) -> list[StepBatch]:
         """One batch per sequence, in order."""
-        bounds = [0, *itertools.accumulate(span.length for span in self.spans)]
-        return [StepBatch(self.tokens[a:b], self.positions[a:b], [span])
-                for a, b, span in zip(bounds, bounds[1:], self.spans)]
+        return [StepBatch(self.tokens[a : a + span.length], self.positions[a : a + span.length], [span])
+                for a, span in zip(self.first_rows(), self.spans)]
 
 
 class ModelRunner:

@@ -197,16 +197,19 @@ class DecodeBatch:
     @classmethod
     def of(cls, spans: list[tuple[int, PagedSpan]], device: torch.device) -> DecodeBatch:
         """The tokens of `spans`, whose first token is at the given row of the flat batch."""
-        queries = [(row + i, span, span.start + i + 1) for row, span in spans for i in range(span.length)]
-        width = max(length for _, _, length in queries)
-        read = torch.zeros(len(queries), width, dtype=torch.long, device=device)
-        for slots, (_, span, length) in zip(read, queries):
-            slots[:length] = _as_tensor(span.read, device)[:length]
+        lengths = [span.start + i + 1 for _, span in spans for i in range(span.length)]
+        read = torch.zeros(len(lengths), max(lengths), dtype=torch.long, device=device)
+        query = 0
+        for _, span in spans:  # each span's slots made once, shared by its tokens
+            slots = _as_tensor(span.read, device)
+            for i in range(span.length):
+                read[query, : span.start + i + 1] = slots[: span.start + i + 1]
+                query += 1
         return cls(
-            rows=torch.tensor([row for row, _, _ in queries], device=device),
+            rows=torch.tensor([row + i for row, span in spans for i in range(span.length)], device=device),
             write=torch.cat([_as_tensor(span.write, device) for _, span in spans]),
             read=read,
-            lengths=torch.tensor([length for _, _, length in queries], device=device),
+            lengths=torch.tensor(lengths, device=device),
         )
 
     @functools.cached_property
