@@ -120,11 +120,12 @@ class LLM:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def generate(
-        self, prompts: Prompt | Seq[Prompt], params: SamplingParams | None = None
+        self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
     ) -> list[CompletionOutput]:
-        """Generate for one prompt or many (strings or token-id lists); one result per prompt, in order."""
-        params = params or SamplingParams()
-        ids = self._submit(_prompt_list(prompts), params)
+        """Generate for one prompt or many (strings or token-id lists); one result per prompt, in order.
+        `params` applies to every prompt, or is a list with one SamplingParams per prompt."""
+        prompts = _prompt_list(prompts)
+        ids = self._submit(prompts, _params_list(params, len(prompts)))
         finished = {}
         try:
             for rid in ids:  # all run together: the engine batches them whichever is being read
@@ -137,18 +138,18 @@ class LLM:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[Delta]:
         """Yield text deltas as tokens are generated; they concatenate to the final text."""
-        ids = self._submit([prompt], params or SamplingParams())
+        ids = self._submit([prompt], [params or SamplingParams()])
         try:
             yield from (delta for delta, _ in self._take(ids[0]))
         finally:
             self._forget(ids)
 
-    def _submit(self, prompts: list[Prompt], params: SamplingParams) -> list[int]:
+    def _submit(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[int]:
         """Queue every prompt or none: one that fails validation withdraws those queued before it."""
         ids: list[int] = []
         try:
-            for p in prompts:
-                ids.append(self.add_request(p, params))
+            for p, sp in zip(prompts, params, strict=True):
+                ids.append(self.add_request(p, sp))
         except BaseException:
             for rid in ids:
                 self.engine.abort(rid)
@@ -236,6 +237,23 @@ def _prompt_list(prompts: object) -> list[Prompt]:
         raise ParameterError("prompt", f"prompt {bad[0]} is a {type(bad[1]).__name__}: each prompt is a string or "
                              "a list of token ids")
     return list(prompts)
+
+
+def _params_list(params: object, count: int) -> list[SamplingParams]:
+    """`generate`'s params as one SamplingParams per prompt: None (the defaults), one for all, or a list of
+    `count`. ParameterError (param "params") for anything else."""
+    if params is None or isinstance(params, SamplingParams):
+        return [params or SamplingParams()] * count
+    if isinstance(params, (str, bytes)) or not isinstance(params, Seq):
+        raise ParameterError("params", "params must be a SamplingParams or a list of them, "
+                             f"got {type(params).__name__}")
+    if len(params) != count:
+        raise ParameterError("params", f"got {len(params)} SamplingParams for {count} prompts; "
+                             "give one, or one per prompt")
+    bad = next((i for i, p in enumerate(params) if not isinstance(p, SamplingParams)), None)
+    if bad is not None:
+        raise ParameterError("params", f"params[{bad}] is a {type(params[bad]).__name__}, not a SamplingParams")
+    return list(params)
 
 
 def _is_prompt(prompt: object) -> bool:

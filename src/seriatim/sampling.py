@@ -16,6 +16,9 @@ Processing order, applied to each row's logits (computed in float32):
 8. Min-p: keep tokens whose probability is at least ``min_p`` times the largest.
 9. Draw from the softmax of what is left with the row's own generator.
 
+A constrained row (a JSON schema, regex, grammar or choice; see grammar/) has every token its grammar
+forbids set to -inf after step 3, so neither a bias nor a penalty nor a later step can bring one back.
+
 The draw is an exponential race (Gumbel-max): ``argmax(logits + Gumbel noise)``,
 with exactly one uniform number per vocabulary entry per step whatever the
 parameters, so a seeded request is reproducible. Every row depends only on its own
@@ -36,6 +39,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ParameterError
+from .grammar.constraint import KINDS, Constraint
+from .grammar.state import GrammarState, allowed_tokens
 from .kernels import library
 
 MAX_LOGPROBS = 20
@@ -66,6 +71,14 @@ class SamplingParams:
     max_tokens: int = 16
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives per token; 0 = the chosen token only
+    # At most one constraint on the output (vLLM's names): a JSON schema (a dict or its JSON text), any JSON
+    # object, a regular expression, a grammar (llguidance's Lark, or llama.cpp's GBNF) or a list of choices.
+    json_schema: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | tuple[str, ...] | None = None
+    constraint: Constraint | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty",
@@ -94,6 +107,7 @@ class SamplingParams:
             raise ParameterError("ignore_eos", f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         self._normalise_logit_bias()
         self._normalise_stop()
+        self._normalise_constraint()
 
     def _check(self, ok: bool, name: str, rule: str) -> None:
         if not ok:
@@ -126,6 +140,19 @@ class SamplingParams:
                 raise ParameterError("stop", f"stop strings must be non-empty str, got {s!r}")
         object.__setattr__(self, "stop", tuple(stop) or None)
 
+    def _normalise_constraint(self) -> None:
+        if not isinstance(self.json_object, bool):
+            raise ParameterError("json_object", f"json_object must be a bool, got {self.json_object!r}")
+        given = [kind for kind in KINDS if getattr(self, kind) not in (None, False)]
+        if not given:
+            return
+        if len(given) > 1:
+            raise ParameterError(given[1], f"one constraint per request, got {' and '.join(given)}")
+        if self.ignore_eos:
+            raise ParameterError("ignore_eos", "ignore_eos cannot be combined with a constraint, whose grammar "
+                                 "decides where the output ends")
+        object.__setattr__(self, "constraint", Constraint.of(given[0], getattr(self, given[0])))
+
     def validate_for_vocab(self, vocab_size: int) -> None:
         """Raise ParameterError if a logit_bias key is not a token id of this vocabulary."""
         for k in self.logit_bias or {}:
@@ -148,13 +175,17 @@ class SamplingState:
     """One sequence's sampling state: its generator and the token history penalties need.
 
     ``sample`` does not record the chosen token; call ``append`` once it is accepted.
-    ``counts`` and ``prompt_mask`` are None when no penalty needs them, to keep steps cheap.
+    ``counts`` and ``prompt_mask`` are None when no penalty needs them, to keep steps cheap; ``grammar``
+    is the compiled constraint's state (grammar/compiler.py), None for an unconstrained request.
     """
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, grammar: GrammarState | None = None) -> None:
         params.validate_for_vocab(vocab_size)
+        if (params.constraint is None) != (grammar is None):
+            raise ValueError("a constrained request needs its grammar state, and only it has one")
         self.params = params
+        self.grammar = grammar
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)
@@ -176,6 +207,15 @@ class SamplingState:
         """Record a chosen output token."""
         if self.counts is not None:
             self.counts[token_id] += 1
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
+
+    def forced(self) -> list[int]:
+        """Tokens the grammar forces next, to append without sampling (jump-forward). None are forced for a
+        request that wants logprobs: each of its tokens is sampled, so each has the model's logprob."""
+        if self.grammar is None or self.params.logprobs is not None:
+            return []
+        return self.grammar.forced()
 
 
 @dataclass
@@ -205,6 +245,16 @@ def _apply_bias(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tens
     logits = logits.clone()
     for i in rows:  # only biased rows; each touches just its listed ids
         logits[i].index_add_(0, states[i].bias_ids, states[i].bias_values)
+    return logits
+
+
+def _apply_grammar(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    rows = [i for i, s in enumerate(states) if s.grammar is not None]
+    if not rows:
+        return logits
+    allowed = allowed_tokens([states[i].grammar for i in rows], logits.shape[-1]).to(logits.device)
+    logits = logits.clone()
+    logits[rows] = logits[rows].masked_fill(~allowed, -math.inf)
     return logits
 
 
@@ -275,7 +325,7 @@ def _process(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
 
     A greedy row keeps only its argmax, so drawing from it is deterministic.
     """
-    x = _apply_penalties(_apply_bias(logits, states), states)
+    x = _apply_grammar(_apply_penalties(_apply_bias(logits, states), states), states)
     if any(s.params.greedy for s in states):
         greedy = torch.tensor([[s.params.greedy] for s in states], device=x.device)
         is_max = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.argmax(-1, keepdim=True), True)
@@ -348,7 +398,7 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> SampleOutput:
     if any(s.vocab_size != logits.shape[1] for s in states):
         raise ValueError(f"logits have {logits.shape[1]} columns but a state expects another vocab size")
     x = logits.float()
-    if all(s.params.greedy and not s.params.penalised and s.bias_ids is None for s in states):
+    if all(s.params.greedy and not s.params.penalised and s.bias_ids is None and s.grammar is None for s in states):
         tokens = _argmax(x)  # fast path: nothing to process, nothing to draw
     else:
         tokens = _argmax(_process(x, states) + _gumbel(states, tuple(x.shape), x.device))

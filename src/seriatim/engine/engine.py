@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ParameterError, PromptTooLong
+from ..grammar.compiler import GrammarCompiler
 from ..model.paged_kv import PagedKVCache
 from ..model.transformer import Transformer
 from ..outputs import Delta
@@ -37,6 +38,7 @@ class EngineStats:
     step_tokens: int = 0  # tokens fed in the last step
     prompt_tokens: int = 0  # prompt tokens computed (prefix-cache hits excluded)
     generated_tokens: int = 0
+    forced_tokens: int = 0  # of those, tokens a grammar forced, appended without sampling (jump-forward)
     finished: int = 0  # requests that ended with "stop" or "length"
     aborted: int = 0
 
@@ -99,6 +101,7 @@ class Engine:
                              "(no prefix caching, a bounded rollback)")
         self.scheduler = Scheduler(config)
         self.runner = ModelRunner(model, self.cache, config.deterministic)
+        self.grammars = GrammarCompiler(tokenizer, model.cfg.vocab_size)
         self.stats = EngineStats()
         self.requests: dict[int, Sequence] = {}  # waiting or running
         self._ids = itertools.count()
@@ -106,12 +109,13 @@ class Engine:
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams) -> int:
         """Queue a tokenized prompt (checked here unless it is a `ValidPrompt`); returns the request id."""
         prompt = list(prompt_ids if isinstance(prompt_ids, ValidPrompt) else self.validate_prompt(prompt_ids))
+        grammar = None if params.constraint is None else self.grammars.state(params.constraint)
         rid = next(self._ids)
         seq = Sequence(
             request_id=rid,
             prompt_ids=prompt,
             params=params,
-            sampling=SamplingState(params, prompt, self.model.cfg.vocab_size, self.device),
+            sampling=SamplingState(params, prompt, self.model.cfg.vocab_size, self.device, grammar),
             detokenizer=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
             eos_ids=self.tokenizer.eos_token_ids,
             max_length=min(self.context_length, len(prompt) + params.max_tokens),
@@ -167,6 +171,10 @@ class Engine:
         for (seq, _), token, lp in zip(ready, out.token_ids, out.logprobs):
             delta = seq.append(token, lp)
             self.stats.generated_tokens += 1
+            if not seq.finished and (forced := seq.sampling.forced()):
+                delta = seq.extend(forced, delta)
+                self.stats.generated_tokens += len(delta.token_ids) - 1
+                self.stats.forced_tokens += len(delta.token_ids) - 1
             if seq.finished:
                 self.requests.pop(seq.request_id, None)
                 self.scheduler.finish(seq)

@@ -83,6 +83,18 @@ class Sequence:
             self.finish_reason, self.metrics if self.finished else None,
         )
 
+    def extend(self, forced: list[int], delta: Delta) -> Delta:
+        """Append tokens a grammar forces after the one `delta` carries, until one ends the request; return
+        one delta for them all. Their keys and values are computed in the next step, in one pass."""
+        for token in forced:
+            if self.finished:
+                break
+            more = self.append(token, None)
+            delta.text += more.text
+            delta.token_ids += more.token_ids
+            delta.finish_reason, delta.metrics = more.finish_reason, more.metrics
+        return delta
+
     def abort(self) -> None:
         self._finish("abort", "")
 
