@@ -29,16 +29,23 @@ class GrammarCompiler:
     def state(self, constraint: Constraint) -> GrammarState:
         """A fresh matcher for `constraint`, at its start; ParameterError (param: the constraint's kind)
         naming the problem when it does not compile."""
+        return GrammarState(self.compile(constraint).deep_copy(), self._vocab_size)
+
+    def compile(self, constraint: Constraint):
+        """The compiled matcher of `constraint`, from the cache or compiled now (and cached): not to be
+        advanced, only copied."""
         with self._lock:
             pristine = self._cache.get(constraint)
             if pristine is not None:
                 self._cache.move_to_end(constraint)
-            else:
-                pristine = self._compile(constraint)
-                self._cache[constraint] = pristine
-                if len(self._cache) > CACHE_SIZE:
-                    self._cache.popitem(last=False)
-            return GrammarState(pristine.deep_copy(), self._vocab_size)
+                return pristine
+        pristine = self._compile(constraint)  # outside the lock: one slow compile does not hold up the others
+        with self._lock:
+            self.compiled += 1
+            self._cache[constraint] = pristine
+            if len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return pristine
 
     def _compile(self, constraint: Constraint):
         from llguidance import LLMatcher, LLParserLimits
@@ -52,16 +59,16 @@ class GrammarCompiler:
         if matcher.is_error():
             problem = _first_line(matcher.get_error())
             raise ParameterError(constraint.kind, f"{constraint.kind} cannot be used: {problem}")
-        self.compiled += 1
         return matcher
 
     def _vocabulary(self):
-        if self._ll_tokenizer is None:
-            from llguidance import LLTokenizer
+        with self._lock:
+            if self._ll_tokenizer is None:
+                from llguidance import LLTokenizer
 
-            self._ll_tokenizer = LLTokenizer(self._tokenizer.hf.to_str(), n_vocab=self._vocab_size,
-                                             eos_token=sorted(self._tokenizer.eos_token_ids))
-        return self._ll_tokenizer
+                self._ll_tokenizer = LLTokenizer(self._tokenizer.hf.to_str(), n_vocab=self._vocab_size,
+                                                 eos_token=sorted(self._tokenizer.eos_token_ids))
+            return self._ll_tokenizer
 
 
 def _first_line(error: str) -> str:

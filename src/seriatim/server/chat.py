@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..sampling import MAX_LOGPROBS
 from .completions import check_model
+from .constraints import compile_constraint, constraint_fields
 from .errors import invalid
 from .formatting import TokenTexts, chat_logprobs
 from .generation import Choice, Job, check_n, check_prompt, max_new_tokens, param_error, sampling_params
@@ -29,10 +30,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     llm, engine = state.require()
     config = state.config
     check_model(body.model, state)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise invalid(f"response_format {body.response_format.type!r}: structured output is not supported yet; "
-                      "only {\"type\": \"text\"} is accepted",
-                      "response_format", "unsupported_response_format")
     if body.top_logprobs is not None:
         if not body.logprobs:
             raise invalid("top_logprobs needs logprobs to be true", "top_logprobs")
@@ -48,6 +45,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         requested, name = body.max_tokens, "max_tokens"
     max_tokens = max_new_tokens(requested, None, len(ids), ctx, config, name=name)
     choices = [Choice(j, ids, sampling_params(body, max_tokens, logprobs, j)) for j in range(n)]
+    await compile_constraint(engine, choices[0].params, constraint_fields(body))
 
     texts = TokenTexts(llm.tokenizer)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), config.model_name

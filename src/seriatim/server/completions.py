@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..engine.async_engine import EngineShutDown
 from ..sampling import MAX_LOGPROBS
+from .constraints import compile_constraint, constraint_fields
 from .errors import APIError, invalid
 from .formatting import TextOffsets, TokenTexts, completion_logprobs
 from .generation import Choice, Job, check_n, check_prompt, max_new_tokens, sampling_params
@@ -42,6 +43,7 @@ async def create_completion(body: CompletionRequest, request: Request, state, me
                for text, ids in parse_prompts(body.prompt, llm.tokenizer)]
     n = _check(body, len(prompts), state.config)
     choices = _choices(body, prompts, n, llm, state.config)
+    await compile_constraint(engine, choices[0].params, constraint_fields(body))
     texts = TokenTexts(llm.tokenizer)
     prompt_texts = [text if text is not None else llm.tokenizer.decode(ids) for text, ids in prompts]
     prompt_lps = await _prompt_logprobs(body, prompts, texts, llm, engine)

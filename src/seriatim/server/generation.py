@@ -13,6 +13,7 @@ from ..engine.engine import ValidPrompt, validate_prompt
 from ..errors import ParameterError
 from ..outputs import Delta
 from ..sampling import SamplingParams, TokenLogprobs
+from .constraints import constraint_error, constraint_fields
 from .errors import APIError, invalid
 from .metrics import Metrics
 from .schemas import _Sampling
@@ -72,6 +73,7 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, seed_
     if isinstance(stop, list):
         stop = tuple(stop) or None
     top_k = req.top_k if req.top_k is not None else 0
+    constraints = constraint_fields(req)
     try:
         return SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -87,7 +89,10 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, seed_
             max_tokens=max_tokens,
             ignore_eos=bool(req.ignore_eos),
             logprobs=logprobs,
+            **{kind: value for kind, (_, value) in constraints.items()},
         )
+    except ParameterError as e:
+        raise (constraint_error(e, constraints) if e.param in constraints else param_error(e)) from None
     except ValueError as e:
         raise param_error(e) from None
 

@@ -40,6 +40,34 @@ class StreamOptions(_Strict):
     continuous_usage_stats: StrictBool | None = None  # accepted for vLLM clients; ignored
 
 
+class JsonSchemaFormat(_Strict):
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    description: StrictStr | None = None
+    schema_: dict | None = Field(default=None, alias="schema")  # None: any JSON
+    strict: StrictBool | None = None  # the schema is always enforced, strict or not
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only with it")
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` extra: exactly one of these."""
+
+    json_: dict | StrictStr | None = Field(default=None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
+    json_object: StrictBool | None = None
+
+
 class _Sampling(_Strict):
     """Fields shared by completions and chat completions."""
 
@@ -60,6 +88,13 @@ class _Sampling(_Strict):
     min_p: Number | None = None
     repetition_penalty: Number | None = None
     ignore_eos: StrictBool | None = None
+    # Structured output (server/constraints.py): OpenAI's response_format, or vLLM's extras.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | StrictStr | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -94,19 +129,12 @@ class ChatMessage(_Strict):
         return self
 
 
-class ResponseFormat(BaseModel):
-    # Any shape is accepted here so the refusal can explain itself; only {"type": "text"} passes.
-    model_config = ConfigDict(extra="allow")
-    type: StrictStr
-
-
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = None
-    response_format: ResponseFormat | None = None
 
 
 class TokenizeRequest(_Strict):
