@@ -180,17 +180,22 @@ class LLM:
             self._outbox.pop(rid, None)
             self.engine.abort(rid)
 
-    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> CompletionOutput:
-        """Apply the model's chat template (with the generation prompt) and generate a reply."""
-        return self.generate(self.chat_prompt(messages), params)[0]
+    def chat(self, messages: list[dict], params: SamplingParams | None = None,
+             tools: list[dict] | None = None) -> CompletionOutput:
+        """Apply the model's chat template (with the generation prompt) and generate a reply. With `tools`
+        (OpenAI's function definitions) the template offers them to the model; `text.tool_calls.ToolCallParser`
+        finds the calls in the reply."""
+        return self.generate(self.chat_prompt(messages, tools), params)[0]
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """The token ids of `messages` rendered by the model's chat template, with the generation prompt.
-        Content may be a string or OpenAI's text parts; ParameterError (param "messages") for anything the
-        template cannot take."""
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The token ids of `messages` (and `tools`, if any) rendered by the model's chat template, with the
+        generation prompt. Content may be a string or OpenAI's text parts; ParameterError (param "messages",
+        or "tools" for a template that cannot offer tools) for anything the template cannot take."""
         checked = text_messages(messages)
+        if tools and not self.tokenizer.takes_tools:
+            raise ParameterError("tools", "this model's chat template cannot offer tools (it never reads `tools`)")
         try:
-            text = self.tokenizer.apply_chat_template(checked)
+            text = self.tokenizer.apply_chat_template(checked, tools=tools or None)
         except (ValueError, TemplateError) as e:
             raise ParameterError("messages", f"the chat template could not render these messages: {e}") from None
         # The template writes any BOS itself, so the tokenizer must not add another.

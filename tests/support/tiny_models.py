@@ -17,6 +17,20 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
     "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# The Qwen2.5 template's tool parts, shortened to fit the tiny context: tools offered (by name) in a system turn,
+# calls and responses rendered back.
+TOOLS_CHAT_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n# Tools\n<tools>{% for tool in tools %}\n{{ tool.function.name }}{% endfor %}"
+    "\n</tools><|im_end|>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant"
+    "{% for call in message.tool_calls %}\n<tool_call>\n{\"name\": \"{{ call.function.name }}\", "
+    "\"arguments\": {{ call.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n</tool_response>"
+    "<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
+    "{%- endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
     "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n",
@@ -103,6 +117,16 @@ def make_hf_model(path: Path, family: str = "llama", seed: int = 0, **config_ove
         "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast",
     }))
     return model
+
+
+def with_chat_template(source: Path, path: Path, template: str) -> Path:
+    """A copy of the HF directory `source` at `path` whose tokenizer has another chat template."""
+    import shutil
+
+    shutil.copytree(source, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return path
 
 
 def make_hf_llama(path: Path, seed: int = 0, **config_overrides):

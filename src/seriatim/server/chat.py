@@ -16,12 +16,14 @@ from .formatting import TokenTexts, chat_logprobs
 from .generation import Choice, Job, check_n, check_prompt, max_new_tokens, param_error, sampling_params
 from .schemas import ChatCompletionRequest, ChatMessage
 from .streaming import event_stream, run_to_completion, sse
+from .tools import finish_reason, plan_tools, reply, stream_deltas, template_messages
 
 
-def chat_prompt_ids(llm, messages: list[ChatMessage]) -> list[int]:
-    """The messages rendered by the model's chat template (LLM.chat_prompt), as token ids; 400 if it cannot."""
+def chat_prompt_ids(llm, messages: list[ChatMessage], tools: list[dict] | None = None) -> list[int]:
+    """The messages (and tools) rendered by the model's chat template (LLM.chat_prompt), as token ids; 400 if
+    it cannot."""
     try:
-        return llm.chat_prompt([m.model_dump(include={"role", "content"}) for m in messages])
+        return llm.chat_prompt(template_messages(messages), tools)
     except ValueError as e:
         raise param_error(e, "messages") from None
 
@@ -36,7 +38,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         if not 0 <= body.top_logprobs <= MAX_LOGPROBS:
             raise invalid(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {body.top_logprobs}", "top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    ids = chat_prompt_ids(llm, body.messages)
+    plan = plan_tools(body)
+    ids = chat_prompt_ids(llm, body.messages, plan.offered)
     n = check_n(body.n, 1, config)
     ctx = llm.config.context_length
     ids = check_prompt(ids, llm.config.vocab_size, ctx, "messages")
@@ -44,8 +47,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     if requested is None:
         requested, name = body.max_tokens, "max_tokens"
     max_tokens = max_new_tokens(requested, None, len(ids), ctx, config, name=name)
-    choices = [Choice(j, ids, sampling_params(body, max_tokens, logprobs, j)) for j in range(n)]
-    await compile_constraint(engine, choices[0].params, constraint_fields(body))
+    choices = [Choice(j, ids, sampling_params(body, max_tokens, logprobs, j, plan.grammar)) for j in range(n)]
+    await compile_constraint(engine, choices[0].params, constraint_fields(body, plan.grammar))
 
     texts = TokenTexts(llm.tokenizer)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), config.model_name
@@ -54,21 +57,20 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return event_stream(_stream(job, texts, logprobs is not None, len(ids), rid, created, model, include_usage),
-                            job.close)
+        return event_stream(_stream(job, texts, logprobs is not None, plan, len(ids), rid, created, model,
+                                    include_usage), job.close)
 
     await run_to_completion(request, job)
-    out = [{
-        "index": c.index,
-        "message": {"role": "assistant", "content": c.text},
-        "logprobs": {"content": chat_logprobs(texts, c.logprobs), "refusal": None} if logprobs is not None else None,
-        "finish_reason": c.finish_reason,
-    } for c in choices]
+    out = []
+    for c in choices:
+        message, finish = reply(c.text, c.finish_reason, plan)
+        lps = {"content": chat_logprobs(texts, c.logprobs), "refusal": None} if logprobs is not None else None
+        out.append({"index": c.index, "message": message, "logprobs": lps, "finish_reason": finish})
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
                          "choices": out, "usage": job.usage(len(ids)), "system_fingerprint": None})
 
 
-async def _stream(job, texts, with_logprobs, prompt_tokens, rid, created, model, include_usage):
+async def _stream(job, texts, with_logprobs, plan, prompt_tokens, rid, created, model, include_usage):
     def chunk(index, delta, logprobs=None, finish_reason=None):
         obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
@@ -76,6 +78,7 @@ async def _stream(job, texts, with_logprobs, prompt_tokens, rid, created, model,
             obj["usage"] = None
         return sse(obj)
 
+    parsers = {c.index: plan.parser() for c in job.choices}
     for c in job.choices:
         yield chunk(c.index, {"role": "assistant", "content": ""})
     async for c, delta in job.events():
@@ -83,10 +86,13 @@ async def _stream(job, texts, with_logprobs, prompt_tokens, rid, created, model,
         if with_logprobs and delta.token_ids:
             logprobs = {"content": chat_logprobs(texts, [lp for lp in delta.logprobs or [] if lp is not None]),
                         "refusal": None}
-        if delta.text or logprobs:
-            yield chunk(c.index, {"content": delta.text}, logprobs)
+        parts = list(stream_deltas(parsers[c.index], delta.text, delta.finish_reason is not None))
+        if logprobs and not parts:
+            parts = [{"content": ""}]
+        for k, part in enumerate(parts):
+            yield chunk(c.index, part, logprobs if k == 0 else None)
         if delta.finish_reason is not None:
-            yield chunk(c.index, {}, None, delta.finish_reason)
+            yield chunk(c.index, {}, None, finish_reason(parsers[c.index], delta.finish_reason))
     if include_usage:
         yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                    "choices": [], "usage": job.usage(prompt_tokens)})

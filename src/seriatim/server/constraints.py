@@ -16,9 +16,10 @@ from .schemas import _Sampling
 COMPILE_TIMEOUT = 10.0  # seconds; llguidance's own limits end nearly every compile within tens of milliseconds
 
 
-def constraint_fields(req: _Sampling) -> dict[str, tuple[str, object]]:
-    """The request's constraints as {SamplingParams keyword: (request field, value)}; a 400 for two."""
-    found: list[tuple[str, str, object]] = []
+def constraint_fields(req: _Sampling, tool_grammar: str | None = None) -> dict[str, tuple[str, object]]:
+    """The request's constraints as {SamplingParams keyword: (request field, value)}; a 400 for two.
+    `tool_grammar`: the grammar of a required or named tool call (server/tools.py)."""
+    found: list[tuple[str, str, object]] = [] if tool_grammar is None else [("grammar", "tool_choice", tool_grammar)]
     fmt = req.response_format
     if fmt is not None and fmt.type == "json_object":
         found.append(("json_object", "response_format", True))

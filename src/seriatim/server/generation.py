@@ -61,7 +61,8 @@ def check_n(n: int | None, prompts: int, config: ServerConfig) -> int:
     return n
 
 
-def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, seed_offset: int) -> SamplingParams:
+def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, seed_offset: int,
+                    tool_grammar: str | None = None) -> SamplingParams:
     logit_bias = None
     if req.logit_bias is not None:
         logit_bias = {}
@@ -73,7 +74,7 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, seed_
     if isinstance(stop, list):
         stop = tuple(stop) or None
     top_k = req.top_k if req.top_k is not None else 0
-    constraints = constraint_fields(req)
+    constraints = constraint_fields(req, tool_grammar)
     try:
         return SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,

@@ -117,10 +117,23 @@ class TextPart(_Strict):
     text: Text
 
 
+class CalledFunction(_Strict):
+    name: StrictStr
+    arguments: StrictStr  # JSON text of an object, as OpenAI returns it
+
+
+class ToolCallItem(_Strict):
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None  # None only for an assistant turn (OpenAI's tool-call form)
     name: StrictStr | None = None
+    tool_calls: list[ToolCallItem] | None = None  # an assistant's calls
+    tool_call_id: StrictStr | None = None  # the call a tool message answers
 
     @model_validator(mode="after")
     def _content_unless_assistant(self):
@@ -129,12 +142,36 @@ class ChatMessage(_Strict):
         return self
 
 
+class FunctionDefinition(_Strict):
+    name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: StrictStr | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object; None: any object
+    strict: StrictBool | None = None  # arguments are always held to the schema where a call is required
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: StrictStr
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
 
 
 class TokenizeRequest(_Strict):

@@ -10,6 +10,7 @@ from functools import lru_cache
 from typing import Any
 
 import jinja2
+import jinja2.meta
 import numpy as np
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -175,10 +176,20 @@ def _strftime_now(format: str) -> str:
 
 
 @lru_cache(maxsize=32)
+def template_variables(template: str) -> frozenset[str]:
+    """The variables a template reads from outside (messages, tools, add_generation_prompt, ...)."""
+    return frozenset(jinja2.meta.find_undeclared_variables(_environment().parse(template)))
+
+
+@lru_cache(maxsize=32)
 def _compile(template: str) -> jinja2.Template:
+    return _environment().from_string(template)
+
+
+def _environment() -> jinja2.Environment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals.update(
         raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(), namespace=_TemplateNamespace
     )
-    return env.from_string(template)
+    return env

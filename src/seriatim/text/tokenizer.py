@@ -16,7 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
 from ..weights.gguf_metadata import read_gguf_metadata
-from .chat_template import render_chat
+from .chat_template import render_chat, template_variables
 
 # llama.cpp's `tokenizer.ggml.token_type` values that matter here.
 _CONTROL, _USER_DEFINED = 3, 4
@@ -227,6 +227,11 @@ class Tokenizer:
         if token is None:
             raise IndexError(f"Token id {token_id} is outside the vocabulary of {self.vocab_size}.")
         return token
+
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the chat template reads a `tools` variable, so it can offer functions to the model."""
+        return bool(self.chat_template) and "tools" in template_variables(self.chat_template)
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, **extra: Any
