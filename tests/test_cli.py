@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 
 import pytest
@@ -129,3 +130,18 @@ def test_version_names_the_cpu_and_the_isa_tier(capsys, monkeypatch):
         assert done.value.code == 2 and "SERIATIM_ISA='sse2' is no ISA tier" in capsys.readouterr().err
     finally:
         isa.tier.cache_clear()
+
+
+def test_generate_holds_the_reply_to_a_constraint(tiny_llama, tmp_path, capsys):
+    model = ["--raw", "--model", str(tiny_llama[0] / "hf"), "--dtype", "float32", "--max-tokens", "200"]
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                                         "maximum": 9}}, "required": ["n"]}))
+    code, out, _ = run(["generate", "x", *model, "--json-schema", str(schema), "--seed", "1"], capsys)
+    assert code == 0 and json.loads(out)["n"] in range(10)
+    code, out, _ = run(["generate", "x", *model, "--regex", "[ab]{3}", "--seed", "2"], capsys)
+    assert code == 0 and re.fullmatch("[ab]{3}\n", out)
+    code, out, _ = run(["generate", "x", *model, "--choice", "left", "--choice", "right"], capsys)
+    assert code == 0 and out in ("left\n", "right\n")
+    code, _, err = run(["generate", "x", *model, "--grammar", str(tmp_path / "missing.lark")], capsys)
+    assert code != 0 and "--grammar: cannot read" in err

@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .bench.run import CONCURRENCY_ENGINES, ENGINES
@@ -51,6 +52,33 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show-probs", action="store_true", help="print each token's probability and alternatives")
 
 
+def _add_constraint_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("output constraints (one at most)").add_mutually_exclusive_group()
+    group.add_argument("--json-schema", metavar="FILE", help="reply with JSON valid against the schema in FILE")
+    group.add_argument("--json", action="store_true", help="reply with a JSON object")
+    group.add_argument("--regex", metavar="R", help="reply with text matching the regular expression R")
+    group.add_argument("--grammar", metavar="FILE", help="reply in the grammar in FILE (llguidance Lark, or GBNF)")
+    group.add_argument("--choice", action="append", metavar="TEXT", help="reply with one of these (repeatable)")
+
+
+def _constraint(args: argparse.Namespace) -> dict:
+    """SamplingParams' constraint keyword from the generate command's options, files read."""
+    if getattr(args, "json_schema", None):
+        return {"json_schema": _read(args.json_schema, "--json-schema")}
+    if getattr(args, "grammar", None):
+        return {"grammar": _read(args.grammar, "--grammar")}
+    given = {"json_object": getattr(args, "json", False), "regex": getattr(args, "regex", None),
+             "choice": getattr(args, "choice", None)}
+    return {k: v for k, v in given.items() if v}
+
+
+def _read(path: str, option: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"{option}: cannot read {path}: {e.strerror}") from None
+
+
 class _Version(argparse.Action):
     """--version: the package's version, the CPU and the ISA tier the kernels would use (worked out only
     when asked, since the AMX check needs PyTorch)."""
@@ -86,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     form.add_argument("--raw", action="store_true", help="send PROMPT as plain text, without the chat template")
     _add_model_args(gen)
     _add_sampling_args(gen)
+    _add_constraint_args(gen)
     chat = sub.add_parser("chat", help="interactive chat")
     chat.add_argument("--system", default=None, help="system prompt")
     _add_model_args(chat)
@@ -119,7 +148,7 @@ def _sampling_params(args: argparse.Namespace):
     return SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-        max_tokens=args.max_tokens, logprobs=5 if args.show_probs else None,
+        max_tokens=args.max_tokens, logprobs=5 if args.show_probs else None, **_constraint(args),
     )
 
 

@@ -25,15 +25,16 @@ class GrammarState:
 
 def allowed_tokens(states: list[GrammarState], vocab: int) -> torch.Tensor:
     """Bool [len(states), vocab] on the CPU: which tokens each state allows next. Several states fill their
-    masks in parallel on llguidance's thread pool."""
-    from llguidance.torch import fill_next_token_bitmask, fill_next_token_bitmask_par
-
+    masks in parallel on llguidance's thread pool. (llguidance.torch would do this too, but importing it
+    loads torch.compile's machinery: 1.5 s.)"""
     width = max(s.width for s in states)
     bits = torch.zeros(len(states), (width + 31) // 32, dtype=torch.int32)
+    row_bytes = bits.shape[1] * bits.element_size()
     if len(states) == 1:
-        fill_next_token_bitmask(states[0].matcher, bits, 0)
+        states[0].matcher.unsafe_compute_mask_ptr(bits.data_ptr(), row_bytes)
     else:
-        fill_next_token_bitmask_par(_executor(), [(s.matcher, i) for i, s in enumerate(states)], bits)
+        _executor().unsafe_compute_mask_ptr([(s.matcher, i) for i, s in enumerate(states)], bits.data_ptr(),
+                                            row_bytes, len(states))
     shifts = torch.arange(32, dtype=torch.int32)
     return ((bits.unsqueeze(-1) >> shifts) & 1).bool().view(len(states), -1)[:, :vocab]
 
