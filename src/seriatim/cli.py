@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rows", default=None, metavar="K,K,...",
                        help="instead: the cost of one pass over k new tokens of one sequence against k = 1, "
                             "e.g. 1,2,4,8,16,32")
+    bench.add_argument("--structured", action="store_true",
+                       help="instead of speed: JSON-schema compile times, validity of sampled outputs, and what a "
+                            "constraint costs decoding")
+    bench.add_argument("--samples", type=int, default=10, help="with --structured: outputs sampled per schema")
     bench.add_argument("--quality", action="store_true",
                        help="instead of speed: perplexity and greedy agreement of the fast mode against float32")
     _add_serve_parser(sub)
@@ -260,6 +264,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         from .bench.quality import compare
 
         print(compare(args.model))
+        return
+    if args.structured:
+        from .bench.structured import run_structured_bench
+
+        run_structured_bench(args.model, args.threads or physical_cores(), args.samples, args.runs)
         return
     known = CONCURRENCY_ENGINES if args.concurrency else ENGINES
     engines = list(known) if args.engines == "all" else args.engines.split(",")

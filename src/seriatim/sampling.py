@@ -40,7 +40,7 @@ import torch
 
 from .errors import ParameterError
 from .grammar.constraint import KINDS, Constraint
-from .grammar.state import GrammarState, allowed_tokens
+from .grammar.state import GrammarState, mask_logits
 from .kernels import library
 
 MAX_LOGPROBS = 20
@@ -252,10 +252,7 @@ def _apply_grammar(logits: torch.Tensor, states: list[SamplingState]) -> torch.T
     rows = [i for i, s in enumerate(states) if s.grammar is not None]
     if not rows:
         return logits
-    allowed = allowed_tokens([states[i].grammar for i in rows], logits.shape[-1]).to(logits.device)
-    logits = logits.clone()
-    logits[rows] = logits[rows].masked_fill(~allowed, -math.inf)
-    return logits
+    return mask_logits(logits, rows, [states[i].grammar for i in rows])
 
 
 def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:

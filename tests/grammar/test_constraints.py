@@ -163,3 +163,14 @@ def test_generate_takes_one_params_per_prompt_or_says_why(tiny_llm):
     outs = tiny_llm.generate(["a", "b"], [SamplingParams(max_tokens=2, ignore_eos=True),
                                           SamplingParams(max_tokens=5, ignore_eos=True)])
     assert [len(o.token_ids) for o in outs] == [2, 5]
+
+
+def test_kernel_and_tensor_op_masks_give_the_same_tokens(tiny_llm, tier):
+    """Constrained sampling through seriatim's bitmask kernel (tier avx512 and up) and through tensor ops (the
+    tiers below, and CUDA): the same tokens, draw for draw."""
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=200, json_schema=PERSON) for s in range(3)]
+    runs = []
+    for name in (None, "none"):
+        tier(name)
+        runs.append([o.token_ids for o in tiny_llm.generate(["k"] * 3, params)])
+    assert runs[0] == runs[1]

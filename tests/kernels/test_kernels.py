@@ -375,3 +375,25 @@ def test_the_fast_mode_follows_the_tier(tier):
     if isa.machine_tier() >= isa.Tier.AVX512:
         tier("avx512")
         assert choose_precision("auto", cpu) == Precision(torch.bfloat16, compact=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("vocab, width", [(49152, 49152), (1000, 1024), (77, 96), (130, 64)])
+def test_apply_bitmask_equals_the_tensor_ops(vocab, width):
+    """The kernel against grammar.state's tensor-op path: masked rows get -inf exactly where a bit is clear
+    (tokens past the mask's width too), other rows and allowed tokens keep their logits, the input is left as
+    it was."""
+    from seriatim.grammar.state import unpack
+
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab, generator=g)
+    bits = torch.randint(-(2**31), 2**31 - 1, (3, width // 32), dtype=torch.int32, generator=g)
+    bits[1] = -1  # every token allowed
+    rows = torch.tensor([4, 0, 2])
+    before = x.clone()
+    got = library.ops().apply_bitmask(x, bits, rows)
+    allowed = torch.zeros(3, vocab, dtype=torch.bool)
+    allowed[:, : min(width, vocab)] = unpack(bits, vocab)
+    expected = x.clone()
+    expected[rows] = x[rows].masked_fill(~allowed, -torch.inf)
+    assert torch.equal(got, expected) and torch.equal(x, before)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
+
+from ..kernels import library
 
 
 @dataclass
@@ -23,9 +26,31 @@ class GrammarState:
         return list(self.matcher.compute_ff_tokens())
 
 
+def mask_logits(logits: torch.Tensor, rows: list[int], states: list[GrammarState]) -> torch.Tensor:
+    """A copy of float32 `logits` [B, V] with -inf where row rows[i]'s grammar (states[i]) forbids the token.
+    On the CPU by seriatim's kernel where built, else by tensor ops: the same values."""
+    bits = token_bitmask(states)
+    if logits.device.type == "cpu" and (ops := library.ops()) is not None:
+        return ops.apply_bitmask(logits, bits, torch.tensor(rows))
+    allowed = unpack(bits, logits.shape[-1]).to(logits.device)
+    logits = logits.clone()
+    logits[rows] = logits[rows].masked_fill(~allowed, -math.inf)
+    return logits
+
+
 def allowed_tokens(states: list[GrammarState], vocab: int) -> torch.Tensor:
-    """Bool [len(states), vocab] on the CPU: which tokens each state allows next. Several states fill their
-    masks in parallel on llguidance's thread pool. (llguidance.torch would do this too, but importing it
+    """Bool [len(states), vocab] on the CPU: which tokens each state allows next."""
+    return unpack(token_bitmask(states), vocab)
+
+
+def unpack(bits: torch.Tensor, vocab: int) -> torch.Tensor:
+    shifts = torch.arange(32, dtype=torch.int32)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().view(len(bits), -1)[:, :vocab]
+
+
+def token_bitmask(states: list[GrammarState]) -> torch.Tensor:
+    """Int32 [len(states), W]: bit t of word w says whether token 32 w + t is allowed next. Several states fill
+    their masks in parallel on llguidance's thread pool. (llguidance.torch would do this too, but importing it
     loads torch.compile's machinery: 1.5 s.)"""
     width = max(s.width for s in states)
     bits = torch.zeros(len(states), (width + 31) // 32, dtype=torch.int32)
@@ -35,8 +60,7 @@ def allowed_tokens(states: list[GrammarState], vocab: int) -> torch.Tensor:
     else:
         _executor().unsafe_compute_mask_ptr([(s.matcher, i) for i, s in enumerate(states)], bits.data_ptr(),
                                             row_bytes, len(states))
-    shifts = torch.arange(32, dtype=torch.int32)
-    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().view(len(states), -1)[:, :vocab]
+    return bits
 
 
 @functools.cache

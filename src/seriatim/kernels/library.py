@@ -8,6 +8,7 @@
 - decode_layer.cpp: a decoding pass's Llama-family decoder layers in one call (DecodeStack, fused_decode.py).
 - prefill_attention.cpp: causal attention of prompt chunks on AMX tiles (flash-style, online softmax).
 - argmax.cpp: row-wise argmax of float32 logits (greedy picks), torch.argmax's indices.
+- bitmask.cpp: grammar masks (one bit per token) applied to float32 logits, -inf where a bit is clear.
 
 The first use compiles them (about 30 s, with a notice) into `<cache>/kernels/<key>`, the key
 being a hash of the sources, the flags and the PyTorch version; later processes load the built library
@@ -73,7 +74,7 @@ def amx() -> bool:
 @functools.cache
 def ops() -> object | None:
     """`torch.ops.seriatim` (int4_dequantize_t, rms_norm, rotary, silu_mul, int4_gemv, int8_gemv,
-    int4_mm_amx, int8_mm_amx, decode_attention, prefill_attention, argmax_rows; and the class
+    int4_mm_amx, int8_mm_amx, decode_attention, prefill_attention, argmax_rows, apply_bitmask; and the class
     torch.classes.seriatim.DecodeStack) where the tier in use runs them, else None.
     The AMX ones (and DecodeStack given AMX products) may run only where `amx()` says so."""
     return _library() if _cpu_supports() else None
