@@ -9,6 +9,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 from ..grammar.compiler import GrammarCompiler
@@ -64,8 +65,23 @@ def compile_times(llm: LLM, cases: list[dict]) -> Compilation:
     return Compilation(1e3 * vocabulary, 1e3 * statistics.median(times), 1e3 * p99, 1e3 * statistics.median(cached))
 
 
-def validity(llm: LLM, cases: list[dict], samples: int) -> tuple[int, int, list[str]]:
-    """(valid, total, failures) over `samples` outputs per schema, sampled at temperature 1."""
+@dataclass
+class Validity:
+    total: int
+    valid: list[str]  # schema-valid outputs (by schema name)
+    unfinished: list[str]  # outputs cut off at MAX_TOKENS: what they end with
+    invalid: list[str]  # finished outputs that do not parse or validate: the constraint failed
+
+    def report(self) -> list[str]:
+        lines = [f"parse and validate: {len(self.valid)}/{self.total} ({100 * len(self.valid) / self.total:.1f}%); "
+                 f"of the {self.total - len(self.unfinished)} that finished: {len(self.invalid)} invalid"]
+        lines += [f"  cut off at {MAX_TOKENS} tokens: {u}" for u in self.unfinished]
+        return lines + [f"  INVALID: {i}" for i in self.invalid]
+
+
+def validity(llm: LLM, cases: list[dict], samples: int) -> Validity:
+    """`samples` outputs per schema, sampled at temperature 1, checked with jsonschema. Numbers are read as
+    decimals, as JSON writes them: a float would fail 2.28 against multipleOf 0.01."""
     import jsonschema
 
     prompts, params = [], []
@@ -74,15 +90,21 @@ def validity(llm: LLM, cases: list[dict], samples: int) -> tuple[int, int, list[
         prompts += [llm.chat_prompt([{"role": "user", "content": ask}])] * samples
         params += [SamplingParams(temperature=1.0, seed=s, max_tokens=MAX_TOKENS, json_schema=case["schema"])
                    for s in range(samples)]
-    outs = llm.generate(prompts, params)
-    failures = []
-    for i, out in enumerate(outs):
+    result = Validity(len(prompts), [], [], [])
+    for i, out in enumerate(llm.generate(prompts, params)):
         case = cases[i // samples]
+        name = f"{case['name']} (seed {i % samples})"
+        schema = json.loads(json.dumps(case["schema"]), parse_float=Decimal)
         try:
-            jsonschema.validate(json.loads(out.text), case["schema"], format_checker=jsonschema.FormatChecker())
+            instance = json.loads(out.text, parse_float=Decimal)
+            jsonschema.validate(instance, schema, format_checker=jsonschema.FormatChecker())
+            result.valid.append(name)
         except (ValueError, jsonschema.ValidationError) as e:
-            failures.append(f"{case['name']} (seed {i % samples}, {out.finish_reason}): {str(e).splitlines()[0]}")
-    return len(outs) - len(failures), len(outs), failures
+            if out.finish_reason == "length":
+                result.unfinished.append(f"{name}: ...{out.text[-40:]!r}")
+            else:
+                result.invalid.append(f"{name}: {str(e).splitlines()[0]}")
+    return result
 
 
 def decode_rate(llm: LLM, batch: int, schema: dict | None, runs: int) -> float:
@@ -110,10 +132,7 @@ def run_structured_bench(model: str, threads: int, samples: int, runs: int) -> N
     print(f"\ncompile, {len(cases)} schemas: p50 {c.p50_ms:.1f} ms, p99 {c.p99_ms:.1f} ms; "
           f"cached {c.cached_ms:.3f} ms; vocabulary (once per model) {c.vocabulary_ms:.0f} ms")
     print(f"[validity: {len(cases)} schemas x {samples} samples at temperature 1 ...]", file=sys.stderr, flush=True)
-    valid, total, failures = validity(llm, cases, samples)
-    print(f"valid JSON, schema-valid: {valid}/{total} ({100 * valid / total:.1f}%)")
-    for failure in failures:
-        print(f"  invalid: {failure}")
+    print("\n".join(validity(llm, cases, samples).report()))
     print("\n| decode tok/s | unconstrained | JSON, free text (masks only) | JSON, fixed keys (jump-forward) |")
     print("|---|---|---|---|")
     for batch in (1, 16):
