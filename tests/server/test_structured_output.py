@@ -41,6 +41,13 @@ def test_chat_json_schema_with_the_official_client(client):
     assert streamed == out.choices[0].message.content
 
 
+def test_forced_tokens_are_counted_in_metrics(client, server):
+    before = server.metric("seriatim_forced_tokens_total")
+    client.completions.create(model=MODEL, prompt="x", max_tokens=100, temperature=1.0, seed=3,
+                              extra_body={"guided_json": SCHEMA})
+    assert server.metric("seriatim_forced_tokens_total") >= before + len('{"city": "')
+
+
 def test_chat_json_object(client):
     out = client.chat.completions.create(model=MODEL, messages=CHAT, response_format={"type": "json_object"},
                                          temperature=0, max_tokens=300)

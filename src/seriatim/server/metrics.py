@@ -36,6 +36,8 @@ class _EngineCollector(Collector):
                       m.stats.aborted)
         blocks = m.kv_blocks_used + m.kv_blocks_free
         yield _metric(CounterMetricFamily, "seriatim_engine_steps", "Forward passes run by the engine", m.stats.steps)
+        yield _metric(CounterMetricFamily, "seriatim_forced_tokens",
+                      "Tokens a grammar forced, appended without sampling (jump-forward)", m.stats.forced_tokens)
         yield _metric(GaugeMetricFamily, "seriatim_engine_step_tokens", "Tokens fed to the last forward pass",
                       m.stats.step_tokens)
         yield _metric(CounterMetricFamily, "seriatim_preemptions", "Sequences preempted to free KV memory",
