@@ -174,3 +174,15 @@ def test_kernel_and_tensor_op_masks_give_the_same_tokens(tiny_llm, tier):
         tier(name)
         runs.append([o.token_ids for o in tiny_llm.generate(["k"] * 3, params)])
     assert runs[0] == runs[1]
+
+
+def test_logprobs_stay_the_models_raw_ones(tiny_llm):
+    """A constrained request's logprobs are the model's, before the mask: the same as scoring the text."""
+    params = SamplingParams(temperature=1.0, seed=4, max_tokens=200, json_schema=PERSON, logprobs=3)
+    prompt = tiny_llm.tokenizer.encode("raw")
+    out = tiny_llm.generate(prompt, params)[0]
+    scored = tiny_llm.prompt_logprobs(prompt + out.token_ids)[len(prompt):]
+    assert [lp.token_id for lp in out.logprobs] == out.token_ids
+    assert torch.allclose(torch.tensor([lp.logprob for lp in out.logprobs]),
+                          torch.tensor([s.logprob for s in scored]), atol=1e-4)
+    assert sum(lp.logprob for lp in out.logprobs) < 0
