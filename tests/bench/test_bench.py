@@ -113,3 +113,20 @@ def test_prefill_fraction_of_the_matmul_peak_is_printed(tiny_llama):
                                  "matmul_gflop_s": 800.0})
     assert "matmul peak: 800 GFLOP/s (bfloat16, 2048 x 2048 x 2048); seriatim prefill's projections run at " \
            "200 GFLOP/s, 25% of it" in text
+
+
+def test_structured_bench_checks_every_output_and_times_each_variant(tiny_llm, monkeypatch):
+    """bench --structured's parts on the tiny model: every schema of schemas.json compiles; each output is
+    valid, cut off, or counted as the constraint's failure; each decode variant is timed."""
+    from seriatim.bench import structured
+
+    cases = structured.schemas()
+    assert len(cases) == 20
+    times = structured.compile_times(tiny_llm, cases)
+    assert 0 < times.p50_ms <= times.p99_ms and times.cached_ms < times.p50_ms
+    monkeypatch.setattr(structured, "MAX_TOKENS", 120)
+    result = structured.validity(tiny_llm, cases[:4], samples=2)
+    assert result.total == 8 and len(result.valid) + len(result.unfinished) == 8 and not result.invalid
+    assert result.report()[0].startswith(f"parse and validate: {len(result.valid)}/8")
+    rates = structured.decode_rates(tiny_llm, batch=2, runs=1)
+    assert list(rates) == ["unconstrained", "free text", "fixed keys"] and min(rates.values()) > 0

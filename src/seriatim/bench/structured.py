@@ -107,21 +107,26 @@ def validity(llm: LLM, cases: list[dict], samples: int) -> Validity:
     return result
 
 
-def decode_rate(llm: LLM, batch: int, schema: dict | None, runs: int) -> float:
-    """Output tokens per second, median of `runs`: one request's decode rate, or for a batch the aggregate
-    (all tokens over the wall time)."""
+VARIANTS = {"unconstrained": None, "free text": FREE_TEXT, "fixed keys": FIXED_KEYS}
+
+
+def decode_rates(llm: LLM, batch: int, runs: int) -> dict[str, float]:
+    """Output tokens per second of each variant, median of `runs` taken in turn (A/B/C, A/B/C, ...) so that
+    the machine's drift falls on all alike: one request's decode rate, or for a batch the aggregate (all
+    tokens over the wall time)."""
     prompt = llm.chat_prompt([{"role": "user", "content": "Describe today's weather at the station as JSON."}])
-    constraint = {"json_schema": schema} if schema is not None else {"ignore_eos": True}
-    rates = []
+    rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for run in range(runs):
-        params = [SamplingParams(temperature=1.0, seed=run * batch + i, max_tokens=200, **constraint)
-                  for i in range(batch)]
-        start = time.perf_counter()
-        outs = llm.generate([prompt] * batch, params)
-        wall = time.perf_counter() - start
-        tokens = sum(len(o.token_ids) for o in outs)
-        rates.append(outs[0].metrics.decode_tokens_per_s if batch == 1 else tokens / wall)
-    return statistics.median(rates)
+        for name, schema in VARIANTS.items():
+            constraint = {"json_schema": schema} if schema is not None else {"ignore_eos": True}
+            params = [SamplingParams(temperature=1.0, seed=run * batch + i, max_tokens=200, **constraint)
+                      for i in range(batch)]
+            start = time.perf_counter()
+            outs = llm.generate([prompt] * batch, params)
+            wall = time.perf_counter() - start
+            tokens = sum(len(o.token_ids) for o in outs)
+            rates[name].append(outs[0].metrics.decode_tokens_per_s if batch == 1 else tokens / wall)
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def run_structured_bench(model: str, threads: int, samples: int, runs: int) -> None:
@@ -137,6 +142,6 @@ def run_structured_bench(model: str, threads: int, samples: int, runs: int) -> N
     print("|---|---|---|---|")
     for batch in (1, 16):
         print(f"[decode at batch {batch} ...]", file=sys.stderr, flush=True)
-        plain, free, fixed = (decode_rate(llm, batch, s, runs) for s in (None, FREE_TEXT, FIXED_KEYS))
+        plain, free, fixed = decode_rates(llm, batch, runs).values()
         print(f"| batch {batch}{' (aggregate)' if batch > 1 else ''} | {plain:.1f} | {free:.1f} "
               f"({100 * (free / plain - 1):+.0f}%) | {fixed:.1f} ({100 * (fixed / plain - 1):+.0f}%) |")
