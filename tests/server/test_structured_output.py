@@ -75,6 +75,7 @@ def test_completions_extras(client, extra, check):
     ({"guided_regex": "(("}, "guided_regex", "regex"),
     ({"guided_json": {"type": "nonsense"}}, "guided_json", "nonsense"),
     ({"guided_json": "{oops"}, "guided_json", "not valid JSON"),
+    ({"guided_json": {"type": "array", "uniqueItems": True}}, "guided_json", "uniqueItems"),
     ({"guided_grammar": "start: nowhere"}, "guided_grammar", "nowhere"),
     ({"guided_choice": []}, "guided_choice", "non-empty"),
     ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice", "one constraint per request"),
@@ -90,6 +91,17 @@ def test_bad_constraints_are_400s_naming_the_field(server, body, field, words):
     err = r.json()["error"]
     assert err["param"] == field and words in err["message"], err
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_compile_past_the_time_limit_is_a_400(server, monkeypatch):
+    from seriatim.server import constraints
+
+    monkeypatch.setattr(constraints, "COMPILE_TIMEOUT", 0.0)
+    schema = {"type": "object", "properties": {"never_seen_before": {"type": "integer"}}}
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "guided_json": schema},
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "constraint_timeout", r.text
+    assert r.json()["error"]["param"] == "guided_json"
 
 
 def test_text_response_format_is_plain_generation(client):

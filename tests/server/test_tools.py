@@ -114,3 +114,14 @@ def test_a_template_without_tools_refuses_them(server):
                    timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
     assert "cannot offer tools" in r.json()["error"]["message"]
+
+
+def test_a_malformed_call_comes_back_as_text():
+    from seriatim.server.tools import ToolPlan, reply
+
+    plan = ToolPlan([ADD], ("add",), None)
+    bad = '<tool_call>\n{"name": "add", "arguments": {"a": 1,}}\n</tool_call>'
+    assert reply(bad, "stop", plan) == ({"role": "assistant", "content": bad}, "stop")
+    good = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    message, finish = reply(good, "length", plan)
+    assert finish == "length" and message["content"] is None and len(message["tool_calls"]) == 1
