@@ -42,6 +42,17 @@ class RequestMetrics:
         return (self.output_tokens - 1) / max(self.finished - self.first_token, 1e-9)
 
 
+@dataclass(frozen=True)
+class Pass:
+    """The forward pass that produced a delta's first token: the engine's step number, its wall time, and the
+    tokens of this request it fed (the prompt, or a chunk of it, for the first token; then one, or several
+    after tokens a grammar forced)."""
+
+    index: int
+    seconds: float
+    tokens: int
+
+
 @dataclass
 class Delta:
     """Newly generated tokens of one request and the text they released."""
@@ -52,6 +63,7 @@ class Delta:
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: FinishReason | None = None
     metrics: RequestMetrics | None = None  # set on the last delta of a request
+    forward_pass: Pass | None = None
 
 
 @dataclass

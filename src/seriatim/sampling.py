@@ -71,6 +71,7 @@ class SamplingParams:
     max_tokens: int = 16
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives per token; 0 = the chosen token only
+    trace: bool = False  # with logprobs: each token's StepTrace (processed probabilities, cuts, entropy)
     # At most one constraint on the output (vLLM's names): a JSON schema (a dict or its JSON text), any JSON
     # object, a regular expression, a grammar (llguidance's Lark, or llama.cpp's GBNF) or a list of choices.
     json_schema: dict | str | None = None
@@ -103,8 +104,11 @@ class SamplingParams:
             self._check(0 <= self.seed < 2**64, "seed", "must be in [0, 2**64)")
         if self.logprobs is not None:
             self._check(0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"must be in [0, {MAX_LOGPROBS}]")
-        if not isinstance(self.ignore_eos, bool):
-            raise ParameterError("ignore_eos", f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "trace"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParameterError(name, f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.trace and self.logprobs is None:
+            raise ParameterError("trace", "trace needs logprobs: it explains the top alternatives logprobs lists")
         self._normalise_logit_bias()
         self._normalise_stop()
         self._normalise_constraint()
@@ -225,6 +229,19 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    trace: StepTrace | None = None
+
+
+@dataclass
+class StepTrace:
+    """Why a token was drawn (SamplingParams.trace): the entropy (nats) of the model's distribution and of the
+    processed one the draw came from, and for the chosen token and each raw top alternative its processed
+    log-probability (-inf where a cut removed it) and which cut did: "grammar", "greedy", "top_k", "top_p"
+    or "min_p" (None: kept)."""
+
+    entropy: float
+    processed_entropy: float
+    tokens: dict[int, tuple[float, str | None]]  # token id -> (processed logprob, removed by)
 
 
 @dataclass
@@ -292,24 +309,31 @@ def _ranked(logits: torch.Tensor, top_k: torch.Tensor) -> tuple[torch.Tensor, to
     return logits.sort(dim=-1, descending=True, stable=True)
 
 
-def _truncate(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-    """Top-k, then top-p, then min-p, on temperature-scaled logits; cut tokens become -inf."""
+def _cuts(logits: torch.Tensor, states: list[SamplingState]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Temperature-scaled logits in descending order, their ids, and what top-k, top-k + top-p and
+    top-k + top-p + min-p drop from them ([B, C] each)."""
     dev, vocab = logits.device, logits.shape[-1]
     top_k = torch.tensor([[s.params.top_k or vocab] for s in states], device=dev)
     top_p = _column(states, "top_p", dev)
     min_p = _column(states, "min_p", dev)
     # Among equal logits the lower id ranks first, so cuts are deterministic.
     sorted_logits, order = _ranked(logits, top_k)
-    drop = torch.arange(sorted_logits.shape[-1], device=dev) >= top_k
-    sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+    by_k = torch.arange(sorted_logits.shape[-1], device=dev) >= top_k
+    sorted_logits = sorted_logits.masked_fill(by_k, -math.inf)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     # top_p == 1 must keep everything, even where float32 cumsum rounds up to 1 early.
-    drop |= (mass_before >= top_p) & (top_p < 1)
+    by_p = by_k | ((mass_before >= top_p) & (top_p < 1))
     # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p); renormalising does not change it.
     # The top token always survives: top_k >= 1, no mass precedes it, and it is the max.
-    drop |= sorted_logits < sorted_logits[:, :1] + torch.log(min_p)
-    sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+    by_min_p = by_p | (sorted_logits < sorted_logits[:, :1] + torch.log(min_p))
+    return sorted_logits, order, [by_k, by_p, by_min_p]
+
+
+def _truncate(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Top-k, then top-p, then min-p, on temperature-scaled logits; cut tokens become -inf."""
+    sorted_logits, order, drops = _cuts(logits, states)
+    sorted_logits = sorted_logits.masked_fill(drops[-1], -math.inf)
     return torch.full_like(logits, -math.inf).scatter_(-1, order, sorted_logits)
 
 
@@ -400,4 +424,43 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> SampleOutput:
     else:
         tokens = _argmax(_process(x, states) + _gumbel(states, tuple(x.shape), x.device))
     token_ids = tokens.tolist()
-    return SampleOutput(token_ids, _logprobs(x, states, token_ids))
+    logprobs = _logprobs(x, states, token_ids)
+    for i, s in enumerate(states):
+        if s.params.trace:
+            ids = [token_ids[i], *(t for t, _ in logprobs[i].top)]
+            logprobs[i].trace = trace_step(x[i], s, ids)
+    return SampleOutput(token_ids, logprobs)
+
+
+_CUTS = ("top_k", "top_p", "min_p")
+
+
+def trace_step(logits_row: torch.Tensor, state: SamplingState, token_ids: list[int]) -> StepTrace:
+    """The processing of one row's logits [V] explained for `token_ids`: see StepTrace. Before `append`."""
+    raw = logits_row.float()[None]
+    reasons: dict[int, str] = {}
+    adjusted = _apply_penalties(_apply_bias(raw, [state]), [state])
+    masked = _apply_grammar(adjusted, [state])
+    for t in token_ids:
+        if masked[0, t] == -math.inf and adjusted[0, t] != -math.inf:
+            reasons[t] = "grammar"
+    if state.params.greedy:
+        top = int(masked[0].argmax())
+        reasons.update({t: "greedy" for t in token_ids if t != top and t not in reasons})
+    elif _truncates(state.params, raw.shape[-1]):
+        scaled = (masked - masked.amax(-1, keepdim=True)) / state.params.temperature
+        _, order, drops = _cuts(scaled, [state])
+        position = {int(t): i for i, t in enumerate(order[0].tolist())}
+        for t in token_ids:
+            at = position.get(t)
+            cut = next((name for name, drop in zip(_CUTS, drops) if at is None or drop[0, at]), None)
+            if cut is not None and t not in reasons:
+                reasons[t] = cut
+    processed = _process(raw, [state])[0].log_softmax(-1)
+    return StepTrace(_entropy(raw[0].log_softmax(-1)), _entropy(processed),
+                     {t: (float(processed[t]), reasons.get(t)) for t in token_ids})
+
+
+def _entropy(logprobs: torch.Tensor) -> float:
+    p = logprobs.exp()
+    return float(-(p * logprobs.nan_to_num(neginf=0.0)).sum())

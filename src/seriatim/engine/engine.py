@@ -19,7 +19,7 @@ from ..errors import ParameterError, PromptTooLong
 from ..grammar.compiler import GrammarCompiler
 from ..model.paged_kv import PagedKVCache
 from ..model.transformer import Transformer
-from ..outputs import Delta
+from ..outputs import Delta, Pass
 from ..sampling import SamplingParams, SamplingState, sample
 from ..text.detokenizer import IncrementalDetokenizer
 from ..text.tokenizer import Tokenizer
@@ -156,10 +156,12 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[tuple[Delta, Sequence]]:
         """One forward pass over the scheduled chunks; one new token per completed sequence."""
+        start = time.perf_counter()
         chunks = self.scheduler.schedule()
         self.cache.release_rings({seq.request_id for seq in self.scheduler.running})
         if not chunks:
             return []
+        fed = {c.seq.request_id: c.length for c in chunks}
         hidden = self._forward(chunks)
         ends = list(itertools.accumulate(c.length for c in chunks))
         ready = [(c.seq, end - 1) for c, end in zip(chunks, ends) if c.seq.num_cached == c.seq.length]
@@ -168,8 +170,10 @@ class Engine:
         logits = self.model.logits(hidden[self._tensor([i for _, i in ready])])
         out = sample(logits, [s.sampling for s, _ in ready])
         results = []
+        seconds = time.perf_counter() - start
         for (seq, _), token, lp in zip(ready, out.token_ids, out.logprobs):
             delta = seq.append(token, lp)
+            delta.forward_pass = Pass(self.stats.steps, seconds, fed[seq.request_id])
             self.stats.generated_tokens += 1
             if not seq.finished and (forced := seq.sampling.forced()):
                 delta = seq.extend(forced, delta)
