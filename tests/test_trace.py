@@ -47,14 +47,14 @@ def test_each_alternative_is_kept_or_removed_by_its_cut(kw, cut, kept):
 
 def test_top_k_wins_over_later_cuts_and_the_grammar_over_all(tiny_llm):
     logits = torch.linspace(4, -4, tiny_llm.config.vocab_size)
-    params = SamplingParams(temperature=1.0, top_k=2, min_p=0.99, choice=["ab", "ba"])
+    params = SamplingParams(temperature=1.0, top_k=1, min_p=0.99, choice=["ab", "ba"])  # both cut the second
     grammar = tiny_llm.engine.grammars.state(params.constraint)
     state = SamplingState(params, [1], tiny_llm.config.vocab_size, "cpu", grammar)
     allowed = [t for t in range(tiny_llm.config.vocab_size) if grammar.matcher.deep_copy().consume_token(t)]
     trace = trace_step(logits, state, list(range(10)) + allowed)
     assert all(trace.tokens[t][1] == "grammar" for t in range(10) if t not in allowed)
     survivors = [t for t in allowed if trace.tokens[t][1] is None]
-    assert len(survivors) == 1 and {trace.tokens[t][1] for t in allowed} == {None, "top_k", "min_p"}
+    assert len(survivors) == 1 and {trace.tokens[t][1] for t in allowed} == {None, "top_k"}
 
 
 def test_generated_tokens_carry_traces_and_their_pass(tiny_llm):
