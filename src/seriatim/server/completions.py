@@ -16,6 +16,7 @@ from .formatting import TextOffsets, TokenTexts, completion_logprobs
 from .generation import Choice, Job, check_n, check_prompt, max_new_tokens, sampling_params
 from .schemas import CompletionRequest
 from .streaming import event_stream, run_to_completion, sse
+from .trace import trace_body
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -81,7 +82,8 @@ def _choices(body: CompletionRequest, prompts: list[tuple[str | None, list[int]]
     for i, (_, ids) in enumerate(prompts):
         max_tokens = max_new_tokens(body.max_tokens, DEFAULT_MAX_TOKENS, len(ids), ctx, config, allow_zero=echo)
         for j in range(n):
-            c = Choice(i * n + j, ids, sampling_params(body, max(max_tokens, 1), body.logprobs, j))
+            params = sampling_params(body, max(max_tokens, 1), body.logprobs, j, trace=bool(body.trace))
+            c = Choice(i * n + j, ids, params)
             if max_tokens == 0:  # echo only: nothing to generate
                 c.finish_reason = "length"
             choices.append(c)
@@ -114,13 +116,18 @@ def _choice_body(c: Choice, body: CompletionRequest, texts: TokenTexts, prompt_t
         if body.echo:
             logprobs = _concat(prompt_lps, logprobs)
     text = (prompt_text if body.echo else "") + c.text
-    return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+    out = {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+    if body.trace:
+        out["trace"] = trace_body(texts, c.logprobs)
+    return out
 
 
 async def _stream(job, body, texts, prompts, prompt_texts, prompt_lps, n, rid, created, model, include_usage):
-    def chunk(index, text, logprobs=None, finish_reason=None):
-        obj = {"id": rid, "object": "text_completion", "created": created, "model": model,
-               "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    def chunk(index, text, logprobs=None, finish_reason=None, trace=None):
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        if trace is not None:
+            choice["trace"] = trace
+        obj = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
         if include_usage:
             obj["usage"] = None
         return sse(obj)
@@ -137,8 +144,9 @@ async def _stream(job, body, texts, prompts, prompt_texts, prompt_lps, n, rid, c
         logprobs = None
         if body.logprobs is not None and delta.token_ids:
             logprobs = completion_logprobs(texts, delta.logprobs or [], delta.token_ids, offsets[c.index])
+        trace = trace_body(texts, delta.logprobs or [], delta.forward_pass) if body.trace else None
         if delta.text or logprobs or delta.finish_reason:
-            yield chunk(c.index, delta.text, logprobs, delta.finish_reason)
+            yield chunk(c.index, delta.text, logprobs, delta.finish_reason, trace)
     if include_usage:
         yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
                    "usage": job.usage(sum(len(ids) for _, ids in prompts))})

@@ -62,7 +62,7 @@ def check_n(n: int | None, prompts: int, config: ServerConfig) -> int:
 
 
 def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, seed_offset: int,
-                    tool_grammar: str | None = None) -> SamplingParams:
+                    tool_grammar: str | None = None, trace: bool = False) -> SamplingParams:
     logit_bias = None
     if req.logit_bias is not None:
         logit_bias = {}
@@ -90,6 +90,7 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, seed_
             max_tokens=max_tokens,
             ignore_eos=bool(req.ignore_eos),
             logprobs=logprobs,
+            trace=trace,
             **{kind: value for kind, (_, value) in constraints.items()},
         )
     except ParameterError as e:

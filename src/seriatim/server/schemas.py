@@ -110,6 +110,7 @@ class CompletionRequest(_Sampling):
     echo: StrictBool | None = False
     best_of: StrictInt | None = None
     suffix: StrictStr | None = None
+    trace: StrictBool | None = None  # seriatim's extension for the playground (server/trace.py)
 
 
 class TextPart(_Strict):
