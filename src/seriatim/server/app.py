@@ -6,10 +6,12 @@ import hmac
 import json
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from .. import package_version
 from .chat import chat_prompt_ids, create_chat_completion
@@ -20,8 +22,10 @@ from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest
 from .state import ServerConfig, ServerState
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
-          "/metrics", "/openapi.json", "/docs")
-_OPEN = ("/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect")  # no API key needed
+          "/metrics", "/openapi.json", "/docs", "/")
+# No API key needed: these, and the playground's files (the page asks for the key when the API needs one).
+_OPEN = ("/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/")
+PLAYGROUND = Path(__file__).with_name("playground")
 
 
 def create_app(config: ServerConfig, load: Callable[[ServerConfig], Any] | None = None) -> FastAPI:
@@ -80,6 +84,11 @@ def create_app(config: ServerConfig, load: Callable[[ServerConfig], Any] | None 
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(PLAYGROUND / "index.html")
+
+    app.mount("/playground", StaticFiles(directory=PLAYGROUND), name="playground")
     return app
 
 
@@ -157,7 +166,8 @@ class _Guard:
 
     async def _handle(self, scope, receive, send, status: list[int]) -> None:
         path = scope["path"]
-        if self.key is not None and path not in _OPEN and not self._authorized(scope):
+        public = path in _OPEN or path.startswith("/playground/")
+        if self.key is not None and not public and not self._authorized(scope):
             await _send_error(send, APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                              code="invalid_api_key"))
             return
