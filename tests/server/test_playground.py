@@ -116,11 +116,13 @@ def test_narrow_screens_and_the_keyboard(live, browser, tmp_path):
     page = browser.new_page(viewport={"width": 390, "height": 844})
     page.goto(live.url + "/")
     page.wait_for_selector("#model:has-text('smollm2-135m')")
-    page.fill("#prompt", PROMPT)
+    page.check("input[name=mode][value=chat]")  # through the chat template
+    page.fill("#prompt", "Name a colour.")
     page.fill("#max_tokens", "8")
     page.focus("#generate")
     page.keyboard.press("Enter")
     page.wait_for_selector("#status:has-text('branch 1: done')", timeout=60_000)
+    assert page.locator(".branch .timeline .bar.prefill").count() == 1  # the rendered chat prompt in one pass
     page.locator(".chip:not(.prompt)").first.focus()
     page.keyboard.press("Enter")  # chips are buttons: the keyboard opens a token's alternatives
     assert page.locator("#detail tbody tr").count() == 10
