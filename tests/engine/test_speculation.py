@@ -1,0 +1,98 @@
+"""Speculative decoding's core: prompt lookup, and the verify-and-accept rule. Greedy keeps plain decoding's
+tokens; sampling keeps its law, checked by a chi-square test of the joint law of three tokens of a small
+Markov chain (exact probabilities enumerated), which a wrong residual rule fails."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from seriatim.engine import speculation
+from seriatim.engine.speculation import propose_ngram, verify_greedy, verify_sampled
+
+V = 4
+P = torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [0.05, 0.05, 0.2, 0.7]],
+                 dtype=torch.float64)  # the target: P[c] is the next token's law after token c
+Q = torch.tensor([[0.3, 0.3, 0.3, 0.1], [0.4, 0.4, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7]],
+                 dtype=torch.float64)  # a draft model that is often wrong
+
+
+@pytest.mark.parametrize("tokens, k, expected", [
+    ([1, 2, 3, 9, 1, 2, 3], 3, [9, 1, 2]),  # the longest suffix (1 2 3) recurs: what followed it
+    ([5, 1, 2, 7, 8, 4, 1, 2], 2, [7, 8]),
+    ([1, 2, 1, 3, 1, 2], 4, [1, 3, 1, 2]),  # the latest occurrence of (1 2) is the first one here
+    ([3, 1, 4, 1, 5, 1], 2, [5, 1]),  # n = 1: the latest earlier 1 was followed by 5
+    ([1, 2, 3, 4], 3, []),  # nothing recurs
+    ([7], 3, []),
+])
+def test_prompt_lookup(tokens, k, expected):
+    assert propose_ngram(tokens, k) == expected
+
+
+def test_greedy_keeps_the_matching_drafts_then_the_targets_token():
+    assert verify_greedy([5, 6, 7], [5, 6, 9, 1]) == speculation.Verdict(2, [5, 6, 9])
+    assert verify_greedy([5, 6, 7], [5, 6, 7, 1]) == speculation.Verdict(3, [5, 6, 7, 1])  # and the bonus
+    assert verify_greedy([5], [4, 1]) == speculation.Verdict(0, [4])
+    assert verify_greedy([], [4]) == speculation.Verdict(0, [4])
+    with pytest.raises(ValueError, match="need 3 target tokens"):
+        verify_greedy([1, 2], [1, 2])
+
+
+def _first_three(draft_model: bool, generator: torch.Generator, k: int = 2) -> tuple[int, ...]:
+    """Three tokens after token 0, generated speculatively: each round drafts k tokens (from Q, or the
+    deterministic guess c + 1 for point-mass drafts), and keeps what verify_sampled keeps."""
+    out = [0]
+    while len(out) < 4:
+        draft, c = [], out[-1]
+        for _ in range(k):
+            c = int(torch.multinomial(Q[c], 1, generator=generator)) if draft_model else (c + 1) % V
+            draft.append(c)
+        p = P[[out[-1], *draft]]
+        q = Q[[out[-1], *draft[:-1]]] if draft_model else None
+        out += verify_sampled(draft, p, q, generator).tokens
+    return tuple(out[1:4])
+
+
+def _chi_square_pvalue(draft_model: bool, samples: int = 6000) -> float:
+    g = torch.Generator().manual_seed(1234)
+    counts = dict.fromkeys(itertools.product(range(V), repeat=3), 0)
+    for _ in range(samples):
+        counts[_first_three(draft_model, g)] += 1
+    exact = {x: float(P[0, x[0]] * P[x[0], x[1]] * P[x[1], x[2]]) for x in counts}
+    return chisquare([counts[x] for x in counts], [samples * exact[x] for x in counts]).pvalue
+
+
+@pytest.mark.parametrize("draft_model", [True, False], ids=["draft distribution", "point-mass drafts"])
+def test_sampled_tokens_follow_the_targets_law(draft_model):
+    assert _chi_square_pvalue(draft_model) > 1e-3
+
+
+@pytest.mark.parametrize("draft_model", [True, False], ids=["draft distribution", "point-mass drafts"])
+def test_a_wrong_residual_fails_the_same_test(draft_model, monkeypatch):
+    """Drawing a rejected position from the target's whole distribution (the rejected draft included) is the
+    classic mistake: it biases towards the drafts. The test above must see it."""
+    monkeypatch.setattr(speculation, "_residual", lambda p, q: p)
+    assert _chi_square_pvalue(draft_model) < 1e-6
+
+
+def test_first_position_acceptance_is_the_overlap_of_p_and_q():
+    p, q = P[1], Q[1]
+    g = torch.Generator().manual_seed(7)
+    n, accepted = 20000, 0
+    for _ in range(n):
+        d = int(torch.multinomial(q, 1, generator=g))
+        accepted += verify_sampled([d], torch.stack([p, p]), q[None], g).accepted
+    expected = float(torch.minimum(p, q).sum())
+    sigma = (expected * (1 - expected) / n) ** 0.5
+    assert abs(accepted / n - expected) < 4 * sigma
+
+
+def test_seeded_verification_is_reproducible():
+    def run(seed: int) -> list[tuple[int, ...]]:
+        g = torch.Generator().manual_seed(seed)
+        return [_first_three(True, g) for _ in range(30)]
+
+    assert run(3) == run(3) != run(4)
