@@ -16,6 +16,7 @@ from jinja2 import TemplateError
 from .engine.config import EngineConfig
 from .engine.engine import Engine, ValidPrompt
 from .engine.sequence import Sequence
+from .engine.speculation import Speculation
 from .errors import ParameterError
 from .hardware import keep_freed_memory, physical_cores, usable_cpus
 from .kernels import isa
@@ -64,7 +65,10 @@ class LLM:
     default 512 on a CPU, 4096 on a GPU);
     `prefix_caching` reuses the cache of identical prompt prefixes;
     `deterministic` makes every request's tokens independent of the batch it
-    runs in, in the fast mode too, at the cost of one forward pass per request.
+    runs in, in the fast mode too, at the cost of one forward pass per request;
+    `speculative="ngram"` (or {"method": "ngram", "k": 5, "max_n": 4, "min_n": 1})
+    drafts tokens by prompt lookup and verifies them several per pass: greedy
+    output is unchanged, sampled output keeps its distribution.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class LLM:
         max_running: int = 64,
         prefix_caching: bool = True,
         deterministic: bool = False,
+        speculative: str | dict | None = None,
     ):
         threads = physical_cores() if threads is None else threads
         if not 1 <= threads <= usable_cpus():  # far more threads than CPUs only thrash (and 1e5 crash torch)
@@ -98,6 +103,7 @@ class LLM:
         engine_config = EngineConfig.resolve(
             self.config, self.device, dtype, kv_cache_memory=kv_cache_memory, max_step_tokens=max_step_tokens,
             max_running=max_running, prefix_caching=prefix_caching, deterministic=deterministic,
+            speculation=Speculation.of(speculative),
         )
         self.engine = Engine(self.model, self.tokenizer, self.device, dtype, engine_config)
         # Deltas made for requests started by generate() or stream(), not yet read by their caller.

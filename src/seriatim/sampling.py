@@ -361,6 +361,13 @@ def _process(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     return x
 
 
+def process_rows(logits: torch.Tensor, state: SamplingState) -> torch.Tensor:
+    """Log-probabilities [N, V] of what `sample` would draw from for each row of one request's logits [N, V]
+    (a speculative verification's positions). Each row is processed with the state as it is: for requests
+    whose processing does not change as tokens are taken (no penalties, no grammar)."""
+    return _process(logits.float(), [state] * len(logits)).log_softmax(dim=-1)
+
+
 def process_logits(logits_row: torch.Tensor, state: SamplingState) -> torch.Tensor:
     """Log-probabilities [V] of the distribution ``sample`` draws from; -inf for cut tokens.
 

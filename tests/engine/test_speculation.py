@@ -25,6 +25,8 @@ Q = torch.tensor([[0.3, 0.3, 0.3, 0.1], [0.4, 0.4, 0.1, 0.1], [0.7, 0.1, 0.1, 0.
     ([5, 1, 2, 7, 8, 4, 1, 2], 2, [7, 8]),
     ([1, 2, 1, 3, 1, 2], 4, [1, 3, 1, 2]),  # the latest occurrence of (1 2) is the first one here
     ([3, 1, 4, 1, 5, 1], 2, [5, 1]),  # n = 1: the latest earlier 1 was followed by 5
+    ([42, 7, 42, 42], 4, [42, 42, 42, 42]),  # a copy that runs into the end goes on repeating
+    ([1, 2, 1, 2, 1], 4, [2, 1, 2, 1]),
     ([1, 2, 3, 4], 3, []),  # nothing recurs
     ([7], 3, []),
 ])

@@ -11,6 +11,7 @@ import torch
 from ..hardware import available_memory
 from ..model.config import ModelConfig
 from ..model.paged_kv import ROLLBACK, PagedKVCache
+from .speculation import Speculation
 
 KV_MEMORY_CAP = 4 << 30  # the default KV budget: a quarter of free memory, at most this
 
@@ -26,6 +27,7 @@ class EngineConfig:
     # chunking as if it ran alone (no shared budget, no cached prefixes computed elsewhere).
     deterministic: bool = False
     max_rollback: int | None = None  # most positions `Scheduler.truncate` may take back (None: any)
+    speculation: Speculation | None = None  # draft tokens verified several per pass (speculation.py)
 
     def __post_init__(self) -> None:
         for name in ("max_step_tokens", "max_running", "kv_capacity_tokens", "block_size"):
@@ -39,7 +41,8 @@ class EngineConfig:
     @classmethod
     def resolve(cls, model: ModelConfig, device: torch.device, dtype: torch.dtype, *,
                 kv_cache_memory: int | None = None, max_step_tokens: int | None = None, max_running: int = 64,
-                prefix_caching: bool = True, deterministic: bool = False) -> EngineConfig:
+                prefix_caching: bool = True, deterministic: bool = False,
+                speculation: Speculation | None = None) -> EngineConfig:
         """The configuration for `model` on `device` with KV entries of `dtype`; None picks the default."""
         if kv_cache_memory is None:  # a quarter of the free RAM (GPU memory on CUDA)
             kv_cache_memory = min(available_memory(device.type) // 4, KV_MEMORY_CAP)
@@ -48,9 +51,12 @@ class EngineConfig:
             # longer. A GPU's is bound by launches: 64 prompts of 64 tokens in one step instead of eight.
             max_step_tokens = 4096 if device.type == "cuda" else 512
         config = cls(max_step_tokens, max_running, _kv_capacity(model, dtype, kv_cache_memory, max_running),
-                     prefix_caching=prefix_caching, deterministic=deterministic)
+                     prefix_caching=prefix_caching, deterministic=deterministic, speculation=speculation)
         if PagedKVCache.ring_bytes(model, dtype, 1):  # ring contents are per sequence: nothing to share
             config = dataclasses.replace(config, prefix_caching=False, max_rollback=ROLLBACK)
+        if speculation is not None and config.max_rollback is not None and speculation.k > config.max_rollback:
+            raise ValueError(f"speculative k of {speculation.k} exceeds the {config.max_rollback} positions this "
+                             "model's sliding-window layers can roll back")
         return config
 
 

@@ -20,13 +20,14 @@ from ..grammar.compiler import GrammarCompiler
 from ..model.paged_kv import PagedKVCache
 from ..model.transformer import Transformer
 from ..outputs import Delta, Pass
-from ..sampling import SamplingParams, SamplingState, sample
+from ..sampling import SamplingParams, SamplingState, TokenLogprobs, process_rows, sample
 from ..text.detokenizer import IncrementalDetokenizer
 from ..text.tokenizer import Tokenizer
 from .config import EngineConfig
 from .runner import ModelRunner, StepBatch
 from .scheduler import Chunk, Scheduler
 from .sequence import Sequence
+from .speculation import verify_greedy, verify_sampled
 
 
 @dataclass
@@ -39,6 +40,8 @@ class EngineStats:
     prompt_tokens: int = 0  # prompt tokens computed (prefix-cache hits excluded)
     generated_tokens: int = 0
     forced_tokens: int = 0  # of those, tokens a grammar forced, appended without sampling (jump-forward)
+    drafted: int = 0  # speculative drafts verified
+    accepted: int = 0  # of those, the ones kept
     finished: int = 0  # requests that ended with "stop" or "length"
     aborted: int = 0
 
@@ -54,6 +57,9 @@ class EngineMetrics:
     prefix_hit_rate: float
     preemptions: int
     stats: EngineStats
+
+
+Taken = tuple[list[int], TokenLogprobs | None]  # the tokens a sequence takes in a step, a sampled one's logprobs
 
 
 class ValidPrompt(tuple):
@@ -101,6 +107,7 @@ class Engine:
                              "(no prefix caching, a bounded rollback)")
         self.scheduler = Scheduler(config)
         self.runner = ModelRunner(model, self.cache, config.deterministic)
+        self.speculation = config.speculation
         self.grammars = GrammarCompiler(tokenizer, model.cfg.vocab_size)
         self.stats = EngineStats()
         self.requests: dict[int, Sequence] = {}  # waiting or running
@@ -155,36 +162,73 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Delta, Sequence]]:
-        """One forward pass over the scheduled chunks; one new token per completed sequence."""
+        """One forward pass over the scheduled chunks. Every sequence whose tokens are now all cached takes new
+        ones: one sampled (and any its grammar forces), or with speculation its accepted drafts and one more."""
         start = time.perf_counter()
         chunks = self.scheduler.schedule()
         self.cache.release_rings({seq.request_id for seq in self.scheduler.running})
         if not chunks:
             return []
-        fed = {c.seq.request_id: c.length for c in chunks}
         hidden = self._forward(chunks)
-        ends = list(itertools.accumulate(c.length for c in chunks))
-        ready = [(c.seq, end - 1) for c, end in zip(chunks, ends) if c.seq.num_cached == c.seq.length]
+        ends = itertools.accumulate(c.length for c in chunks)
+        ready = [(c, end) for c, end in zip(chunks, ends) if c.seq.num_cached == c.seq.fed_length]
         if not ready:
             return []
-        logits = self.model.logits(hidden[self._tensor([i for _, i in ready])])
-        out = sample(logits, [s.sampling for s, _ in ready])
-        results = []
+        # Each ready sequence's last row, or with drafts the rows of its last token and of every draft.
+        rows = [end - len(c.seq.draft) - 1 + i for c, end in ready for i in range(len(c.seq.draft) + 1)]
+        taken = self._take(ready, self.model.logits(hidden[self._tensor(rows)]))
         seconds = time.perf_counter() - start
-        for (seq, _), token, lp in zip(ready, out.token_ids, out.logprobs):
-            delta = seq.append(token, lp)
-            delta.forward_pass = Pass(self.stats.steps, seconds, fed[seq.request_id])
-            self.stats.generated_tokens += 1
+        results = []
+        for (c, _), (tokens, lp) in zip(ready, taken):
+            seq = c.seq
+            delta = seq.extend(tokens[1:], seq.append(tokens[0], lp))
             if not seq.finished and (forced := seq.sampling.forced()):
                 delta = seq.extend(forced, delta)
-                self.stats.generated_tokens += len(delta.token_ids) - 1
-                self.stats.forced_tokens += len(delta.token_ids) - 1
+                self.stats.forced_tokens += len(forced)
+            delta.forward_pass = Pass(self.stats.steps, seconds, c.length)
+            self.stats.generated_tokens += len(delta.token_ids)
             if seq.finished:
                 self.requests.pop(seq.request_id, None)
                 self.scheduler.finish(seq)
                 self.stats.finished += 1
+            else:
+                self._propose(seq)
             results.append((delta, seq))
         return results
+
+    def _take(self, ready: list[tuple[Chunk, int]], logits: torch.Tensor) -> list[Taken]:
+        """The tokens each ready sequence takes (with its logprobs, for a sampled one): sampled from its row, or
+        its drafts' verdict from its rows (whose rejected positions leave the cache)."""
+        firsts = [0, *itertools.accumulate(len(c.seq.draft) + 1 for c, _ in ready)][:-1]
+        plain = [i for i, (c, _) in enumerate(ready) if not c.seq.draft]
+        taken: list[Taken] = [([], None)] * len(ready)
+        if plain:
+            out = sample(logits[[firsts[i] for i in plain]], [ready[i][0].seq.sampling for i in plain])
+            for i, token, lp in zip(plain, out.token_ids, out.logprobs):
+                taken[i] = ([token], lp)
+        for i, (c, _) in enumerate(ready):
+            if c.seq.draft:
+                taken[i] = (self._verify(c.seq, logits[firsts[i] : firsts[i] + len(c.seq.draft) + 1]), None)
+        return taken
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
+        """Accept a prefix of `seq`'s drafts (speculation.py) and roll the cache back past them."""
+        logprobs = process_rows(logits, seq.sampling)
+        if seq.params.greedy:
+            verdict = verify_greedy(seq.draft, logprobs.argmax(dim=-1).tolist())
+        else:
+            verdict = verify_sampled(seq.draft, logprobs.exp(), None, seq.sampling.generator)
+        self.stats.drafted += len(seq.draft)
+        self.stats.accepted += verdict.accepted
+        self.scheduler.truncate(seq, seq.length + verdict.accepted)
+        seq.draft = []
+        return verdict.tokens
+
+    def _propose(self, seq: Sequence) -> None:
+        """Drafts for `seq`'s next pass, where the engine speculates and the request allows it."""
+        spec, params = self.speculation, seq.params
+        if spec is not None and params.logprobs is None and not params.penalised and params.constraint is None:
+            seq.draft = spec.propose(seq.all_tokens(), seq.max_length - seq.length - 1)
 
     def _forward(self, chunks: list[Chunk]) -> torch.Tensor:
         for c in chunks:

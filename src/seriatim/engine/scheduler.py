@@ -50,7 +50,9 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: s.length - s.num_cached > 1):
             if seq not in self.running:
                 continue  # preempted to make room for another
-            n = min(seq.length - seq.num_cached, budget)
+            if seq.fed_length - seq.num_cached > budget:
+                seq.draft = []  # drafts are verified in one pass or not at all
+            n = min(seq.fed_length - seq.num_cached, budget)
             if n and self._grow(seq, n, {c.seq.request_id for c in chunks}):
                 chunks.append(Chunk(seq, n))
                 budget -= 0 if self.config.deterministic else n
@@ -91,6 +93,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.draft = []
         self.blocks.free_table(seq.block_table)
         seq.num_cached = 0
         self.waiting.appendleft(seq)

@@ -25,6 +25,7 @@ class Sequence:
     num_cached: int = 0  # leading tokens whose keys and values are in the KV cache
     stops: StopStringFilter = field(init=False)
     output_ids: list[int] = field(default_factory=list)
+    draft: list[int] = field(default_factory=list)  # proposed tokens after output_ids, fed to be verified
     text: str = ""
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: FinishReason | None = None
@@ -44,15 +45,20 @@ class Sequence:
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    @property
+    def fed_length(self) -> int:
+        """Tokens the cache is to hold after this sequence's next pass: its own, then any drafts."""
+        return self.length + len(self.draft)
+
     def all_tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
     def pending_tokens(self) -> list[int]:
-        """Tokens not yet in the KV cache: the prompt at first, then the last sampled token."""
+        """Tokens not yet in the KV cache: the prompt at first, then the last sampled token; then the drafts."""
         done = self.num_cached
         if done < len(self.prompt_ids):
-            return self.prompt_ids[done:] + self.output_ids
-        return self.output_ids[done - len(self.prompt_ids) :]
+            return self.prompt_ids[done:] + self.output_ids + self.draft
+        return self.output_ids[done - len(self.prompt_ids) :] + self.draft
 
     def append(self, token: int, logprobs: TokenLogprobs | None) -> Delta:
         """Take one sampled token; return the text it releases and whether the request is done."""
@@ -83,10 +89,10 @@ class Sequence:
             self.finish_reason, self.metrics if self.finished else None,
         )
 
-    def extend(self, forced: list[int], delta: Delta) -> Delta:
-        """Append tokens a grammar forces after the one `delta` carries, until one ends the request; return
-        one delta for them all. Their keys and values are computed in the next step, in one pass."""
-        for token in forced:
+    def extend(self, tokens: list[int], delta: Delta) -> Delta:
+        """Append more tokens after the one `delta` carries (a grammar's forced tokens, a speculation's
+        accepted ones), until one ends the request; return one delta for them all."""
+        for token in tokens:
             if self.finished:
                 break
             more = self.append(token, None)

@@ -23,6 +23,37 @@ import torch
 
 
 @dataclass(frozen=True)
+class Speculation:
+    """Prompt lookup: up to `k` drafts per pass, from the longest recurring suffix of `max_n` down to `min_n`
+    tokens. A request speculates when it has no penalties, constraint or logprobs (those come later)."""
+
+    k: int = 5
+    max_n: int = 4
+    min_n: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= 15:  # k + 1 tokens must stay a short chunk (model/paged_kv.py: SHORT_CHUNK)
+            raise ValueError(f"speculative k must be in [1, 15], got {self.k}")
+        if not 1 <= self.min_n <= self.max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got {self.min_n} and {self.max_n}")
+
+    @classmethod
+    def of(cls, spec: object) -> Speculation | None:
+        """LLM's `speculative`: None, "ngram", or {"method": "ngram", "k": ..., "max_n": ..., "min_n": ...}."""
+        if spec is None or isinstance(spec, Speculation):
+            return spec
+        if spec == "ngram":
+            return cls()
+        if isinstance(spec, dict) and spec.get("method") == "ngram":
+            return cls(**{key: value for key, value in spec.items() if key != "method"})
+        raise ValueError(f"speculative must be None, 'ngram' or {{'method': 'ngram', 'k': ...}}, got {spec!r}")
+
+    def propose(self, tokens: Sequence[int], room: int) -> list[int]:
+        """Drafts after `tokens`, at most `room` of them."""
+        return propose_ngram(tokens, min(self.k, room), self.max_n, self.min_n) if room > 0 else []
+
+
+@dataclass(frozen=True)
 class Verdict:
     accepted: int  # how many drafts were kept
     tokens: list[int]  # the kept drafts, then the target's own token: accepted + 1 tokens
@@ -30,13 +61,17 @@ class Verdict:
 
 def propose_ngram(tokens: Sequence[int], k: int, max_n: int = 4, min_n: int = 1) -> list[int]:
     """Prompt lookup: for n from max_n down to min_n, find the latest earlier occurrence of the last n tokens
-    and propose the (up to k) tokens that followed it; [] when no suffix recurs."""
+    and propose the k tokens that followed it, copied as LZ77 copies (a continuation that runs into the end
+    goes on with the tokens just proposed, so a repeating stretch keeps repeating); [] when no suffix recurs."""
     size = len(tokens)
     for n in range(min(max_n, size - 1), min_n - 1, -1):
         suffix = list(tokens[size - n :])
         for start in range(size - n - 1, -1, -1):  # the latest match first: the freshest context
             if list(tokens[start : start + n]) == suffix:
-                return list(tokens[start + n : start + n + k])
+                copied = list(tokens)
+                for i in range(start + n, start + n + k):
+                    copied.append(copied[i])
+                return copied[size:]
     return []
 
 

@@ -1,0 +1,95 @@
+"""Prompt-lookup speculation in the engine: greedy output identical to plain decoding, token for token, in the
+float32 reference and the fast mode, with EOS, stop strings, max_tokens and batches mixing speculating and
+plain requests; fewer passes than tokens where the text repeats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seriatim import LLM, SamplingParams
+
+REPEAT = "one two three four five one two three four five one two three four five one two"
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_llama):
+    path = str(tiny_llama[0] / "hf")
+    return LLM(path, dtype="float32"), LLM(path, dtype="float32", speculative={"method": "ngram", "k": 4})
+
+
+def prompts(llm, count: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    out = [llm.tokenizer.encode(REPEAT)]
+    for n in range(count - 1):  # random prompts of repeated random phrases: lookups that hit and miss
+        phrase = torch.randint(3, llm.config.vocab_size, (3 + n % 4,), generator=g).tolist()
+        out.append(phrase * (1 + n % 3))
+    return out
+
+
+@pytest.mark.parametrize("kw", [
+    dict(max_tokens=40, ignore_eos=True),
+    dict(max_tokens=7, ignore_eos=True),  # max_tokens falls inside an accepted run
+    dict(max_tokens=60),  # EOS may come inside an accepted run
+    dict(max_tokens=40, stop=["three", "\n"], ignore_eos=True),
+])
+def test_greedy_output_is_plain_decodings(pair, kw):
+    plain, spec = pair
+    params = SamplingParams(temperature=0, **kw)
+    ps = prompts(plain, 12)
+    expected = [o.token_ids for o in plain.generate(ps, params)]
+    before = spec.engine.stats.accepted
+    got = spec.generate(ps, params)
+    assert [o.token_ids for o in got] == expected
+    assert [o.text for o in got] == [o.text for o in plain.generate(ps, params)]
+    if kw["max_tokens"] > 7:
+        assert spec.engine.stats.accepted > before
+
+
+def test_fewer_passes_than_tokens_where_text_repeats(pair):
+    """A strong logit bias makes the random model repeat one token: every lookup then hits, and each pass
+    takes k drafts and a bonus token."""
+    plain, spec = pair
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logit_bias={42: 100.0})
+    ids = [42, 7, 42]
+    steps, drafted, accepted = spec.engine.stats.steps, spec.engine.stats.drafted, spec.engine.stats.accepted
+    out = spec.generate(ids, params)[0]
+    assert out.token_ids == plain.generate(ids, params)[0].token_ids == [42] * 48
+    assert spec.engine.stats.steps - steps <= 1 + 47 // 5 + 1  # the prefill, then 4 drafts + 1 per pass
+    assert spec.engine.stats.accepted - accepted == spec.engine.stats.drafted - drafted
+
+
+def test_requests_that_cannot_speculate_run_plainly_beside_those_that_do(pair):
+    plain, spec = pair
+    ids = plain.tokenizer.encode(REPEAT)
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, repetition_penalty=1.3)]
+    got = spec.generate([ids] * 3, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain.generate([ids] * 3, params)]
+    assert len(got[1].logprobs) == 30
+
+
+def test_sampled_speculation_is_seeded_and_ends_where_asked(pair):
+    _, spec = pair
+    params = SamplingParams(temperature=0.8, seed=11, max_tokens=25, ignore_eos=True)
+    ids = spec.tokenizer.encode(REPEAT)
+    first, again = (spec.generate(ids, params)[0] for _ in range(2))
+    assert first.token_ids == again.token_ids and len(first.token_ids) == 25
+    deltas = list(spec.stream(ids, params))
+    assert [t for d in deltas for t in d.token_ids] == first.token_ids
+
+
+def test_the_fast_mode_keeps_greedy_output(tiny_llama):
+    path = str(tiny_llama[0] / "Q8_0.gguf")
+    plain, spec = LLM(path), LLM(path, speculative="ngram")
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ps = prompts(plain, 6)
+    assert [o.token_ids for o in spec.generate(ps, params)] == [o.token_ids for o in plain.generate(ps, params)]
+
+
+@pytest.mark.parametrize("bad", ["medusa", {"method": "ngram", "k": 0}, {"method": "ngram", "k": 16},
+                                 {"method": "ngram", "min_n": 3, "max_n": 2}])
+def test_bad_speculative_settings_are_refused(tiny_llama, bad):
+    with pytest.raises(ValueError, match="speculative|min_n"):
+        LLM(str(tiny_llama[0] / "hf"), dtype="float32", speculative=bad)
