@@ -145,3 +145,13 @@ def test_generate_holds_the_reply_to_a_constraint(tiny_llama, tmp_path, capsys):
     assert code == 0 and out in ("left\n", "right\n")
     code, _, err = run(["generate", "x", *model, "--grammar", str(tmp_path / "missing.lark")], capsys)
     assert code != 0 and "--grammar: cannot read" in err
+
+
+def test_generate_speculates_with_the_same_greedy_output(tiny_llama, capsys):
+    model = ["--raw", "--model", str(tiny_llama[0] / "hf"), "--dtype", "float32", "--temperature", "0",
+             "--max-tokens", "20"]
+    plain = run(["generate", "one two one two", *model], capsys)
+    spec = run(["generate", "one two one two", *model, "--speculative", '{"method": "ngram", "k": 3}'], capsys)
+    assert plain[0] == spec[0] == 0 and plain[1] == spec[1]
+    with pytest.raises(SystemExit):
+        run(["generate", "x", *model, "--speculative", "{oops"], capsys)

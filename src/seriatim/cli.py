@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Iterator
@@ -37,6 +38,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (fast), float32 (exact reference), bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--speculative", type=_speculative, default=None, metavar="ngram|JSON",
+                   help='speculative decoding: "ngram" (prompt lookup) or its settings as JSON, '
+                        '\'{"method": "ngram", "k": 5, "max_n": 4, "min_n": 1}\'')
+
+
+def _speculative(text: str) -> str | dict:
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--speculative is not valid JSON: {e}") from None
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -159,7 +172,8 @@ def _sampling_params(args: argparse.Namespace):
 def _load(args: argparse.Namespace):
     from .llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads, progress=True)
+    return LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads, progress=True,
+               speculative=args.speculative)
 
 
 def _print_stream(llm, deltas: Iterator[Delta], show_probs: bool) -> tuple[str, RequestMetrics | None]:
@@ -320,7 +334,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         model=args.model, dtype=args.dtype, device=args.device, threads=args.threads,
         served_model_name=args.served_model_name, api_key=args.api_key, max_queue=args.max_queue,
         max_tokens_cap=args.max_tokens_cap, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
-        request_timeout=args.request_timeout,
+        request_timeout=args.request_timeout, speculative=args.speculative,
     )
     serve(config, args.host, args.port, log_level=args.log_level)
 

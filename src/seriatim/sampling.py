@@ -72,6 +72,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives per token; 0 = the chosen token only
     trace: bool = False  # with logprobs: each token's StepTrace (processed probabilities, cuts, entropy)
+    speculate: bool = True  # where the engine speculates (LLM's `speculative`); False decodes this one plainly
     # At most one constraint on the output (vLLM's names): a JSON schema (a dict or its JSON text), any JSON
     # object, a regular expression, a grammar (llguidance's Lark, or llama.cpp's GBNF) or a list of choices.
     json_schema: dict | str | None = None
@@ -104,7 +105,7 @@ class SamplingParams:
             self._check(0 <= self.seed < 2**64, "seed", "must be in [0, 2**64)")
         if self.logprobs is not None:
             self._check(0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"must be in [0, {MAX_LOGPROBS}]")
-        for name in ("ignore_eos", "trace"):
+        for name in ("ignore_eos", "trace", "speculate"):
             if not isinstance(getattr(self, name), bool):
                 raise ParameterError(name, f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.trace and self.logprobs is None:

@@ -13,6 +13,7 @@ import uvicorn
 
 from seriatim.server import ServerConfig, create_app
 from seriatim.server.runner import Server
+from seriatim.server.state import load_llm
 
 
 class LiveServer:
@@ -65,9 +66,7 @@ class SlowSteps:
         self.delay = 0.0
 
     def load(self, config: ServerConfig):
-        from seriatim import LLM
-
-        llm = LLM(config.model, dtype=config.dtype, device=config.device)
+        llm = load_llm(config)
         step = llm.engine.step
 
         def slow_step():

@@ -227,7 +227,8 @@ class Engine:
     def _propose(self, seq: Sequence) -> None:
         """Drafts for `seq`'s next pass, where the engine speculates and the request allows it."""
         spec, params = self.speculation, seq.params
-        if spec is not None and params.logprobs is None and not params.penalised and params.constraint is None:
+        plain = params.logprobs is not None or params.penalised or params.constraint is not None
+        if spec is not None and params.speculate and not plain:
             seq.draft = spec.propose(seq.all_tokens(), seq.max_length - seq.length - 1)
 
     def _forward(self, chunks: list[Chunk]) -> torch.Tensor:

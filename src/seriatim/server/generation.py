@@ -91,6 +91,7 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, seed_
             ignore_eos=bool(req.ignore_eos),
             logprobs=logprobs,
             trace=trace,
+            speculate=req.speculative is not False,
             **{kind: value for kind, (_, value) in constraints.items()},
         )
     except ParameterError as e:

@@ -36,6 +36,10 @@ class _EngineCollector(Collector):
                       m.stats.aborted)
         blocks = m.kv_blocks_used + m.kv_blocks_free
         yield _metric(CounterMetricFamily, "seriatim_engine_steps", "Forward passes run by the engine", m.stats.steps)
+        yield _metric(CounterMetricFamily, "seriatim_spec_draft_tokens", "Speculative draft tokens verified",
+                      m.stats.drafted)
+        yield _metric(CounterMetricFamily, "seriatim_spec_accepted_tokens", "Speculative draft tokens accepted",
+                      m.stats.accepted)
         yield _metric(CounterMetricFamily, "seriatim_forced_tokens",
                       "Tokens a grammar forced, appended without sampling (jump-forward)", m.stats.forced_tokens)
         yield _metric(GaugeMetricFamily, "seriatim_engine_step_tokens", "Tokens fed to the last forward pass",

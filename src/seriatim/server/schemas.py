@@ -88,6 +88,7 @@ class _Sampling(_Strict):
     min_p: Number | None = None
     repetition_penalty: Number | None = None
     ignore_eos: StrictBool | None = None
+    speculative: StrictBool | None = None  # false: decode this request without speculation (serve --speculative)
     # Structured output (server/constraints.py): OpenAI's response_format, or vLLM's extras.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None

@@ -32,6 +32,7 @@ class ServerConfig:
     max_choices: int = 64  # prompts x n in one request
     max_body_bytes: int = 1 << 20
     request_timeout: float | None = None  # seconds for one request, queue time included
+    speculative: str | dict | None = None  # LLM's `speculative`: "ngram" or its settings
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_n", "max_choices", "max_body_bytes"):
@@ -56,7 +57,7 @@ class ServerState:
 
     def __init__(self, config: ServerConfig, load: Callable[[ServerConfig], Any] | None = None):
         self.config = config
-        self._load = load or _load_llm
+        self._load = load or load_llm
         self.llm: Any = None
         self.engine: AsyncEngine | None = None
         self.load_error: str | None = None
@@ -140,7 +141,9 @@ async def _in_daemon_thread(fn: Callable[[ServerConfig], Any], config: ServerCon
     return await fut
 
 
-def _load_llm(config: ServerConfig) -> Any:
+def load_llm(config: ServerConfig) -> Any:
+    """The LLM `config` describes (the server's default loader)."""
     from ..llm import LLM
 
-    return LLM(config.model, dtype=config.dtype, device=config.device, threads=config.threads)
+    return LLM(config.model, dtype=config.dtype, device=config.device, threads=config.threads,
+               speculative=config.speculative)

@@ -1,0 +1,41 @@
+"""`seriatim serve --speculative ngram`: greedy completions as a plain server gives them, the draft counters
+in /metrics, and a request that opts out with `"speculative": false`."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from seriatim import SamplingParams
+from seriatim.server.state import ServerConfig
+from support.live_server import LiveServer
+
+REPEATING = {"model": "hf", "prompt": [42, 7, 42], "max_tokens": 30, "temperature": 0, "ignore_eos": True,
+             "logit_bias": {"42": 100}}
+
+
+@pytest.fixture(scope="module")
+def spec_server(tiny_llama):
+    live = LiveServer(ServerConfig(model=str(tiny_llama[0] / "hf"), dtype="float32", device="cpu",
+                                   speculative="ngram")).start()
+    yield live
+    live.stop()
+
+
+def test_greedy_completions_are_a_plain_servers(spec_server, tiny_llm):
+    for prompt in ("The quick brown fox", "one two one two one two"):
+        body = {"model": "hf", "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+        got = httpx.post(spec_server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        expected = tiny_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+        assert got == expected.text
+
+
+def test_drafts_are_counted_and_a_request_may_opt_out(spec_server):
+    drafted = spec_server.metric("seriatim_spec_draft_tokens_total")
+    accepted = spec_server.metric("seriatim_spec_accepted_tokens_total")
+    r = httpx.post(spec_server.url + "/v1/completions", json=REPEATING, timeout=60).json()
+    assert r["usage"]["completion_tokens"] == 30
+    assert spec_server.metric("seriatim_spec_accepted_tokens_total") - accepted >= 20
+    drafted = spec_server.metric("seriatim_spec_draft_tokens_total")
+    httpx.post(spec_server.url + "/v1/completions", json={**REPEATING, "speculative": False}, timeout=60)
+    assert spec_server.metric("seriatim_spec_draft_tokens_total") == drafted
