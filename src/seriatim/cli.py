@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead of speed: JSON-schema compile times, validity of sampled outputs, and what a "
                             "constraint costs decoding")
     bench.add_argument("--samples", type=int, default=10, help="with --structured: outputs sampled per schema")
+    bench.add_argument("--speculative", action="store_true",
+                       help="instead of speed: plain decoding against prompt-lookup speculation, same prompts")
     bench.add_argument("--quality", action="store_true",
                        help="instead of speed: perplexity and greedy agreement of the fast mode against float32")
     _add_serve_parser(sub)
@@ -278,6 +280,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         from .bench.quality import compare
 
         print(compare(args.model))
+        return
+    if args.speculative:
+        from .bench.speculative import run_speculative_bench
+
+        run_speculative_bench(args.model, args.threads or physical_cores(), args.runs)
         return
     if args.structured:
         from .bench.structured import run_structured_bench

@@ -130,3 +130,15 @@ def test_structured_bench_checks_every_output_and_times_each_variant(tiny_llm, m
     assert result.report()[0].startswith(f"parse and validate: {len(result.valid)}/8")
     rates = structured.decode_rates(tiny_llm, batch=2, runs=1)
     assert list(rates) == ["unconstrained", "free text", "fixed keys"] and min(rates.values()) > 0
+
+
+def test_speculative_bench_compares_on_the_same_prompts(tiny_llama):
+    from seriatim.bench.speculative import format_rows, measure
+
+    path = str(tiny_llama[0] / "hf")
+    plain, spec = LLM(path, dtype="float32"), LLM(path, dtype="float32", speculative="ngram")
+    row = measure(plain, spec, "repeats", ["one two one two one two", "a b a b a b"], max_tokens=12, runs=1)
+    assert row.identical and row.tokens == 24 and 0 < row.passes <= 24
+    assert row.verifications > 0 and sum(row.accepted_at) == row.accepted
+    table = format_rows([row], 5)
+    assert "| repeats | 24 |" in table and "| yes |" in table

@@ -11,7 +11,7 @@ import itertools
 import numbers
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,6 +42,8 @@ class EngineStats:
     forced_tokens: int = 0  # of those, tokens a grammar forced, appended without sampling (jump-forward)
     drafted: int = 0  # speculative drafts verified
     accepted: int = 0  # of those, the ones kept
+    verifications: int = 0  # passes that verified drafts
+    accepted_at: list[int] = field(default_factory=list)  # [i]: verifications that kept draft i (from 0)
     finished: int = 0  # requests that ended with "stop" or "length"
     aborted: int = 0
 
@@ -220,6 +222,11 @@ class Engine:
             verdict = verify_sampled(seq.draft, logprobs.exp(), None, seq.sampling.generator)
         self.stats.drafted += len(seq.draft)
         self.stats.accepted += verdict.accepted
+        self.stats.verifications += 1
+        at = self.stats.accepted_at
+        at += [0] * (verdict.accepted - len(at))
+        for i in range(verdict.accepted):
+            at[i] += 1
         self.scheduler.truncate(seq, seq.length + verdict.accepted)
         seq.draft = []
         return verdict.tokens

@@ -1,0 +1,102 @@
+"""`seriatim bench --speculative`: plain decoding and prompt-lookup speculation on the same prompts, in one
+run: target passes per token, drafts kept per verification and by position, wall-clock speedup, and whether
+the greedy outputs were identical."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+from ..kernels import isa
+from ..llm import LLM
+from ..sampling import SamplingParams
+
+CODE = '''def moving_average(values, window):
+    if window <= 0:
+        raise ValueError("window must be positive")
+    out = []
+    total = 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        if i >= window - 1:
+            out.append(total / window)
+    return out
+'''
+PASSAGE = ("The Amazon rainforest covers much of the Amazon basin of South America. The basin encompasses "
+           "seven million square kilometres, of which five and a half million square kilometres are covered "
+           "by the rainforest. The region includes territory belonging to nine nations; the majority of the "
+           "forest, 60%, is contained within Brazil, followed by Peru with 13%, and Colombia with 10%.")
+PROMPTS = {
+    "input-grounded": [
+        f"Rename the function to rolling_mean and the variable total to running_sum. Return the full code.\n\n{CODE}",
+        f"Add a docstring to this function and return the whole function.\n\n{CODE}",
+        f"Quote the sentences of this passage that mention percentages, word for word.\n\n{PASSAGE}",
+    ],
+    "code": ["Write a Python class for a stack with push, pop, peek and is_empty methods.",
+             "Write a Python function that parses a CSV line with quoted fields."],
+    "chat": ["What should I pack for a week of hiking in the mountains?",
+             "Explain why the sky is blue to a ten-year-old."],
+}
+
+
+@dataclass
+class Row:
+    prompts: str
+    tokens: int
+    passes: int
+    verifications: int
+    accepted: int
+    accepted_at: list[int]
+    plain_s: float
+    spec_s: float
+    identical: bool
+
+
+def measure(plain: LLM, spec: LLM, name: str, prompts: list[str], max_tokens: int, runs: int) -> Row:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    ids = [plain.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
+    stats = spec.engine.stats
+    before = (stats.steps, stats.verifications, stats.accepted, list(stats.accepted_at))
+    plain_s, spec_s, identical, tokens = [], [], True, 0
+    for run in range(runs):  # one prompt at a time, plain and speculative in turn
+        for p in ids:
+            start = time.perf_counter()
+            a = plain.generate(p, params)[0]
+            plain_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            b = spec.generate(p, params)[0]
+            spec_s.append(time.perf_counter() - start)
+            identical &= a.token_ids == b.token_ids
+            tokens += len(b.token_ids) if run == 0 else 0
+    per = len(ids)
+    at = [n - (before[3][i] if i < len(before[3]) else 0) for i, n in enumerate(stats.accepted_at)]
+    return Row(name, tokens, (stats.steps - before[0]) // runs, (stats.verifications - before[1]) // runs,
+               (stats.accepted - before[2]) // runs, [n // runs for n in at],
+               statistics.median(plain_s) * per, statistics.median(spec_s) * per, identical)
+
+
+def format_rows(rows: list[Row], k: int) -> str:
+    lines = ["| prompts | tokens | target passes per token | drafts kept per verification | kept by position "
+             f"(1..{k}) | speedup (wall clock) | greedy output identical |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        by_position = " / ".join(f"{n / max(r.verifications, 1):.2f}" for n in (r.accepted_at + [0] * k)[:k])
+        lines.append(f"| {r.prompts} | {r.tokens} | {r.passes / r.tokens:.2f} | "
+                     f"{r.accepted / max(r.verifications, 1):.2f} | {by_position} | {r.plain_s / r.spec_s:.2f}x | "
+                     f"{'yes' if r.identical else 'NO'} |")
+    return "\n".join(lines)
+
+
+def run_speculative_bench(model: str, threads: int, runs: int, max_tokens: int = 128) -> None:
+    plain, spec = LLM(model, threads=threads), LLM(model, threads=threads, speculative="ngram")
+    k = spec.engine.speculation.k
+    print(f"seriatim speculative decoding: {model}, prompt lookup (k = {k}), greedy, {max_tokens} tokens per "
+          f"prompt, {threads} threads, medians of {runs}; {isa.describe()}")
+    rows = []
+    for name, prompts in PROMPTS.items():
+        print(f"[{name} ...]", file=sys.stderr, flush=True)
+        rows.append(measure(plain, spec, name, prompts, max_tokens, runs))
+    print(format_rows(rows, k))
