@@ -136,7 +136,8 @@ def test_speculative_bench_compares_on_the_same_prompts(tiny_llama):
     from seriatim.bench.speculative import format_rows, measure
 
     path = str(tiny_llama[0] / "hf")
-    plain, spec = LLM(path, dtype="float32"), LLM(path, dtype="float32", speculative="ngram")
+    lookup = {"method": "ngram", "min_n": 1}  # the random model repeats no two-token stretch
+    plain, spec = LLM(path, dtype="float32"), LLM(path, dtype="float32", speculative=lookup)
     row = measure(plain, spec, "repeats", ["one two one two one two", "a b a b a b"], max_tokens=12, runs=1)
     assert row.identical and row.tokens == 24 and 0 < row.passes <= 24
     assert row.verifications > 0 and sum(row.accepted_at) == row.accepted

@@ -55,7 +55,8 @@ def test_fewer_passes_than_tokens_where_text_repeats(pair):
     steps, drafted, accepted = spec.engine.stats.steps, spec.engine.stats.drafted, spec.engine.stats.accepted
     out = spec.generate(ids, params)[0]
     assert out.token_ids == plain.generate(ids, params)[0].token_ids == [42] * 48
-    assert spec.engine.stats.steps - steps <= 1 + 47 // 5 + 1  # the prefill, then 4 drafts + 1 per pass
+    # The prefill and a plain pass or two until a two-token suffix recurs; then 4 drafts and 1 more per pass.
+    assert spec.engine.stats.steps - steps <= 3 + 48 // 5
     assert spec.engine.stats.accepted - accepted == spec.engine.stats.drafted - drafted
 
 
