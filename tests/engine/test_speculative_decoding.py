@@ -15,7 +15,9 @@ REPEAT = "one two three four five one two three four five one two three four fiv
 @pytest.fixture(scope="module")
 def pair(tiny_llama):
     path = str(tiny_llama[0] / "hf")
-    return LLM(path, dtype="float32"), LLM(path, dtype="float32", speculative={"method": "ngram", "k": 4})
+    # A row budget that lets all of a 12-prompt batch draft, so that batches test speculation too.
+    lookup = {"method": "ngram", "k": 4, "max_step_rows": 64}
+    return LLM(path, dtype="float32"), LLM(path, dtype="float32", speculative=lookup)
 
 
 def prompts(llm, count: int) -> list[list[int]]:
@@ -87,6 +89,15 @@ def test_the_fast_mode_keeps_greedy_output(tiny_llama):
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     ps = prompts(plain, 6)
     assert [o.token_ids for o in spec.generate(ps, params)] == [o.token_ids for o in plain.generate(ps, params)]
+
+
+def test_a_batch_that_fills_the_row_budget_decodes_plainly(tiny_llama):
+    spec = LLM(str(tiny_llama[0] / "hf"), dtype="float32", speculative="ngram")  # 8 rows a step
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logit_bias={42: 100.0})
+    spec.generate([[42, 7, 42, 42]] * 8, params)
+    assert spec.engine.stats.drafted == 0
+    spec.generate([[42, 7, 42, 42]] * 2, params)  # 2 decodes leave 6 rows: 3 drafts each
+    assert spec.engine.stats.drafted > 0 and spec.engine.speculation.drafts_per_sequence(2) == 3
 
 
 @pytest.mark.parametrize("bad", ["medusa", {"method": "ngram", "k": 0}, {"method": "ngram", "k": 16},

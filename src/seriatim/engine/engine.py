@@ -193,9 +193,8 @@ class Engine:
                 self.requests.pop(seq.request_id, None)
                 self.scheduler.finish(seq)
                 self.stats.finished += 1
-            else:
-                self._propose(seq)
             results.append((delta, seq))
+        self._propose([seq for _, seq in results if not seq.finished])
         return results
 
     def _take(self, ready: list[tuple[Chunk, int]], logits: torch.Tensor) -> list[Taken]:
@@ -231,12 +230,17 @@ class Engine:
         seq.draft = []
         return verdict.tokens
 
-    def _propose(self, seq: Sequence) -> None:
-        """Drafts for `seq`'s next pass, where the engine speculates and the request allows it."""
-        spec, params = self.speculation, seq.params
-        plain = params.logprobs is not None or params.penalised or params.constraint is not None
-        if spec is not None and params.speculate and not plain:
-            seq.draft = spec.propose(seq.all_tokens(), seq.max_length - seq.length - 1)
+    def _propose(self, seqs: list[Sequence]) -> None:
+        """Drafts for the next pass of those of `seqs` that may speculate, as many as the batch leaves room for."""
+        spec = self.speculation
+        if spec is None:
+            return
+        room = spec.drafts_per_sequence(len(self.scheduler.running))
+        for seq in seqs:
+            params = seq.params
+            plain = params.logprobs is not None or params.penalised or params.constraint is not None
+            if params.speculate and not plain:
+                seq.draft = spec.propose(seq.all_tokens(), min(room, seq.max_length - seq.length - 1))
 
     def _forward(self, chunks: list[Chunk]) -> torch.Tensor:
         for c in chunks:

@@ -34,10 +34,16 @@ class Speculation:
     k: int = 5
     max_n: int = 4
     min_n: int = 2
+    # Rows (tokens) a step may feed before drafts stop paying: on a 2-core CPU a pass over 8 rows costs ~2x a
+    # pass over one (`seriatim bench --rows`), over 16 ~3.3x, while drafts add ~0.5-1.5 tokens a pass. So the
+    # drafts of a step share what its plain decodes leave of 8 rows, and a batch of 8 or more does not draft.
+    max_step_rows: int = 8
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 15:  # k + 1 tokens must stay a short chunk (model/paged_kv.py: SHORT_CHUNK)
             raise ValueError(f"speculative k must be in [1, 15], got {self.k}")
+        if self.max_step_rows < 2:
+            raise ValueError(f"max_step_rows must be >= 2, got {self.max_step_rows}")
         if not 1 <= self.min_n <= self.max_n:
             raise ValueError(f"need 1 <= min_n <= max_n, got {self.min_n} and {self.max_n}")
 
@@ -52,9 +58,13 @@ class Speculation:
             return cls(**{key: value for key, value in spec.items() if key != "method"})
         raise ValueError(f"speculative must be None, 'ngram' or {{'method': 'ngram', 'k': ...}}, got {spec!r}")
 
+    def drafts_per_sequence(self, running: int) -> int:
+        """How many drafts each of `running` decoding sequences may get in one step."""
+        return max(0, min(self.k, (self.max_step_rows - running) // max(running, 1)))
+
     def propose(self, tokens: Sequence[int], room: int) -> list[int]:
         """Drafts after `tokens`, at most `room` of them."""
-        return propose_ngram(tokens, min(self.k, room), self.max_n, self.min_n) if room > 0 else []
+        return propose_ngram(tokens, room, self.max_n, self.min_n) if room > 0 else []
 
 
 @dataclass(frozen=True)
