@@ -3,6 +3,8 @@ in /metrics, and a request that opts out with `"speculative": false`."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -39,3 +41,12 @@ def test_drafts_are_counted_and_a_request_may_opt_out(spec_server):
     drafted = spec_server.metric("seriatim_spec_draft_tokens_total")
     httpx.post(spec_server.url + "/v1/completions", json={**REPEATING, "speculative": False}, timeout=60)
     assert spec_server.metric("seriatim_spec_draft_tokens_total") == drafted
+
+
+def test_a_stream_carries_several_tokens_per_chunk(spec_server):
+    whole = httpx.post(spec_server.url + "/v1/completions", json=REPEATING, timeout=60).json()["choices"][0]["text"]
+    with httpx.stream("POST", spec_server.url + "/v1/completions", json={**REPEATING, "stream": True},
+                      timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    texts = [c["choices"][0]["text"] for c in chunks if c["choices"][0]["text"]]
+    assert "".join(texts) == whole and len(texts) < 30  # 30 tokens in fewer chunks: several per pass
