@@ -13,8 +13,12 @@ import torch
 from seriatim import SamplingParams
 from seriatim.errors import ParameterError
 from seriatim.grammar.constraint import Constraint
-from seriatim.grammar.state import allowed_tokens
+from seriatim.grammar.state import token_bitmask, unpack
 from seriatim.sampling import SamplingState, process_logits
+
+
+def allowed_tokens(states, vocab: int) -> torch.Tensor:
+    return unpack(token_bitmask(states), vocab)
 
 PERSON = {
     "type": "object",

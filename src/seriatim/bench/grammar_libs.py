@@ -25,14 +25,12 @@ import contextlib
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import llguidance
@@ -41,7 +39,9 @@ import torch
 import transformers
 import xgrammar
 
-SCHEMAS_FILE = Path(__file__).with_name("schemas.json")
+from ..kernels import isa
+from .structured import schemas as load_structured_schemas
+
 DEFAULT_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
 BATCH = 16
 QUICK_SCHEMAS = 3
@@ -376,11 +376,8 @@ def captured_stderr() -> Iterator[list[str]]:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def load_schemas(path: Path = SCHEMAS_FILE) -> list[dict[str, Any]]:
-    return json.loads(path.read_text())
-
-
 def load_vocabulary(model: str) -> Vocabulary:
+    from ..model.config import gguf_vocab_size
     from ..text.tokenizer import Tokenizer
     from ..weights.gguf_metadata import read_gguf_metadata
     from ..weights.registry import resolve_model
@@ -388,9 +385,7 @@ def load_vocabulary(model: str) -> Vocabulary:
     # The metadata is read once for both the tokenizer and the logit width (which can exceed the
     # tokenizer's vocabulary: the mask must cover every logit).
     meta = read_gguf_metadata(resolve_model(model))
-    arch = meta.get("general.architecture")
-    size = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
-    return Vocabulary(model, Tokenizer.from_gguf_metadata(meta), int(size))
+    return Vocabulary(model, Tokenizer.from_gguf_metadata(meta), gguf_vocab_size(meta))
 
 
 def make_cases(schemas: list[dict[str, Any]], vocab: Vocabulary) -> list[Case]:
@@ -768,7 +763,7 @@ def header_lines(threads: int, samples: int, n_cases: int) -> list[str]:
     return [
         "# Grammar libraries on this CPU",
         "",
-        f"llguidance {version('llguidance')}, xgrammar {version('xgrammar')}; {cpu_name()}, "
+        f"llguidance {version('llguidance')}, xgrammar {version('xgrammar')}; {isa.describe()}, "
         f"{threads} threads for each library's compile and batch work; {n_cases} schemas, samples: {samples}.",
         "Compact JSON for both (llguidance `whitespace_flexible: False`; xgrammar `any_whitespace=False`, "
         "separators `,` `:`). Compile: median over the samples per schema, then p50/p99/max over schemas. "
@@ -777,21 +772,13 @@ def header_lines(threads: int, samples: int, n_cases: int) -> list[str]:
     ]
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def measure(
     models: Sequence[str] = DEFAULT_MODELS, samples: int = 5, limit: int | None = None,
     batch_steps: int | None = None, threads: int | None = None,
 ) -> str:
     """The markdown report: `limit` keeps the first schemas only, `batch_steps` caps the batch-16 steps."""
     threads = threads or os.cpu_count() or 1
-    schemas = load_schemas()[:limit]
+    schemas = load_structured_schemas()[:limit]
     check_instances(schemas)
     used = feature_users(schemas)
     lines = header_lines(threads, samples, len(schemas))

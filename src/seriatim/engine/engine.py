@@ -27,7 +27,7 @@ from .config import EngineConfig
 from .runner import ModelRunner, StepBatch
 from .scheduler import Chunk, Scheduler
 from .sequence import Sequence
-from .speculation import verify_greedy, verify_sampled
+from .speculation import Speculation, verify_greedy, verify_sampled
 
 
 @dataclass
@@ -194,7 +194,8 @@ class Engine:
                 self.scheduler.finish(seq)
                 self.stats.finished += 1
             results.append((delta, seq))
-        self._propose([seq for _, seq in results if not seq.finished])
+        if self.speculation is not None:
+            self._propose(self.speculation, [seq for _, seq in results if not seq.finished])
         return results
 
     def _take(self, ready: list[tuple[Chunk, int]], logits: torch.Tensor) -> list[Taken]:
@@ -230,11 +231,8 @@ class Engine:
         seq.draft = []
         return verdict.tokens
 
-    def _propose(self, seqs: list[Sequence]) -> None:
+    def _propose(self, spec: Speculation, seqs: list[Sequence]) -> None:
         """Drafts for the next pass of those of `seqs` that may speculate, as many as the batch leaves room for."""
-        spec = self.speculation
-        if spec is None:
-            return
         room = spec.drafts_per_sequence(len(self.scheduler.running))
         for seq in seqs:
             params = seq.params

@@ -38,12 +38,8 @@ def mask_logits(logits: torch.Tensor, rows: list[int], states: list[GrammarState
     return logits
 
 
-def allowed_tokens(states: list[GrammarState], vocab: int) -> torch.Tensor:
-    """Bool [len(states), vocab] on the CPU: which tokens each state allows next."""
-    return unpack(token_bitmask(states), vocab)
-
-
 def unpack(bits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Bool [R, vocab] from token bitmasks [R, W]: which tokens each allows."""
     shifts = torch.arange(32, dtype=torch.int32)
     return ((bits.unsqueeze(-1) >> shifts) & 1).bool().view(len(bits), -1)[:, :vocab]
 

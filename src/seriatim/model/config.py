@@ -90,6 +90,11 @@ def _periodic_sliding(num_layers: int, period: int) -> tuple[bool, ...]:
     return tuple((i + 1) % period != 0 for i in range(num_layers))
 
 
+def gguf_vocab_size(meta: dict[str, Any]) -> int:
+    """The logits' width: the architecture's vocab_size where the file gives one, else the token count."""
+    return int(meta.get(f"{meta.get('general.architecture')}.vocab_size") or len(meta["tokenizer.ggml.tokens"]))
+
+
 def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
     """Build a config from GGUF metadata (keys are prefixed by the architecture name)."""
     arch = meta.get("general.architecture", "?")
@@ -106,7 +111,6 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfi
     heads = int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", hidden // heads))
     layers = int(get("block_count"))
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
     family = _family(arch, hidden)
     window = meta.get(f"{arch}.attention.sliding_window")
     if arch == "gemma3":
@@ -119,7 +123,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfi
             family.update(sliding_window=int(window), sliding_layers=_periodic_sliding(layers, GEMMA3_SLIDING_PERIOD))
     return ModelConfig(
         arch=arch,
-        vocab_size=int(vocab),
+        vocab_size=gguf_vocab_size(meta),
         hidden_size=hidden,
         intermediate_size=int(get("feed_forward_length")),
         num_layers=layers,
