@@ -257,6 +257,26 @@ def test_int8_vector_product_matches_torchs_kernel_and_amx(rows):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 15, 16, 70])
+@pytest.mark.parametrize("shape", [(130, 192), (320, 576), (64, 8320)])
+def test_int8_products_are_the_exact_integer_totals(shape, rows):
+    """Every int8 path (the vector kernel for a few rows, integer matrix products for many) computes the
+    exact integer total of the int16-quantized row and the int8 weight row, rounded once: bit for bit the
+    reference below, so a row's result cannot depend on how many rows share the call. K of 8320 crosses
+    the point where the vector kernel's int32 lane sums move to int64."""
+    gen = torch.Generator().manual_seed(rows)
+    n, k = shape
+    module = Int8Linear(*int8_rows(torch.randn(n, k, generator=gen)), torch.bfloat16)
+    x = (torch.randn(rows, k, generator=gen) * torch.linspace(0.1, 30, k)).bfloat16()
+    xf = x.float()
+    row_scale = xf.abs().amax(dim=1) / 32639
+    q = torch.round(xf * (1 / row_scale)[:, None]).long()
+    expected = (q @ module.weight.long().T).float() * row_scale[:, None] * module.scale.float()[None, :]
+    got = library.ops().int8_gemv(x, module.weight, module.scale, True)
+    assert torch.equal(got, expected)
+
+
+@needs_kernels
 @pytest.mark.parametrize("rows", [1, 5, 16, 600])
 def test_int8_head_writes_float32_that_rounds_to_its_bfloat16_product(rows):
     """float_out (the logits): the same float32 values the bfloat16 products are rounded from, for each

@@ -1,16 +1,19 @@
-// Compact weights (quant.py) times one or a few activation rows: the matrix-vector products of a decode
-// step, which read every weight once and should run at memory speed.
+// Compact weights (quant.py) times activation rows: the matrix-vector products of a decode step, which read
+// every weight once and should run at memory speed, and the batch-invariant products of longer chunks.
 //
-// - int4, one row or a few: each pair of input columns of a 64-output block (64 bytes of torch's packed layout)
-//   becomes four vectors of bfloat16 pairs (128 + q, exact, as in amx_mm.cpp) with two byte permutes and
-//   a few bit ops, and AVX-512's bfloat16 dot product adds x_c w_c + x_c+1 w_c+1 into float32 per output.
-//   Each group's scale and zero apply once per group. Weights exact, activations as given; with a
-//   prefetch ahead, faster than torch's int4 kernel on SmolLM2's layers. Up to four rows share each
-//   expanded column pair, so a block is read from memory once for every row of a short batch.
-// - int8 with one scale per output row (the head): the activations are quantized to 16 bits per 64
-//   columns (simd.h), as amx_mm.cpp does, so both kernels compute the same integer sums and a sequence's
-//   logits barely depend on which one ran. The weight rows are widened to 16 bits and multiplied with
-//   AVX-512 VNNI (int32 sums per 64 columns, scaled in float32): ~1.4x torch's _weight_int8pack_mm.
+// - int4: each pair of input columns of a 64-output block (64 bytes of torch's packed layout) becomes four
+//   vectors of bfloat16 pairs (128 + q, exact, as in amx_mm.cpp) with two byte permutes and a few bit ops,
+//   and AVX-512's bfloat16 dot product adds x_c w_c + x_c+1 w_c+1 into float32 per output. Each group's
+//   scale and zero apply once per group. Weights exact, activations as given; with a prefetch ahead,
+//   faster than torch's int4 kernel on SmolLM2's layers. Up to four rows share each expanded column pair,
+//   so a block is read from memory once for every row of a short batch; each row is summed in the same
+//   order whatever the number of rows, so at 512 rows it still gives every row its lone result, at about
+//   the cost of expanding the weight for one dense matmul.
+// - int8 with one scale per output row: the activations are quantized to 16 bits with one scale per row
+//   (simd.h), and each output is the exact integer total of q w, rounded once to float32 and scaled. A few
+//   rows: the weight rows widened to 16 bits and multiplied with AVX-512 VNNI, ~1.4x torch's
+//   _weight_int8pack_mm. Many: two int8 matrix products (oneDNN's). Exact totals do not depend on the
+//   order of the sums, so both give a row the same bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -29,6 +32,7 @@ using namespace seriatim;
 
 constexpr int kMaxRows = 4;  // activation rows per pass over a weight block or row (their sums stay in registers)
 constexpr int64_t kBlock = kInt4Block;
+constexpr int64_t kMatrixFrom = 16;  // rows from which int8 products go to integer matrix products
 constexpr int kPrefetch = 2048;  // bytes ahead of the weights being read (measured: 1-4 KB alike)
 
 // ---- int4 ---------------------------------------------------------------------------------------------
@@ -85,35 +89,53 @@ void int4_block_rows(int64_t count, const uint8_t* block, const uint16_t* pairs,
 
 // ---- int8 ---------------------------------------------------------------------------------------------
 
-// One output row (int8, K columns) times R quantized activation rows -> R sums, scaled by the rows' scales.
+// Exact integer dot products of one int8 weight row (K columns) with R int16 activation rows: each lane's
+// int32 sum runs over up to kExactSteps steps of 64 columns (|sum| < 2^31), then is added into int64.
+// Integer sums do not depend on their order, so any kernel computing them (int8_matrix below, for long
+// chunks) gives the same totals: the int8 products are batch-invariant by construction.
+constexpr int64_t kExactSteps = 128;  // 4 products of |32639 x 127| per lane and step: 128 steps fit int32
+
 template <int R>
-void int8_row(const int8_t* w, const int16_t* xq, const float* row_scale, int64_t k, float* out) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < k; c += kQuantStep) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + c + kPrefetch), _MM_HINT_T0);
-    const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c)));
-    const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c + 32)));
+void int8_dots(const int8_t* w, const int16_t* xq, int64_t k, int64_t total[R]) {
+  __m512i wide[R][2];  // int64 partial totals: lanes 0-7 and 8-15 of each int32 sum
+  for (int r = 0; r < R; ++r) wide[r][0] = wide[r][1] = _mm512_setzero_si512();
+  for (int64_t c0 = 0; c0 < k; c0 += kExactSteps * kQuantStep) {
+    __m512i acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+    for (int64_t c = c0; c < std::min(k, c0 + kExactSteps * kQuantStep); c += kQuantStep) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + c + kPrefetch), _MM_HINT_T0);
+      const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c)));
+      const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c + 32)));
+      for (int r = 0; r < R; ++r) {
+        const int16_t* x = xq + r * k + c;
+        acc[r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc[r], w0, _mm512_loadu_si512(x)), w1, _mm512_loadu_si512(x + 32));
+      }
+    }
     for (int r = 0; r < R; ++r) {
-      // int32 sums of a step (4 products per lane) cannot overflow; across steps they are added in float32.
-      const int16_t* xs = xq + r * k + c;
-      __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xs));
-      dot = _mm512_dpwssd_epi32(dot, w1, _mm512_loadu_si512(xs + 32));
-      acc[r] = _mm512_add_ps(_mm512_cvtepi32_ps(dot), acc[r]);
+      wide[r][0] = _mm512_add_epi64(wide[r][0], _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[r])));
+      wide[r][1] = _mm512_add_epi64(wide[r][1], _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[r], 1)));
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) * row_scale[r];
+  for (int r = 0; r < R; ++r) total[r] = _mm512_reduce_add_epi64(_mm512_add_epi64(wide[r][0], wide[r][1]));
+}
+
+// An output from its exact total: rounded once to float32, times the activation row's scale, then the
+// weight row's. Every int8 kernel ends this way.
+template <typename Out>
+inline Out int8_output(int64_t total, float row_scale, float weight_scale) {
+  return Out(static_cast<float>(total) * row_scale * weight_scale);
 }
 
 template <int R, typename Out>
 void int8_rows(const int8_t* wp, const QuantizedActivations& xq, int64_t r, int64_t k, const float* scale,
                int64_t n, int64_t o, Out* y) {
-  float out[R];
-  int8_row<R>(wp + o * k, xq.values.data() + r * k, xq.scale.data() + r, k, out);
-  for (int i = 0; i < R; ++i) y[(r + i) * n + o] = Out(out[i] * scale[o]);
+  int64_t total[R];
+  int8_dots<R>(wp + o * k, xq.values.data() + r * k, k, total);
+  for (int i = 0; i < R; ++i) y[(r + i) * n + o] = int8_output<Out>(total[i], xq.scale[r + i], scale[o]);
 }
 
-// Every output o of every row of xq (m rows) into y [m, n] of bfloat16 or float32.
+// Every output o of every row of xq (m rows, a few) into y [m, n] of bfloat16 or float32: each weight row
+// read once for all of them.
 template <typename Out>
 void int8_outputs(const int8_t* wp, const QuantizedActivations& xq, int64_t m, int64_t k, const float* sc, int64_t n,
                   Out* y) {
@@ -126,6 +148,61 @@ void int8_outputs(const int8_t* wp, const QuantizedActivations& xq, int64_t m, i
           case 3: int8_rows<3>(wp, xq, r, k, sc, n, o, y); break;
           default: int8_rows<4>(wp, xq, r, k, sc, n, o, y); break;
         }
+      }
+  });
+}
+
+// The int16 activations split as q = 256 hi + lo with hi and lo in [-128, 127] (|q| <= 32639, simd.h), 32 at a
+// time: hi = (q + 128) >> 8, lo = q - 256 hi.
+at::Tensor split_halves(const QuantizedActivations& xq, int64_t m, int64_t k, const at::TensorOptions& int8) {
+  at::Tensor halves = at::empty({2, m, k}, int8);
+  int8_t *hp = halves.data_ptr<int8_t>(), *lp = hp + m * k;
+  const int16_t* qp = xq.values.data();
+  at::parallel_for(0, m * k / 32, 128, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = 32 * i0; i < 32 * i1; i += 32) {
+      const __m512i q = _mm512_loadu_si512(qp + i);
+      const __m512i hi = _mm512_srai_epi16(_mm512_add_epi16(q, _mm512_set1_epi16(128)), 8);
+      const __m512i lo = _mm512_sub_epi16(q, _mm512_slli_epi16(hi, 8));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(hp + i), _mm512_cvtepi16_epi8(hi));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lp + i), _mm512_cvtepi16_epi8(lo));
+    }
+  });
+  return halves;
+}
+
+// Sixteen outputs of one row from their halves' int32 sums: 256 hi + lo exactly in int64, then as
+// int8_output does it (rounded once to float32, times the row's scale, then the outputs').
+inline __m512 int8_outputs16(const int32_t* hi, const int32_t* lo, __mmask16 lanes, float row_scale,
+                             const float* weight_scale) {
+  const __m512i h = _mm512_maskz_loadu_epi32(lanes, hi), l = _mm512_maskz_loadu_epi32(lanes, lo);
+  const __m512i t0 = _mm512_add_epi64(_mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(h)), 8),
+                                      _mm512_cvtepi32_epi64(_mm512_castsi512_si256(l)));
+  const __m512i t1 = _mm512_add_epi64(_mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(h, 1)), 8),
+                                      _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(l, 1)));
+  const __m512 total = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtepi64_ps(t0)), _mm512_cvtepi64_ps(t1), 1);
+  return _mm512_mul_ps(_mm512_mul_ps(total, _mm512_set1_ps(row_scale)), _mm512_maskz_loadu_ps(lanes, weight_scale));
+}
+
+inline void store16(float* y, __m512 v, __mmask16 lanes) { _mm512_mask_storeu_ps(y, lanes, v); }
+inline void store16(at::BFloat16* y, __m512 v, __mmask16 lanes) {
+  _mm256_mask_storeu_epi16(y, lanes, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));  // to nearest even
+}
+
+// The same totals for many rows, by two int8 matrix products (oneDNN's integer kernels, exact int32 sums,
+// about twice as fast as a bfloat16 matmul of the expanded weight): total = 256 (hi . w) + lo . w.
+template <typename Out>
+void int8_matrix(const at::Tensor& weight, const QuantizedActivations& xq, int64_t m, int64_t k, const float* sc,
+                 Out* y) {
+  const int64_t n = weight.size(0);
+  const at::Tensor halves = split_halves(xq, m, k, weight.options()), wt = weight.t();
+  const at::Tensor high = at::_int_mm(halves[0], wt), low = at::_int_mm(halves[1], wt);  // [M, N] int32
+  const int32_t *hs = high.data_ptr<int32_t>(), *ls = low.data_ptr<int32_t>();
+  at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t o = 0; o < n; o += 16) {
+        const __mmask16 lanes = first(n - o);
+        const int64_t at = r * n + o;
+        store16(y + at, int8_outputs16(hs + at, ls + at, lanes, xq.scale[r], sc + o), lanes);
       }
   });
 }
@@ -171,7 +248,11 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Te
   at::Tensor y = at::empty({m, n}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
   const int8_t* wp = weight.data_ptr<int8_t>();
   const float* sc = sf.data_ptr<float>();
-  if (float_out)
+  if (m >= kMatrixFrom && float_out)
+    int8_matrix(weight, xq, m, k, sc, y.data_ptr<float>());
+  else if (m >= kMatrixFrom)
+    int8_matrix(weight, xq, m, k, sc, y.data_ptr<at::BFloat16>());
+  else if (float_out)
     int8_outputs(wp, xq, m, k, sc, n, y.data_ptr<float>());
   else
     int8_outputs(wp, xq, m, k, sc, n, y.data_ptr<at::BFloat16>());

@@ -170,11 +170,14 @@ inline __m512i interleave_pairs(__m512i both) {
 // ---- int8 weights [N, K] with one scale per output row, times activations quantized to 16 bits ---------
 //
 // The integer kernels (amx_mm.cpp, gemv.cpp) quantize each activation row to int16 with one scale per row
-// (its largest magnitude at 32767): finer than the bfloat16 values themselves for all but the row's
-// smallest values, and the same integers for both kernels, so a sequence's logits barely depend on which
-// of them ran. One scale per row lets a product sum in integers over the whole row, with no rescaling
-// between steps of K.
+// (its largest magnitude at kActivationMax): finer than the bfloat16 values themselves for all but the row's
+// smallest values, and the same integers for every kernel. One scale per row lets a product sum in
+// integers over the whole row, with no rescaling between steps of K: exactly, so that the vector kernel
+// and the integer matrix products (gemv.cpp) give the same totals.
 constexpr int64_t kQuantStep = 64;  // the kernels' step along K
+// The largest int16 activation: 127 * 257, so that q = 256 hi + lo splits into hi and lo in [-128, 127]
+// (gemv.cpp's int8_matrix) as well as into a signed high and unsigned low byte (amx_mm.cpp).
+constexpr float kActivationMax = 32639.f;
 
 inline void check_int8(const at::Tensor& weight, const at::Tensor& scale, int64_t k) {
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.dim() == 2 && weight.size(1) == k,
@@ -197,7 +200,7 @@ inline QuantizedActivations quantize_activations(const at::Tensor& x) {
     const float* v = xp + r * k;
     float top = 0.f;
     for (int64_t c = 0; c < k; ++c) top = std::max(top, std::abs(v[c]));
-    const float row_scale = top > 0.f ? top / 32767.f : 1.f, inv = 1.f / row_scale;
+    const float row_scale = top > 0.f ? top / kActivationMax : 1.f, inv = 1.f / row_scale;
     q.scale[r] = row_scale;
     for (int64_t c = 0; c < k; ++c) q.values[r * k + c] = static_cast<int16_t>(std::nearbyint(v[c] * inv));
   }
