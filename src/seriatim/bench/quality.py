@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..llm import LLM
 from ..model.scoring import perplexity
 from ..sampling import SamplingParams
 
-# A fixed multilingual text: prose in several languages, code and numbers.
-TEXT = """The history of science covers the development of science from ancient times to the present. It encompasses all three major branches of science: natural, social, and formal. Protoscience, early sciences, and natural philosophies such as alchemy and astrology existed during the Bronze Age, Iron Age, classical antiquity and the Middle Ages.
-La Révolution française est une période de bouleversements politiques et sociaux en France, qui commence en 1789 et se termine en 1799. Elle met fin à l'Ancien Régime en remplaçant la monarchie absolue par une monarchie constitutionnelle, puis par la Première République.
-Die Geschichte der Mathematik reicht mehrere Jahrtausende zurück. Die ältesten erhaltenen mathematischen Texte stammen aus Mesopotamien und Ägypten; sie behandeln Arithmetik, Algebra und Geometrie für praktische Zwecke wie Handel, Landvermessung und Astronomie.
-La inteligencia artificial es un campo de la informática que se ocupa de crear sistemas capaces de realizar tareas que normalmente requieren inteligencia humana, como el reconocimiento de voz, la toma de decisiones y la traducción entre idiomas.
-人工智能是计算机科学的一个分支，它企图了解智能的实质，并生产出一种新的能以人类智能相似的方式做出反应的智能机器。
-def quicksort(items):
-    if len(items) <= 1:
-        return items
-    pivot, *rest = items
-    return quicksort([x for x in rest if x < pivot]) + [pivot] + quicksort([x for x in rest if x >= pivot])
-In 2023, the population of Tokyo was about 14.1 million people, while the Greater Tokyo Area had roughly 37 million inhabitants, making it the most populous metropolitan area in the world.
-"""
+# A fixed text: prose in several languages, a dialogue, code and numbers. About 1,300 tokens, so that the
+# perplexity ratio of two precisions has a standard error near 0.2% (on the first 400 it was 0.5%, too
+# coarse for a 1% bound).
+TEXT = Path(__file__).with_name("quality.txt").read_text(encoding="utf-8")
 
 PROMPTS = [
     "The three laws of thermodynamics are",
