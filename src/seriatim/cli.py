@@ -41,6 +41,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", type=_speculative, default=None, metavar="ngram|JSON",
                    help='speculative decoding: "ngram" (prompt lookup) or its settings as JSON, '
                         '\'{"method": "ngram", "k": 5, "max_n": 4, "min_n": 1}\'')
+    p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
+                   help="the fastest product for each pass: a request's last bits may then depend on its batch")
 
 
 def _speculative(text: str) -> str | dict:
@@ -175,7 +177,7 @@ def _load(args: argparse.Namespace):
     from .llm import LLM
 
     return LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads, progress=True,
-               speculative=args.speculative)
+               speculative=args.speculative, batch_invariant=args.batch_invariant)
 
 
 def _print_stream(llm, deltas: Iterator[Delta], show_probs: bool) -> tuple[str, RequestMetrics | None]:
@@ -341,7 +343,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         model=args.model, dtype=args.dtype, device=args.device, threads=args.threads,
         served_model_name=args.served_model_name, api_key=args.api_key, max_queue=args.max_queue,
         max_tokens_cap=args.max_tokens_cap, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
-        request_timeout=args.request_timeout, speculative=args.speculative,
+        request_timeout=args.request_timeout, speculative=args.speculative, batch_invariant=args.batch_invariant,
     )
     serve(config, args.host, args.port, log_level=args.log_level)
 

@@ -64,8 +64,13 @@ class LLM:
     one forward pass (long prompts are prefilled in chunks of that size;
     default 512 on a CPU, 4096 on a GPU);
     `prefix_caching` reuses the cache of identical prompt prefixes;
-    `deterministic` makes every request's tokens independent of the batch it
-    runs in, in the fast mode too, at the cost of one forward pass per request;
+    `batch_invariant` (the default) makes a request's tokens and logprobs in
+    the fast mode bit for bit those it gets alone, whatever its batch, chunking
+    or cached prefix (CPU tiers with seriatim's kernels; docs/batch-invariance.md);
+    False takes the fastest product for each pass instead;
+    `deterministic` runs every request in a forward pass of its own, which
+    makes it batch-invariant where `batch_invariant` cannot (below the avx512
+    tier, CUDA), at the cost of one forward pass per request;
     `speculative="ngram"` (or {"method": "ngram", "k": 5, "max_n": 4, "min_n": 1})
     drafts tokens by prompt lookup and verifies them several per pass: greedy
     output is unchanged, sampled output keeps its distribution.
@@ -84,6 +89,7 @@ class LLM:
         max_running: int = 64,
         prefix_caching: bool = True,
         deterministic: bool = False,
+        batch_invariant: bool = True,
         speculative: str | dict | None = None,
     ):
         threads = physical_cores() if threads is None else threads
@@ -103,7 +109,7 @@ class LLM:
         engine_config = EngineConfig.resolve(
             self.config, self.device, dtype, kv_cache_memory=kv_cache_memory, max_step_tokens=max_step_tokens,
             max_running=max_running, prefix_caching=prefix_caching, deterministic=deterministic,
-            speculation=Speculation.of(speculative),
+            batch_invariant=batch_invariant, speculation=Speculation.of(speculative),
         )
         self.engine = Engine(self.model, self.tokenizer, self.device, dtype, engine_config)
         # Deltas made for requests started by generate() or stream(), not yet read by their caller.

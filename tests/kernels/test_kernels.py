@@ -50,20 +50,23 @@ def test_paths_by_rows(monkeypatch, at):
     for amx in (False, True):
         monkeypatch.setattr(library, "amx", lambda amx=amx: amx)
         dense = at.dense_amx if amx else at.dense
-        assert product_path(1, kernels, True, at) == Product.VECTOR
-        assert product_path(at.amx, kernels, True, at) == (Product.AMX if amx else Product.VECTOR)
-        assert product_path(dense - 1, kernels, True, at) == (Product.AMX if amx else Product.VECTOR)
-        assert product_path(dense, kernels, True, at) == Product.DENSE
-        assert product_path(at.amx, kernels, False, at) == Product.VECTOR  # shape unfit for AMX
-        assert product_path(at.amx, None, True, at) == Product.VECTOR  # no compiled kernels
-        assert product_path(at.dense_unaided, None, True, at) == Product.DENSE
+        assert product_path(1, kernels, True, at, False) == Product.VECTOR
+        assert product_path(at.amx, kernels, True, at, False) == (Product.AMX if amx else Product.VECTOR)
+        assert product_path(dense - 1, kernels, True, at, False) == (Product.AMX if amx else Product.VECTOR)
+        assert product_path(dense, kernels, True, at, False) == Product.DENSE
+        assert product_path(at.amx, kernels, False, at, False) == Product.VECTOR  # shape unfit for AMX
+        assert product_path(at.amx, None, True, at, False) == Product.VECTOR  # no compiled kernels
+        assert product_path(at.dense_unaided, None, True, at, False) == Product.DENSE
+        # Batch-invariant: our vector kernels at every row count; without them, the rules above.
+        assert {product_path(rows, kernels, True, at, True) for rows in (1, at.amx, dense, 4096)} == {Product.VECTOR}
+        assert product_path(at.dense_unaided, None, True, at, True) == Product.DENSE
 
 
 def test_without_the_kernel_the_tensor_ops_expand_from_more_rows(monkeypatch):
     monkeypatch.setattr(library, "ops", lambda: None)
     module = int4_module(128, 64)
     unaided = INT4_CROSSOVERS.dense_unaided
-    assert product_path(unaided - 1, None, True, INT4_CROSSOVERS) == Product.VECTOR
+    assert product_path(unaided - 1, None, True, INT4_CROSSOVERS, True) == Product.VECTOR
     assert torch.equal(module.dequantize_t(), module.dequantize().T)
     x = torch.randn(unaided, 64).bfloat16()
     assert torch.equal(module(x), x @ module.dequantize().T)

@@ -74,9 +74,9 @@ def test_not_for_other_forms(tiny_gemma3, tiny_llm):
 
 @needs_kernels
 def test_batched_decodes_fuse_on_the_products_the_modules_pick(tiny_llama, monkeypatch):
-    """Four sequences decoding together (AMX products where the CPU has AMX): the same tokens and
-    log-probabilities as the modules."""
-    llm = LLM(str(tiny_llama[0] / "Q4_1.gguf"), prefix_caching=False)
+    """Four sequences decoding together (AMX products where the CPU has AMX, without batch invariance):
+    the same tokens and log-probabilities as the modules."""
+    llm = LLM(str(tiny_llama[0] / "Q4_1.gguf"), prefix_caching=False, batch_invariant=False)
     prompts = [[5, 9, 11], [40, 41, 42, 43, 44, 45, 46], [7], [100, 3]]
     batch_sizes = count_passes(monkeypatch)
     got = generate_batch(llm, prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3))
@@ -89,10 +89,11 @@ def test_batched_decodes_fuse_on_the_products_the_modules_pick(tiny_llama, monke
 @needs_kernels
 @pytest.mark.parametrize("source", ["Q4_1", "Q8_0"])
 def test_wide_decode_passes_fuse_on_the_dense_product(tiny_llama, source, monkeypatch):
-    """512 sequences decoding together (past every crossover to the dense product): int4 and int8 projections
-    expanded to dense weights, in C++ as in the modules, with the same tokens and log-probabilities."""
+    """512 sequences decoding together without batch invariance (past every crossover to the dense
+    product): int4 and int8 projections expanded to dense weights, in C++ as in the modules, with the same
+    tokens and log-probabilities."""
     llm = LLM(str(tiny_llama[0] / f"{source}.gguf"), prefix_caching=False, max_running=512,
-              max_step_tokens=2048)
+              max_step_tokens=2048, batch_invariant=False)
     rows = 512
     assert Product.DENSE in llm.engine.runner.fused.products(rows)
     prompts = [[5 + i % 50, 9, 11 + i % 7] for i in range(rows)]

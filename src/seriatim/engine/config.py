@@ -26,6 +26,9 @@ class EngineConfig:
     # Batch invariance at any precision: every sequence gets its own forward pass and the same
     # chunking as if it ran alone (no shared budget, no cached prefixes computed elsewhere).
     deterministic: bool = False
+    # Fast mode with seriatim's kernels: a row's results do not depend on its batch, chunking or cached
+    # prefix (runner.py), at some cost to long chunks; False takes the fastest product for each pass.
+    batch_invariant: bool = True
     max_rollback: int | None = None  # most positions `Scheduler.truncate` may take back (None: any)
     speculation: Speculation | None = None  # draft tokens verified several per pass (speculation.py)
 
@@ -41,7 +44,7 @@ class EngineConfig:
     @classmethod
     def resolve(cls, model: ModelConfig, device: torch.device, dtype: torch.dtype, *,
                 kv_cache_memory: int | None = None, max_step_tokens: int | None = None, max_running: int = 64,
-                prefix_caching: bool = True, deterministic: bool = False,
+                prefix_caching: bool = True, deterministic: bool = False, batch_invariant: bool = True,
                 speculation: Speculation | None = None) -> EngineConfig:
         """The configuration for `model` on `device` with KV entries of `dtype`; None picks the default."""
         if kv_cache_memory is None:  # a quarter of the free RAM (GPU memory on CUDA)
@@ -51,7 +54,8 @@ class EngineConfig:
             # longer. A GPU's is bound by launches: 64 prompts of 64 tokens in one step instead of eight.
             max_step_tokens = 4096 if device.type == "cuda" else 512
         config = cls(max_step_tokens, max_running, _kv_capacity(model, dtype, kv_cache_memory, max_running),
-                     prefix_caching=prefix_caching, deterministic=deterministic, speculation=speculation)
+                     prefix_caching=prefix_caching, deterministic=deterministic, batch_invariant=batch_invariant,
+                     speculation=speculation)
         if PagedKVCache.ring_bytes(model, dtype, 1):  # ring contents are per sequence: nothing to share
             config = dataclasses.replace(config, prefix_caching=False, max_rollback=ROLLBACK)
         if speculation is not None and config.max_rollback is not None and speculation.k > config.max_rollback:

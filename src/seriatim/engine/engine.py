@@ -108,7 +108,7 @@ class Engine:
             raise ValueError("a model with sliding-window layers needs EngineConfig.resolve's settings "
                              "(no prefix caching, a bounded rollback)")
         self.scheduler = Scheduler(config)
-        self.runner = ModelRunner(model, self.cache, config.deterministic)
+        self.runner = ModelRunner(model, self.cache, config.deterministic, config.batch_invariant)
         self.speculation = config.speculation
         self.grammars = GrammarCompiler(tokenizer, model.cfg.vocab_size)
         self.stats = EngineStats()

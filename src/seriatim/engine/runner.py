@@ -11,6 +11,7 @@ import torch
 from ..kernels import library
 from ..model.fused_decode import FusedDecode
 from ..model.paged_kv import DecodeBatch, PagedAttention, PagedKVCache, PagedSpan, short_chunk
+from ..model.quant import set_batch_invariant
 from ..model.transformer import Transformer
 from .scheduler import Chunk
 
@@ -59,29 +60,35 @@ class ModelRunner:
 
     Passes of decodes and short chunks after cached tokens go through the fused decode layers where the model
     has them (the plain Llama form, bfloat16, our kernels: fused_decode.py); everything else through the
-    modules. The float32 reference
-    attends one sequence at a time (batch-invariant to the last bit), and with `deterministic` every
-    sequence gets a pass of its own."""
+    modules. The float32 reference attends one sequence at a time (batch-invariant to the last bit), and with
+    `deterministic` every sequence gets a pass of its own.
 
-    def __init__(self, model: Transformer, cache: PagedKVCache, deterministic: bool):
+    With `batch_invariant` where our kernels run, every token is computed as a decode would compute it: its
+    products by the vector kernels (`quant.set_batch_invariant`), its attention as one query of the
+    decode-attention kernel, so every pass may take the fused layers. A token's hidden state then depends
+    on its sequence alone, not on the pass's other rows, its chunking, or what the prefix cache held."""
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, deterministic: bool, batch_invariant: bool):
         self.model = model
         self.cache = cache
         self.deterministic = deterministic
         self.batch_decodes = cache.k.dtype != torch.float32
         kernel = library.for_tensor(cache.k) is not None  # the decode-attention kernel serves this cache
+        self.invariant = batch_invariant and kernel
+        set_batch_invariant(model, self.invariant)
         self.fused = FusedDecode.of(model) if self.batch_decodes and kernel and not cache.has_rings else None
 
     def run(self, batch: StepBatch) -> torch.Tensor:
         if self.deterministic:  # results cannot depend on the batch
             return torch.cat([self._modules(part, batch_decodes=False) for part in batch.per_sequence()])
-        if self.fused is not None and batch.queries_only:
+        if self.fused is not None and (self.invariant or batch.queries_only):
             decodes = DecodeBatch.of(list(zip(batch.first_rows(), batch.spans)), self.cache.device)
             return self.fused.forward(self._tensor(batch.tokens), self._tensor(batch.positions), self.cache.k,
                                       self.cache.v, decodes)
         return self._modules(batch, self.batch_decodes)
 
     def _modules(self, batch: StepBatch, batch_decodes: bool) -> torch.Tensor:
-        backend = PagedAttention(self.cache, batch.spans, batch_decodes)
+        backend = PagedAttention(self.cache, batch.spans, batch_decodes, self.invariant)
         return self.model(self._tensor(batch.tokens), self._tensor(batch.positions), backend)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:

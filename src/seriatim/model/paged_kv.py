@@ -111,9 +111,14 @@ class PagedAttention:
     else a gather and one SDPA call). The float32 reference keeps one call per sequence, because a
     padded batch can change the summation order in the last bits and its greedy tokens are promised
     to be batch-invariant.
+
+    With `invariant` (and the decode-attention kernel), every new token of the pass attends that way, as
+    one query over its sequence's keys read where they lie: a token's attention is then computed alike
+    whether it is decoded, verified or prefilled, in whatever chunk and batch, from cached keys or fresh.
     """
 
-    def __init__(self, cache: PagedKVCache, spans: list[PagedSpan], batch_decodes: bool = False):
+    def __init__(self, cache: PagedKVCache, spans: list[PagedSpan], batch_decodes: bool = False,
+                 invariant: bool = False):
         self.cache = cache
         offsets = [0, *itertools.accumulate(s.length for s in spans)]
         self.spans = [(slice(a, b), span) for a, b, span in zip(offsets, offsets[1:], spans)]
@@ -122,7 +127,10 @@ class PagedAttention:
         # short chunks after cached positions (a speculative verification's): each token attends as its
         # decode would, and SDPA's set-up would cost more than the attention.
         kernel = library.for_tensor(cache.k) is not None
-        queries = [(sl.start, span) for sl, span in self.spans if span.length == 1 or (kernel and short_chunk(span))]
+        every = invariant and kernel
+        self.invariant = every
+        queries = [(sl.start, span) for sl, span in self.spans
+                   if every or span.length == 1 or (kernel and short_chunk(span))]
         fewest = 1 if kernel else 2
         self.decodes = DecodeBatch.of(queries, cache.device) if batch_decodes and len(queries) >= fewest else None
         batched = {id(span) for _, span in queries} if self.decodes is not None else set()
@@ -170,8 +178,31 @@ class PagedAttention:
         for sl, span in self.spans:
             ring_k, ring_v = self.cache.ring_k[span.ring, index], self.cache.ring_v[span.ring, index]
             keys, values = ring_store(ring_k, span.start, k[sl], window), ring_store(ring_v, span.start, v[sl], window)
-            outs.append(attend(q[sl], keys, values, span.start, scale, window, self.masks))
+            if self.invariant:
+                outs.append(_window_queries(q[sl], k[sl], v[sl], keys, values, span.start, scale, window))
+            else:
+                outs.append(attend(q[sl], keys, values, span.start, scale, window, self.masks))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _window_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    start: int, scale: float, window: int) -> torch.Tensor:
+    """A sliding layer's new tokens (q, k, v: [n, H or Hkv, Dh] at positions [start, start + n)) attending one
+    query each, by the decode-attention kernel, over `keys`/`values` [Hkv, L, Dh] (positions up to the last
+    new one, in position order, as `ring_store` gives them): each query sees its own last `window` positions,
+    summed in position order as its decode would sum them."""
+    n, length = q.shape[0], keys.shape[1]
+    first = start + n - length  # position of keys[:, 0]
+    positions = torch.arange(start, start + n)
+    lows = (positions - window + 1).clamp(min=first) - first  # each query's first visible key, as an index
+    lengths = positions - first - lows + 1
+    read = lows[:, None] + torch.arange(int(lengths.max()))[None, :]
+    keys, values = keys.contiguous(), values.contiguous()
+    device = q.device
+    # The kernel stores each new key and value before attending: at their own indices, the same values.
+    return library.ops().decode_attention(q, k, v, keys, values, torch.arange(n, device=device),
+                                          positions.to(device) - first, read.clamp(max=length - 1).to(device),
+                                          lengths.to(device), scale)
 
 
 SHORT_CHUNK = 16  # new tokens of one sequence after cached ones that attend as decodes (decode kernel)
@@ -191,7 +222,7 @@ class DecodeBatch:
 
     rows: torch.Tensor  # [B] their rows in the flat batch
     write: torch.Tensor  # [B] slot of each new token
-    read: torch.Tensor  # [B, width] slots of each query's sequence's positions, padded with slot 0
+    read: torch.Tensor  # [B, width] slots of each query's sequence's positions (the first `lengths` count)
     lengths: torch.Tensor  # [B] positions each query sees (the cached ones, and the new ones up to its own)
 
     @classmethod
@@ -200,11 +231,10 @@ class DecodeBatch:
         lengths = [span.start + i + 1 for _, span in spans for i in range(span.length)]
         read = torch.zeros(len(lengths), max(lengths), dtype=torch.long, device=device)
         query = 0
-        for _, span in spans:  # each span's slots made once, shared by its tokens
-            slots = _as_tensor(span.read, device)
-            for i in range(span.length):
-                read[query, : span.start + i + 1] = slots[: span.start + i + 1]
-                query += 1
+        for _, span in spans:  # every token of a span gets all its slots; its length says how many it sees
+            end = span.start + span.length
+            read[query : query + span.length, :end] = _as_tensor(span.read, device)
+            query += span.length
         return cls(
             rows=torch.tensor([row + i for row, span in spans for i in range(span.length)], device=device),
             write=torch.cat([_as_tensor(span.write, device) for _, span in spans]),

@@ -162,6 +162,8 @@ class Int4Linear(nn.Module):
     """y = x W^T with W as group-wise asymmetric int4 in torch's packed CPU layout (bfloat16 activations),
     by the product `product_path` picks for the number of rows."""
 
+    batch_invariant = True  # see `set_batch_invariant`
+
     def __init__(self, weight: torch.Tensor, scales_zeros: torch.Tensor):
         """weight: the kernel's packed form [N, K/2] (uint8); scales_zeros: [K/32, N, 2]."""
         super().__init__()
@@ -182,7 +184,7 @@ class Int4Linear(nn.Module):
         blocks of 64 outputs in the packed layout they read."""
         ops = library.for_tensor(self.scales_zeros)
         amx_fits = self._expandable() and self.in_features % GROUP == 0
-        path = product_path(rows, ops, amx_fits, INT4_CROSSOVERS)
+        path = product_path(rows, ops, amx_fits, INT4_CROSSOVERS, self.batch_invariant)
         if path is Product.AMX or (path is Product.DENSE and self._expandable()):
             return path
         return Product.VECTOR if ops is not None and self._expandable() else Product.WEIGHT_ONLY
@@ -226,6 +228,7 @@ class Int4Linear(nn.Module):
 class Int8Linear(nn.Module):
     """y = x W^T with W as int8 and one scale per output row."""
 
+    batch_invariant = True  # see `set_batch_invariant`
     writes_float = True  # forward(x, float_out=True) gives float32 products (model.logits)
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
@@ -237,7 +240,8 @@ class Int8Linear(nn.Module):
     def product(self, rows: int) -> Product:
         """The product `forward` runs for `rows` activation rows (see `product_path`)."""
         ops = library.for_tensor(self.scale)
-        path = product_path(rows, ops, self.out_features % 32 == 0 and self._steps_fit(), INT8_CROSSOVERS)
+        path = product_path(rows, ops, self.out_features % 32 == 0 and self._steps_fit(), INT8_CROSSOVERS,
+                            self.batch_invariant)
         if path is not Product.VECTOR:
             return path
         return Product.VECTOR if ops is not None and self._steps_fit() else Product.WEIGHT_ONLY
@@ -276,15 +280,27 @@ class Int8Embedding(nn.Module):
         return self.table.embed(tokens)
 
 
-def product_path(rows: int, ops: object | None, amx_fits: bool, at: Crossovers) -> Product:
+def product_path(rows: int, ops: object | None, amx_fits: bool, at: Crossovers, invariant: bool) -> Product:
     """VECTOR (a vector kernel: ours or PyTorch's weight-only, as the module decides), AMX (ours) or DENSE
     for a chunk of `rows` activation rows, given whether our kernels are built and the weight's shape
-    suits AMX."""
+    suits AMX. Batch-invariant modules take our vector kernels at every row count where they run: a row's
+    sums then run in one order however many rows share the pass (csrc/gemv.cpp)."""
+    if invariant and ops is not None:
+        return Product.VECTOR
     amx = ops is not None and amx_fits and library.amx()
     dense_from = at.dense_amx if amx else at.dense if ops is not None else at.dense_unaided
     if rows >= dense_from:
         return Product.DENSE
     return Product.AMX if amx and rows >= at.amx else Product.VECTOR
+
+
+def set_batch_invariant(model: nn.Module, on: bool) -> None:
+    """Whether the compact projections of `model` pick their product for batch invariance (the same kernel,
+    the same order of sums for a row whatever the number of rows) or for speed alone (AMX tiles and
+    expanded dense weights for long chunks, whose sums run in other orders)."""
+    for module in model.modules():
+        if isinstance(module, (Int4Linear, Int8Linear)):
+            module.batch_invariant = on
 
 
 @functools.cache

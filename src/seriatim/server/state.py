@@ -33,6 +33,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     request_timeout: float | None = None  # seconds for one request, queue time included
     speculative: str | dict | None = None  # LLM's `speculative`: "ngram" or its settings
+    batch_invariant: bool = True  # LLM's `batch_invariant`
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_n", "max_choices", "max_body_bytes"):
@@ -146,4 +147,4 @@ def load_llm(config: ServerConfig) -> Any:
     from ..llm import LLM
 
     return LLM(config.model, dtype=config.dtype, device=config.device, threads=config.threads,
-               speculative=config.speculative)
+               speculative=config.speculative, batch_invariant=config.batch_invariant)
