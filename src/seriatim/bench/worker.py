@@ -42,12 +42,13 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _seriatim(path: str, threads: int, device: str, deterministic: bool = False) -> Runner:
+def _seriatim(path: str, threads: int, device: str, deterministic: bool, batch_invariant: bool) -> Runner:
     from seriatim.llm import LLM
     from seriatim.sampling import SamplingParams
 
     # No prefix caching: every run must compute its prompt.
-    llm = LLM(path, threads=threads, device=device, prefix_caching=False, deterministic=deterministic)
+    llm = LLM(path, threads=threads, device=device, prefix_caching=False, deterministic=deterministic,
+              batch_invariant=batch_invariant)
 
     def decode(ids: list[int], n: int) -> float:
         out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
@@ -174,7 +175,8 @@ def projection_flops_per_token(model) -> int:
 
 def _make_runner(engine: str, path: str, threads: int, device: str) -> Runner:
     if engine.startswith("seriatim"):
-        return _seriatim(path, threads, device, deterministic=engine.endswith("-deterministic"))
+        return _seriatim(path, threads, device, deterministic=engine.endswith("-deterministic"),
+                         batch_invariant=not engine.endswith("-variant"))
     if engine.startswith("llama.cpp"):
         return _llama_cpp(path, threads, device, flash=engine.endswith("-fa"))
     return _transformers(path, threads, device, "float32" if engine.endswith("f32") else "bfloat16")

@@ -127,10 +127,9 @@ class PagedAttention:
         # short chunks after cached positions (a speculative verification's): each token attends as its
         # decode would, and SDPA's set-up would cost more than the attention.
         kernel = library.for_tensor(cache.k) is not None
-        every = invariant and kernel
-        self.invariant = every
+        self.invariant = invariant and kernel
         queries = [(sl.start, span) for sl, span in self.spans
-                   if every or span.length == 1 or (kernel and short_chunk(span))]
+                   if self.invariant or span.length == 1 or (kernel and short_chunk(span))]
         fewest = 1 if kernel else 2
         self.decodes = DecodeBatch.of(queries, cache.device) if batch_decodes and len(queries) >= fewest else None
         batched = {id(span) for _, span in queries} if self.decodes is not None else set()
