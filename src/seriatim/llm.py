@@ -71,7 +71,8 @@ class LLM:
     `deterministic` runs every request in a forward pass of its own, which
     makes it batch-invariant where `batch_invariant` cannot (below the avx512
     tier, CUDA), at the cost of one forward pass per request;
-    `speculative="ngram"` (or {"method": "ngram", "k": 5, "max_n": 4, "min_n": 1})
+    `speculative="ngram"` (or {"method": "ngram", "k": 5, "max_n": 4, "min_n": 2,
+    "adaptive": True})
     drafts tokens by prompt lookup and verifies them several per pass: greedy
     output is unchanged, sampled output keeps its distribution.
     """

@@ -11,7 +11,7 @@ import torch
 from scipy.stats import chisquare
 
 from seriatim.engine import speculation
-from seriatim.engine.speculation import propose_ngram, verify_greedy, verify_sampled
+from seriatim.engine.speculation import Acceptance, PassCost, propose_ngram, verify_greedy, verify_sampled
 
 V = 4
 P = torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [0.05, 0.05, 0.2, 0.7]],
@@ -98,3 +98,29 @@ def test_seeded_verification_is_reproducible():
         return [_first_three(True, g) for _ in range(30)]
 
     assert run(3) == run(3) != run(4)
+
+
+def test_drafts_follow_acceptance_and_the_cost_of_wider_passes():
+    cost = PassCost()
+    kept, missed = Acceptance(), Acceptance()
+    for _ in range(10):
+        kept.record(5, 5)
+        missed.record(3, 0)
+    assert kept.drafts(5, cost, rows=1) == 5
+    assert missed.drafts(5, cost, rows=1) == 0
+    assert Acceptance().drafts(5, cost, rows=1) == 2  # the prior: one draft in two kept
+    # A machine where wider passes cost nothing extra drafts whatever has any chance; one where each extra
+    # row costs a whole pass drafts nothing.
+    free, dear = PassCost(slope=0.0), PassCost(slope=1.0)
+    assert Acceptance().drafts(5, free, rows=1) == 5 and kept.drafts(5, dear, rows=1) == 0
+    # Measured pass times replace the prior.
+    for rows, seconds in ((1, 1.0), (2, 1.0), (3, 1.0)):
+        cost.record(rows, seconds)
+    assert cost.ratio(1, 2) == 1.0 and cost.ratio(1, 4) == pytest.approx(1 + 0.14 * 4)
+
+
+def test_a_request_that_stopped_drafting_probes_again():
+    missed = Acceptance(probe_after=4)
+    for _ in range(10):
+        missed.record(3, 0)
+    assert [missed.drafts(5, PassCost(), rows=1) for _ in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]

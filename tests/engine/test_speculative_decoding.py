@@ -16,7 +16,8 @@ REPEAT = "one two three four five one two three four five one two three four fiv
 def pair(tiny_llama):
     path = str(tiny_llama[0] / "hf")
     # A row budget that lets all of a 12-prompt batch draft, so that batches test speculation too.
-    lookup = {"method": "ngram", "k": 4, "max_step_rows": 64}
+    # Not adaptive: every pass drafts what it can, so that each test sees the verification it sets up.
+    lookup = {"method": "ngram", "k": 4, "max_step_rows": 64, "adaptive": False}
     return LLM(path, dtype="float32"), LLM(path, dtype="float32", speculative=lookup)
 
 
@@ -98,6 +99,21 @@ def test_a_batch_that_fills_the_row_budget_decodes_plainly(tiny_llama):
     assert spec.engine.stats.drafted == 0
     spec.generate([[42, 7, 42, 42]] * 2, params)  # 2 decodes leave 6 rows: 3 drafts each
     assert spec.engine.stats.drafted > 0 and spec.engine.speculation.drafts_per_sequence(2) == 3
+
+
+def test_adaptive_drafting_backs_off_where_drafts_miss_and_keeps_the_output(tiny_llama):
+    """Random prompts whose lookups rarely hold: an adaptive request soon drafts little (it probes now and
+    then), a fixed one keeps drafting; the greedy tokens are the same either way."""
+    path = str(tiny_llama[0] / "hf")
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    fixed = LLM(path, dtype="float32", speculative={"method": "ngram", "min_n": 1, "adaptive": False})
+    adaptive = LLM(path, dtype="float32", speculative={"method": "ngram", "min_n": 1})
+    ps = prompts(fixed, 6)[1:]
+    expected = [fixed.generate(p, params)[0].token_ids for p in ps]  # one at a time: room for 5 drafts
+    assert [adaptive.generate(p, params)[0].token_ids for p in ps] == expected
+    f, a = fixed.engine.stats, adaptive.engine.stats
+    assert f.accepted / f.drafted < 0.5  # the lookups mostly miss here
+    assert a.drafted < f.drafted / 2 and a.accepted / a.drafted > f.accepted / f.drafted
 
 
 @pytest.mark.parametrize("bad", ["medusa", {"method": "ngram", "k": 0}, {"method": "ngram", "k": 16},

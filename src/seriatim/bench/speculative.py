@@ -90,16 +90,20 @@ def format_rows(rows: list[Row], k: int) -> str:
     return "\n".join(lines)
 
 
+METHODS = {"lookup": "ngram", "lookup, fixed k": {"method": "ngram", "adaptive": False}}
+
+
 def run_speculative_bench(model: str, threads: int, runs: int, max_tokens: int = 128) -> None:
-    # No prefix caching: a prompt's second run would reuse its first run's cache, whose numbers may resolve a
-    # near-tie differently in the fast mode, and "identical" must compare like with like.
+    # No prefix caching: every run computes its prompt, so plain and speculative passes compare like with like.
     plain = LLM(model, threads=threads, prefix_caching=False)
-    spec = LLM(model, threads=threads, prefix_caching=False, speculative="ngram")
-    k = spec.engine.speculation.k
-    print(f"seriatim speculative decoding: {model}, prompt lookup (k = {k}), greedy, {max_tokens} tokens per "
-          f"prompt, {threads} threads, medians of {runs}; {isa.describe()}")
+    methods = {name: LLM(model, threads=threads, prefix_caching=False, speculative=spec)
+               for name, spec in METHODS.items()}
+    k = next(iter(methods.values())).engine.speculation.k
+    print(f"seriatim speculative decoding: {model}, prompt lookup (k up to {k}; adaptive, and fixed), greedy, "
+          f"{max_tokens} tokens per prompt, {threads} threads, medians of {runs}; {isa.describe()}")
     rows = []
     for name, prompts in PROMPTS.items():
-        print(f"[{name} ...]", file=sys.stderr, flush=True)
-        rows.append(measure(plain, spec, name, prompts, max_tokens, runs))
+        for method, spec in methods.items():
+            print(f"[{name}, {method} ...]", file=sys.stderr, flush=True)
+            rows.append(measure(plain, spec, f"{name} ({method})", prompts, max_tokens, runs))
     print(format_rows(rows, k))

@@ -27,7 +27,7 @@ from .config import EngineConfig
 from .runner import ModelRunner, StepBatch
 from .scheduler import Chunk, Scheduler
 from .sequence import Sequence
-from .speculation import Speculation, verify_greedy, verify_sampled
+from .speculation import PassCost, Speculation, verify_greedy, verify_sampled
 
 
 @dataclass
@@ -110,6 +110,7 @@ class Engine:
         self.scheduler = Scheduler(config)
         self.runner = ModelRunner(model, self.cache, config.deterministic, config.batch_invariant)
         self.speculation = config.speculation
+        self.pass_cost = PassCost()  # measured cost of wider passes: how many drafts pay
         self.grammars = GrammarCompiler(tokenizer, model.cfg.vocab_size)
         self.stats = EngineStats()
         self.requests: dict[int, Sequence] = {}  # waiting or running
@@ -172,6 +173,7 @@ class Engine:
         if not chunks:
             return []
         hidden = self._forward(chunks)
+        decoding = all(c.seq.num_cached - c.length >= len(c.seq.prompt_ids) for c in chunks)  # no prompt in it
         ends = itertools.accumulate(c.length for c in chunks)
         ready = [(c, end) for c, end in zip(chunks, ends) if c.seq.num_cached == c.seq.fed_length]
         if not ready:
@@ -180,6 +182,8 @@ class Engine:
         rows = [end - len(c.seq.draft) - 1 + i for c, end in ready for i in range(len(c.seq.draft) + 1)]
         taken = self._take(ready, self.model.logits(hidden[self._tensor(rows)]))
         seconds = time.perf_counter() - start
+        if decoding:  # decodes and verifications: what drafts cost
+            self.pass_cost.record(sum(c.length for c in chunks), seconds)
         results = []
         for (c, _), (tokens, lp) in zip(ready, taken):
             seq = c.seq
@@ -223,6 +227,7 @@ class Engine:
         self.stats.drafted += len(seq.draft)
         self.stats.accepted += verdict.accepted
         self.stats.verifications += 1
+        seq.acceptance.record(len(seq.draft), verdict.accepted)
         at = self.stats.accepted_at
         at += [0] * (verdict.accepted - len(at))
         for i in range(verdict.accepted):
@@ -233,12 +238,14 @@ class Engine:
 
     def _propose(self, spec: Speculation, seqs: list[Sequence]) -> None:
         """Drafts for the next pass of those of `seqs` that may speculate, as many as the batch leaves room for."""
-        room = spec.drafts_per_sequence(len(self.scheduler.running))
+        running = len(self.scheduler.running)
+        room = spec.drafts_per_sequence(running)
         for seq in seqs:
             params = seq.params
             plain = params.logprobs is not None or params.penalised or params.constraint is not None
             if params.speculate and not plain:
-                seq.draft = spec.propose(seq.all_tokens(), min(room, seq.max_length - seq.length - 1))
+                seq.draft = spec.propose(seq.all_tokens(), min(room, seq.max_length - seq.length - 1),
+                                         seq.acceptance, self.pass_cost, running)
 
     def _forward(self, chunks: list[Chunk]) -> torch.Tensor:
         for c in chunks:

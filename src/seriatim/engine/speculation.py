@@ -17,7 +17,7 @@ is exactly what plain decoding gives (greedy) or is distributed exactly as it (s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +38,9 @@ class Speculation:
     # pass over one (`seriatim bench --rows`), over 16 ~3.3x, while drafts add ~0.5-1.5 tokens a pass. So the
     # drafts of a step share what its plain decodes leave of 8 rows, and a batch of 8 or more does not draft.
     max_step_rows: int = 8
+    # Drafts per request follow its measured acceptance and this machine's measured cost of wider passes
+    # (`Acceptance.drafts`); False always proposes as many as the row budget allows.
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 15:  # k + 1 tokens must stay a short chunk (model/paged_kv.py: SHORT_CHUNK)
@@ -62,9 +65,73 @@ class Speculation:
         """How many drafts each of `running` decoding sequences may get in one step."""
         return max(0, min(self.k, (self.max_step_rows - running) // max(running, 1)))
 
-    def propose(self, tokens: Sequence[int], room: int) -> list[int]:
-        """Drafts after `tokens`, at most `room` of them."""
-        return propose_ngram(tokens, room, self.max_n, self.min_n) if room > 0 else []
+    def propose(self, tokens: Sequence[int], room: int, acceptance: Acceptance, cost: PassCost, rows: int) -> list[int]:
+        """Drafts after `tokens` for a request whose recent drafts fared as `acceptance` says, in a pass of
+        `rows` other rows: at most `room`, and with `adaptive` only as many as are expected to pay."""
+        wanted = acceptance.drafts(room, cost, rows) if self.adaptive else room
+        return propose_ngram(tokens, wanted, self.max_n, self.min_n) if wanted > 0 else []
+
+
+@dataclass
+class PassCost:
+    """What a pass over r rows costs relative to one over a single row, as this machine measures it: an
+    average of each row count's recent pass times (decode and verification steps only), and until a count
+    has been seen, the prior 1 + `slope` (r - 1) (a 2-core CPU: a 6-row pass ~1.7x a 1-row one)."""
+
+    slope: float = 0.14
+    seconds: dict[int, float] = field(default_factory=dict)  # rows -> moving average of a pass's seconds
+    weight: float = 0.1  # of each new pass in the average
+
+    def record(self, rows: int, seconds: float) -> None:
+        old = self.seconds.get(rows)
+        self.seconds[rows] = seconds if old is None else old + self.weight * (seconds - old)
+
+    def ratio(self, rows: int, extra: int) -> float:
+        """A pass over rows + extra rows against one over `rows`."""
+        measured = self.seconds.get(rows), self.seconds.get(rows + extra)
+        if None not in measured:
+            return measured[1] / measured[0]
+        return (1 + self.slope * (rows + extra - 1)) / (1 + self.slope * (rows - 1))
+
+
+@dataclass
+class Acceptance:
+    """A request's recent drafts: the chance that a draft is kept, given the ones before it were (kept
+    drafts over drafts decided: a verification that keeps a of d decided a + 1 of them, or d when it kept
+    all), averaged over recent verifications from a neutral prior. `drafts` picks how many drafts pay."""
+
+    kept: float = 1.0  # prior: one of two
+    decided: float = 2.0
+    idle: int = 0  # passes since the request last drafted
+    decay: float = 0.8  # of the past, per verification
+    probe_after: int = 16  # passes without drafts before one is tried again
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.kept = self.decay * self.kept + accepted
+        self.decided = self.decay * self.decided + accepted + (accepted < drafted)
+        self.idle = 0
+
+    @property
+    def rate(self) -> float:
+        return self.kept / self.decided
+
+    def drafts(self, most: int, cost: PassCost, rows: int) -> int:
+        """The number of drafts, up to `most`, that maximises expected tokens per unit of pass time in a pass of
+        `rows` other rows: (1 + a + a^2 + ... + a^d) / cost ratio. 0 when none pays; after `probe_after`
+        passes without drafts, one, so that a request whose text turns repetitive is noticed."""
+        a, best, best_gain = self.rate, 0, 1.0
+        expected = 1.0
+        for d in range(1, most + 1):
+            expected += a**d
+            gain = expected / cost.ratio(rows, d)
+            if gain > best_gain:
+                best, best_gain = d, gain
+        if best == 0:
+            self.idle += 1
+            if self.idle >= self.probe_after and most > 0:
+                self.idle = 0
+                return 1
+        return best
 
 
 @dataclass(frozen=True)
