@@ -38,8 +38,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (fast), float32 (exact reference), bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-    p.add_argument("--speculative", type=_speculative, default=None, metavar="ngram|JSON",
-                   help='speculative decoding: "ngram" (prompt lookup) or its settings as JSON, '
+    p.add_argument("--speculative", type=_speculative, default=None, metavar="ngram|lookahead|JSON",
+                   help='speculative decoding: "ngram" (prompt lookup), "lookahead", or settings as JSON, '
                         '\'{"method": "ngram", "k": 5, "max_n": 4, "min_n": 2, "adaptive": true}\'')
     p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
                    help="the fastest product for each pass: a request's last bits may then depend on its batch")

@@ -11,7 +11,14 @@ import torch
 from scipy.stats import chisquare
 
 from seriatim.engine import speculation
-from seriatim.engine.speculation import Acceptance, PassCost, propose_ngram, verify_greedy, verify_sampled
+from seriatim.engine.speculation import (
+    Acceptance,
+    PassCost,
+    Trajectory,
+    propose_ngram,
+    verify_greedy,
+    verify_sampled,
+)
 
 V = 4
 P = torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [0.05, 0.05, 0.2, 0.7]],
@@ -124,3 +131,15 @@ def test_a_request_that_stopped_drafting_probes_again():
     for _ in range(10):
         missed.record(3, 0)
     assert [missed.drafts(5, PassCost(), rows=1) for _ in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]
+
+
+def test_a_trajectory_drafts_its_jacobi_guesses_then_its_predicted_bigrams():
+    t = Trajectory()
+    # A pass over [7, 1, 2, 3] predicted [1, 2, 9, 4]: drafts 1 and 2 kept, 9 is the new token, and 4 the
+    # model's guess for the position after it.
+    t.record([7, 1, 2, 3], [1, 2, 9, 4], accepted=2)
+    assert t.guesses == [4] and t.pool == {7: 1, 1: 2, 2: 9, 3: 4}
+    assert t.propose(9, 3) == [4, 4, 4]  # no prediction after 4 yet: repeated
+    assert t.guesses == []  # guesses are used once
+    assert t.propose(7, 3) == [1, 2, 9]  # along the pool
+    assert t.propose(5, 2) == [5, 5]

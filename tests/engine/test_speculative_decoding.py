@@ -74,8 +74,10 @@ def test_requests_that_cannot_speculate_run_plainly_beside_those_that_do(pair):
     assert len(got[1].logprobs) == 30
 
 
-def test_sampled_speculation_is_seeded_and_ends_where_asked(pair):
-    _, spec = pair
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sampled_speculation_is_seeded_and_ends_where_asked(pair, tiny_llama, adaptive):
+    """Adaptive drafting must not let pass timings change a sampled request's drafts (its draws follow them)."""
+    spec = LLM(str(tiny_llama[0] / "hf"), dtype="float32", speculative="ngram") if adaptive else pair[1]
     params = SamplingParams(temperature=0.8, seed=11, max_tokens=25, ignore_eos=True)
     ids = spec.tokenizer.encode(REPEAT)
     first, again = (spec.generate(ids, params)[0] for _ in range(2))
@@ -114,6 +116,40 @@ def test_adaptive_drafting_backs_off_where_drafts_miss_and_keeps_the_output(tiny
     f, a = fixed.engine.stats, adaptive.engine.stats
     assert f.accepted / f.drafted < 0.5  # the lookups mostly miss here
     assert a.drafted < f.drafted / 2 and a.accepted / a.drafted > f.accepted / f.drafted
+
+
+@pytest.mark.parametrize("dtype", ["float32", "auto"])
+def test_lookahead_greedy_output_is_plain_decodings(tiny_llama, dtype):
+    """Lookahead's drafts (Jacobi guesses from earlier passes, the pool of predicted bigrams, then prompt
+    lookup): plain decoding's tokens, several prompts at once, with drafts kept along the way."""
+    path = str(tiny_llama[0] / ("hf" if dtype == "float32" else "Q4_1.gguf"))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain = LLM(path, dtype=dtype)
+    look = LLM(path, dtype=dtype, speculative={"method": "lookahead", "max_step_rows": 64, "adaptive": False})
+    ps = prompts(plain, 6)
+    assert [o.token_ids for o in look.generate(ps, params)] == [o.token_ids for o in plain.generate(ps, params)]
+    assert look.engine.stats.verifications > 30  # a random model's guesses mostly miss: drafts every pass
+
+
+def test_lookahead_drafts_what_the_model_predicted_where_lookup_finds_nothing(tiny_llama):
+    """A bias makes the model repeat one token after a prompt with no repeats: prompt lookup (4-token
+    suffixes) must wait for the output to repeat itself, lookahead drafts the model's own prediction (42
+    after 42) from its first verification on, in fewer passes for the same tokens."""
+    path = str(tiny_llama[0] / "hf")
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logit_bias={42: 100.0})
+    steps = {}
+    for method in ("ngram", "lookahead"):
+        llm = LLM(path, dtype="float32", speculative={"method": method, "min_n": 4, "adaptive": False})
+        assert llm.generate([5, 9, 11, 40], params)[0].token_ids == [42] * 24
+        steps[method] = llm.engine.stats.steps
+    assert steps["lookahead"] < steps["ngram"]
+
+
+def test_lookahead_sampling_is_seeded(tiny_llama):
+    look = LLM(str(tiny_llama[0] / "hf"), dtype="float32", speculative="lookahead")
+    params = SamplingParams(temperature=0.8, seed=5, max_tokens=30, ignore_eos=True)
+    ids = look.tokenizer.encode(REPEAT)
+    assert look.generate(ids, params)[0].token_ids == look.generate(ids, params)[0].token_ids
 
 
 @pytest.mark.parametrize("bad", ["medusa", {"method": "ngram", "k": 0}, {"method": "ngram", "k": 16},

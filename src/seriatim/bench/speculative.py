@@ -90,7 +90,7 @@ def format_rows(rows: list[Row], k: int) -> str:
     return "\n".join(lines)
 
 
-METHODS = {"lookup": "ngram", "lookup, fixed k": {"method": "ngram", "adaptive": False}}
+METHODS = {"lookup": "ngram", "lookahead": "lookahead", "lookup, fixed k": {"method": "ngram", "adaptive": False}}
 
 
 def run_speculative_bench(model: str, threads: int, runs: int, max_tokens: int = 128) -> None:
@@ -99,8 +99,8 @@ def run_speculative_bench(model: str, threads: int, runs: int, max_tokens: int =
     methods = {name: LLM(model, threads=threads, prefix_caching=False, speculative=spec)
                for name, spec in METHODS.items()}
     k = next(iter(methods.values())).engine.speculation.k
-    print(f"seriatim speculative decoding: {model}, prompt lookup (k up to {k}; adaptive, and fixed), greedy, "
-          f"{max_tokens} tokens per prompt, {threads} threads, medians of {runs}; {isa.describe()}")
+    print(f"seriatim speculative decoding: {model}, prompt lookup and lookahead (k up to {k}; adaptive, and fixed), "
+          f"greedy, {max_tokens} tokens per prompt, {threads} threads, medians of {runs}; {isa.describe()}")
     rows = []
     for name, prompts in PROMPTS.items():
         for method, spec in methods.items():

@@ -27,7 +27,7 @@ from .config import EngineConfig
 from .runner import ModelRunner, StepBatch
 from .scheduler import Chunk, Scheduler
 from .sequence import Sequence
-from .speculation import PassCost, Speculation, verify_greedy, verify_sampled
+from .speculation import PRIOR_COST, PassCost, Speculation, verify_greedy, verify_sampled
 
 
 @dataclass
@@ -220,14 +220,16 @@ class Engine:
     def _verify(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
         """Accept a prefix of `seq`'s drafts (speculation.py) and roll the cache back past them."""
         logprobs = process_rows(logits, seq.sampling)
+        best = logprobs.argmax(dim=-1).tolist()
         if seq.params.greedy:
-            verdict = verify_greedy(seq.draft, logprobs.argmax(dim=-1).tolist())
+            verdict = verify_greedy(seq.draft, best)
         else:
             verdict = verify_sampled(seq.draft, logprobs.exp(), None, seq.sampling.generator)
+        seq.drafting.trajectory.record([seq.output_ids[-1], *seq.draft], best, verdict.accepted)
         self.stats.drafted += len(seq.draft)
         self.stats.accepted += verdict.accepted
         self.stats.verifications += 1
-        seq.acceptance.record(len(seq.draft), verdict.accepted)
+        seq.drafting.acceptance.record(len(seq.draft), verdict.accepted)
         at = self.stats.accepted_at
         at += [0] * (verdict.accepted - len(at))
         for i in range(verdict.accepted):
@@ -244,8 +246,11 @@ class Engine:
             params = seq.params
             plain = params.logprobs is not None or params.penalised or params.constraint is not None
             if params.speculate and not plain:
+                # A sampled request's draws follow its drafts, so their number must not depend on timings:
+                # it takes the prior cost model, and a seeded request stays reproducible.
+                cost = self.pass_cost if params.greedy else PRIOR_COST
                 seq.draft = spec.propose(seq.all_tokens(), min(room, seq.max_length - seq.length - 1),
-                                         seq.acceptance, self.pass_cost, running)
+                                         seq.drafting, cost, running)
 
     def _forward(self, chunks: list[Chunk]) -> torch.Tensor:
         for c in chunks:

@@ -9,7 +9,7 @@ from ..outputs import CompletionOutput, Delta, FinishReason, RequestMetrics
 from ..sampling import SamplingParams, SamplingState, TokenLogprobs
 from ..text.detokenizer import IncrementalDetokenizer
 from .block_manager import BlockTable
-from .speculation import Acceptance
+from .speculation import RequestDrafts
 from .stopping import StopStringFilter
 
 
@@ -27,7 +27,7 @@ class Sequence:
     stops: StopStringFilter = field(init=False)
     output_ids: list[int] = field(default_factory=list)
     draft: list[int] = field(default_factory=list)  # proposed tokens after output_ids, fed to be verified
-    acceptance: Acceptance = field(default_factory=Acceptance)  # how its drafts have fared
+    drafting: RequestDrafts = field(default_factory=RequestDrafts)  # how its drafts have fared
     text: str = ""
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: FinishReason | None = None

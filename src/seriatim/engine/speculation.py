@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+METHODS = ("ngram", "lookahead")
+
 
 @dataclass(frozen=True)
 class Speculation:
@@ -31,6 +33,7 @@ class Speculation:
     0.3 of first drafts kept, against 0.55-0.9 after two), and a pass that feeds k rejected drafts costs
     up to 1.7x a plain one on a 2-core CPU (`seriatim bench --speculative`)."""
 
+    method: str = "ngram"  # or "lookahead": the model's own predictions from earlier passes first (`Trajectory`)
     k: int = 5
     max_n: int = 4
     min_n: int = 2
@@ -49,27 +52,37 @@ class Speculation:
             raise ValueError(f"max_step_rows must be >= 2, got {self.max_step_rows}")
         if not 1 <= self.min_n <= self.max_n:
             raise ValueError(f"need 1 <= min_n <= max_n, got {self.min_n} and {self.max_n}")
+        if self.method not in METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
     @classmethod
     def of(cls, spec: object) -> Speculation | None:
-        """LLM's `speculative`: None, "ngram", or {"method": "ngram", "k": ..., "max_n": ..., "min_n": ...}."""
+        """LLM's `speculative`: None, "ngram", "lookahead", or {"method": ..., "k": ..., ...}."""
         if spec is None or isinstance(spec, Speculation):
             return spec
-        if spec == "ngram":
-            return cls()
-        if isinstance(spec, dict) and spec.get("method") == "ngram":
-            return cls(**{key: value for key, value in spec.items() if key != "method"})
-        raise ValueError(f"speculative must be None, 'ngram' or {{'method': 'ngram', 'k': ...}}, got {spec!r}")
+        if spec in METHODS:
+            return cls(method=spec)
+        if isinstance(spec, dict) and spec.get("method") in METHODS:
+            return cls(**spec)
+        raise ValueError(f"speculative must be None, 'ngram', 'lookahead' or {{'method': 'ngram', 'k': ...}}, "
+                         f"got {spec!r}")
 
     def drafts_per_sequence(self, running: int) -> int:
         """How many drafts each of `running` decoding sequences may get in one step."""
         return max(0, min(self.k, (self.max_step_rows - running) // max(running, 1)))
 
-    def propose(self, tokens: Sequence[int], room: int, acceptance: Acceptance, cost: PassCost, rows: int) -> list[int]:
-        """Drafts after `tokens` for a request whose recent drafts fared as `acceptance` says, in a pass of
-        `rows` other rows: at most `room`, and with `adaptive` only as many as are expected to pay."""
-        wanted = acceptance.drafts(room, cost, rows) if self.adaptive else room
-        return propose_ngram(tokens, wanted, self.max_n, self.min_n) if wanted > 0 else []
+    def propose(self, tokens: Sequence[int], room: int, state: RequestDrafts, cost: PassCost, rows: int) -> list[int]:
+        """Drafts after `tokens` for a request whose drafting so far is `state`, in a pass of `rows` other rows:
+        at most `room`, and with `adaptive` only as many as are expected to pay. Prompt lookup first (a
+        recurring suffix of the text predicts best); where it finds none, lookahead drafts the model's own
+        earlier predictions."""
+        wanted = state.acceptance.drafts(room, cost, rows) if self.adaptive else room
+        if wanted <= 0:
+            return []
+        drafts = propose_ngram(tokens, wanted, self.max_n, self.min_n)
+        if not drafts and self.method == "lookahead":
+            drafts = state.trajectory.propose(tokens[-1], wanted)
+        return drafts
 
 
 @dataclass
@@ -92,6 +105,9 @@ class PassCost:
         if None not in measured:
             return measured[1] / measured[0]
         return (1 + self.slope * (rows + extra - 1)) / (1 + self.slope * (rows - 1))
+
+
+PRIOR_COST = PassCost()  # never records: the same answer on every machine and in every run
 
 
 @dataclass
@@ -132,6 +148,45 @@ class Acceptance:
                 self.idle = 0
                 return 1
         return best
+
+
+@dataclass
+class Trajectory:
+    """Lookahead's memory of one request (after Fu et al., 2024, on one draft chain per pass): what its
+    verification passes predicted. A pass over [x_0 .. x_k] gives the argmax o_i after each x_i; the
+    verdict keeps a drafts and adds o_a. Then:
+
+    - Jacobi: o_{a+1} .. o_k are the model's guesses for the positions after o_a, computed from a context
+      that was partly wrong; fed back as the next drafts, each pass refines them (the fixed point of this
+      iteration is the greedy output, which the verification makes exact at every step);
+    - the pool: each (x_i, o_i) is a bigram the model predicted; chained from the last token, they draft
+      what the model said follows it before (the n-grams of the trajectory)."""
+
+    guesses: list[int] = field(default_factory=list)
+    pool: dict[int, int] = field(default_factory=dict)  # token -> the token the model last predicted after it
+
+    def record(self, inputs: Sequence[int], outputs: Sequence[int], accepted: int) -> None:
+        self.guesses = list(outputs[accepted + 1 :])
+        self.pool.update(zip(inputs, outputs))
+
+    def propose(self, last: int, k: int) -> list[int]:
+        """k drafts after `last`: the pending Jacobi guesses, continued along the pool, and where neither
+        reaches, the last of them repeated (Jacobi iteration starts from any guess; this one is right for a
+        repeating token)."""
+        drafts, self.guesses = self.guesses[:k], []
+        token = drafts[-1] if drafts else last
+        while len(drafts) < k:
+            token = self.pool.get(token, token)
+            drafts.append(token)
+        return drafts
+
+
+@dataclass
+class RequestDrafts:
+    """A request's drafting so far: how its drafts fared, and (lookahead) what its passes predicted."""
+
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    trajectory: Trajectory = field(default_factory=Trajectory)
 
 
 @dataclass(frozen=True)
