@@ -68,8 +68,9 @@ def tiny_llm(tiny_llama):
 
 @pytest.fixture
 def tier(monkeypatch):
-    """Set SERIATIM_ISA (None: unset) and forget the tier and kernels chosen before; forgotten again after."""
-    from seriatim.kernels import isa, library
+    """Set SERIATIM_ISA (None: unset) and forget the tier chosen before; forgotten again after. Each tier's
+    kernels stay loaded (in their own namespace): `library.ops()` follows the tier."""
+    from seriatim.kernels import isa
 
     def use(name: str | None):
         if name is None:
@@ -77,10 +78,8 @@ def tier(monkeypatch):
         else:
             monkeypatch.setenv("SERIATIM_ISA", name)
         isa.tier.cache_clear()
-        library.ops.cache_clear()
 
     yield use
     monkeypatch.delenv("SERIATIM_ISA", raising=False)
     isa.tier.cache_clear()
     isa.machine_tier.cache_clear()
-    library.ops.cache_clear()

@@ -96,7 +96,8 @@ def test_rows_table_gives_each_pass_against_one_token_per_tier():
 
 
 def test_prefill_fraction_of_the_matmul_peak_is_printed(tiny_llama):
-    """The batch-1 table states prefill's projections in GFLOP/s against the measured bfloat16 matmul peak."""
+    """The batch-1 table states prefill's projections in GFLOP/s against the measured matmul peak (bfloat16,
+    or float32 on AVX2)."""
     from seriatim.bench.run import format_table
     from seriatim.bench.worker import projection_flops_per_token
 
@@ -110,7 +111,7 @@ def test_prefill_fraction_of_the_matmul_peak_is_printed(tiny_llama):
             "peak_rss_mb": 400, "load_s": 1.0, "load_to_first_token_s": 1.1, "bytes_per_token": 10**8,
             "flops_per_token": 2 * 10**8}
     text = format_table([ours], {"model": "m", "device": "cpu", "threads": 2, "runs": 3, "bandwidth_gb_s": 40.0,
-                                 "matmul_gflop_s": 800.0})
+                                 "matmul_gflop_s": 800.0, "matmul_dtype": "bfloat16"})
     assert "matmul peak: 800 GFLOP/s (bfloat16, 2048 x 2048 x 2048); seriatim prefill's projections run at " \
            "200 GFLOP/s, 25% of it" in text
 

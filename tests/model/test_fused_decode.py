@@ -12,7 +12,7 @@ from seriatim.model.quant import Product
 from seriatim.sampling import SamplingParams
 from support.parity import refeed
 
-needs_kernels = pytest.mark.skipif(not library._cpu_supports(), reason="needs AVX-512 with BF16")
+needs_kernels = pytest.mark.skipif(library.ops() is None, reason="needs seriatim's kernels (ISA tier avx2 or above)")
 
 
 def count_passes(monkeypatch) -> list[int]:

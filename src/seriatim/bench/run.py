@@ -45,12 +45,18 @@ def memory_bandwidth(threads: int, device: str = "cpu") -> float:
     return buf.numel() * 4 / best
 
 
+def peak_dtype(device: str = "cpu") -> str:
+    """The dtype whose matmul peak prefill is measured against: bfloat16 where the CPU multiplies it (AVX-512
+    BF16, AMX) or on a GPU; float32 on AVX2, which has no bfloat16 arithmetic."""
+    return "bfloat16" if device != "cpu" or isa.tier() >= isa.Tier.AVX512 else "float32"
+
+
 def matmul_peak(threads: int, device: str = "cpu") -> float:
-    """Floating-point operations per second of the best of several large dense bfloat16 matmuls."""
+    """Floating-point operations per second of the best of several large dense matmuls in `peak_dtype`."""
     import torch
 
     torch.set_num_threads(threads)
-    a = torch.randn(2048, 2048, device=device).bfloat16()
+    a = torch.randn(2048, 2048, device=device).to(getattr(torch, peak_dtype(device)))
     a @ a  # noqa: B018 - warm-up
     best = float("inf")
     for _ in range(5):
@@ -146,7 +152,8 @@ def format_table(results: list[dict], meta: dict) -> str:
     )
     flops = ours["flops_per_token"] * med(ours, "prefill_tok_s")
     lines.append(
-        f"matmul peak: {meta['matmul_gflop_s']:.0f} GFLOP/s (bfloat16, 2048 x 2048 x 2048); seriatim prefill's "
+        f"matmul peak: {meta['matmul_gflop_s']:.0f} GFLOP/s ({meta['matmul_dtype']}, 2048 x 2048 x 2048); "
+        f"seriatim prefill's "
         f"projections run at {flops / 1e9:.0f} GFLOP/s, {100 * flops / (meta['matmul_gflop_s'] * 1e9):.0f}% of it"
     )
     return "\n".join(lines)
@@ -163,7 +170,7 @@ def run_bench(model: str, threads: int, runs: int, engines: list[str], as_json: 
     path, ids = _model_and_ids(model)
     meta = {"model": path, "device": device, "threads": threads, "runs": runs,
             "bandwidth_gb_s": memory_bandwidth(threads, device) / 1e9,
-            "matmul_gflop_s": matmul_peak(threads, device) / 1e9}
+            "matmul_gflop_s": matmul_peak(threads, device) / 1e9, "matmul_dtype": peak_dtype(device)}
     _report(meta, _run_engines(engines, path, threads, runs, ids, device, ""), as_json, format_table)
 
 

@@ -2,8 +2,8 @@
 `SERIATIM_ISA` (amx, avx512, avx2 or none), so that every tier below the machine's can run, and be tested,
 on any machine. A tier above the machine's is never taken.
 
-A new tier (AVX2 kernels, or ARM's NEON/SVE) is a member here with the CPU flags it needs, the kernels
-compiled for it, and the products that `quant.Product` may pick there.
+A new tier (ARM's NEON/SVE, say) is a member here with the CPU flags it needs, a library of kernels compiled
+for it (library.py), and the products that `quant.Product` may pick there.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 class Tier(IntEnum):
     NONE = 0  # PyTorch's tensor ops only
-    AVX2 = 1  # AVX2, FMA and F16C: no kernels of seriatim's for it yet, so tensor ops
+    AVX2 = 1  # AVX2, FMA and F16C: seriatim's AVX2 kernels (csrc/avx2)
     AVX512 = 2  # AVX-512 F/BW/VL/DQ with BF16, VBMI and VNNI: seriatim's vector kernels
     AMX = 3  # the above and AMX tiles (BF16, INT8) that Linux grants: the AMX kernels too
 

@@ -1,20 +1,27 @@
-"""seriatim's own CPU kernels (csrc/), compiled once per machine and cached.
+"""seriatim's own CPU kernels (csrc/), compiled once per machine and ISA tier, and cached.
 
-- expand.cpp: packed int4 weights expanded to dense bfloat16 in one AVX-512 pass (long chunks).
-- fused.cpp: RMSNorm, rotary embedding and silu(gate) * up as one op each for bfloat16 activations.
-- gemv.cpp: int4 and int8 weights times a few activation rows (decode steps' vector products).
-- amx_mm.cpp: int4 and int8 weights times a few to a hundred activation rows on AMX tiles (batched decode).
-- decode_attention.cpp: one query per sequence over its cached keys and values, read in place.
-- decode_layer.cpp: a decoding pass's Llama-family decoder layers in one call (DecodeStack, fused_decode.py).
-- prefill_attention.cpp: causal attention of prompt chunks on AMX tiles (flash-style, online softmax).
-- argmax.cpp: row-wise argmax of float32 logits (greedy picks), torch.argmax's indices.
-- bitmask.cpp: grammar masks (one bit per token) applied to float32 logits, -inf where a bit is clear.
+Each tier has its library, built from its own sources with its own flags (isa.py picks the tier):
 
-The first use compiles them (about 30 s, with a notice) into `<cache>/kernels/<key>`, the key
-being a hash of the sources, the flags and the PyTorch version; later processes load the built library
-directly. Where they cannot be had (an ISA tier below avx512, by the CPU or by `SERIATIM_ISA`, see isa.py;
-no compiler), `ops()` returns None and the callers use tensor ops instead: slower, and the
-same numbers up to bfloat16 rounding.
+- avx512 and amx (csrc/*.cpp): AVX-512 with BF16, VNNI and VBMI; the AMX ones run only where `amx()` says.
+  - expand.cpp: packed int4 weights expanded to dense bfloat16 in one AVX-512 pass (long chunks).
+  - fused.cpp: RMSNorm, rotary embedding and silu(gate) * up as one op each for bfloat16 activations.
+  - gemv.cpp: int4 and int8 weights times a few activation rows (decode steps' vector products).
+  - amx_mm.cpp: int4 and int8 weights times a few to a hundred activation rows on AMX tiles (batched decode).
+  - decode_attention.cpp: one query per sequence over its cached keys and values, read in place.
+  - prefill_attention.cpp: causal attention of prompt chunks on AMX tiles (flash-style, online softmax).
+  - argmax.cpp: row-wise argmax of float32 logits (greedy picks), torch.argmax's indices.
+  - bitmask.cpp: grammar masks (one bit per token) applied to float32 logits, -inf where a bit is clear.
+- avx2 (csrc/avx2/*.cpp): the same ops but the AMX ones, for AVX2 and FMA: int4 products on int8
+  activations (VPMADDUBSW), int8 products as exact integer totals, float32 arithmetic on bfloat16 data.
+- both: decode_layer.cpp, a decoding pass's Llama-family decoder layers in one call (DecodeStack,
+  fused_decode.py), which calls the tier's ops.
+
+Each library registers its ops in its own namespace (`torch.ops.seriatim` for avx512, ...seriatim_avx2),
+so that two tiers can be loaded in one process (the tests run every tier the machine has). The first use
+compiles a tier's library (about 30 s, with a notice) into `<cache>/kernels/<key>`, the key being a hash
+of the sources, the flags and the PyTorch version; later processes load it directly. Where there is none
+for the tier in use (tier none; no compiler), `ops()` returns None and the callers use tensor ops instead:
+slower, and the same numbers up to bfloat16 rounding.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import hashlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,35 +42,54 @@ from . import isa
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = sorted(CSRC.glob("*.cpp"))
-NAME = "seriatim_kernels"
-# AMX code is compiled in everywhere but runs only where `amx()` allows it.
 # -fopenmp: at::parallel_for is a header template, and without it the kernels run on one thread.
-FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vbmi",
-         "-mavx512vnni", "-mfma", "-mamx-tile", "-mamx-bf16", "-mamx-int8"]
+COMMON_FLAGS = ["-O3", "-fopenmp"]
 
 
-def _cpu_supports() -> bool:
-    """Whether the tier in use runs these kernels (all of them need AVX-512; see isa.py)."""
-    return isa.tier() >= isa.Tier.AVX512
+@dataclass(frozen=True)
+class Build:
+    """One tier's library: its sources, compiler flags and op namespace."""
+
+    namespace: str
+    sources: tuple[Path, ...]
+    flags: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.namespace}_kernels"
 
 
-def _build_dir() -> Path:
-    code = b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.[ch]*")))  # sources and the shared header
-    key = hashlib.sha256(code + " ".join(FLAGS).encode() + torch.__version__.encode())
-    return cache_dir() / "kernels" / key.hexdigest()[:16]
+# AMX code is compiled into the AVX-512 library but runs only where `amx()` allows it.
+AVX512 = Build("seriatim", tuple(sorted(CSRC.glob("*.cpp"))),
+               ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vbmi",
+                "-mavx512vnni", "-mfma", "-mamx-tile", "-mamx-bf16", "-mamx-int8"))
+AVX2 = Build("seriatim_avx2", (*sorted((CSRC / "avx2").glob("*.cpp")), CSRC / "decode_layer.cpp"),
+             ("-mavx2", "-mfma", "-mf16c", "-DSERIATIM_OPS=seriatim_avx2"))
 
 
-def _build(folder: Path) -> None:
+def build_for(tier: isa.Tier) -> Build | None:
+    """The library serving `tier`, if it has one."""
+    return AVX512 if tier >= isa.Tier.AVX512 else AVX2 if tier is isa.Tier.AVX2 else None
+
+
+def _build_dir(build: Build) -> Path:
+    headers = sorted(CSRC.glob("*.h")) + sorted((CSRC / "avx2").glob("*.h"))
+    code = b"".join(p.read_bytes() for p in (*build.sources, *headers))
+    key = hashlib.sha256(code + " ".join((*COMMON_FLAGS, *build.flags)).encode() + torch.__version__.encode())
+    return cache_dir() / "kernels" / f"{build.namespace}-{key.hexdigest()[:16]}"
+
+
+def _compile(build: Build, folder: Path) -> None:
     """Compile with torch's extension builder (ninja, the torch headers, the right ABI flags)."""
     from torch.utils import cpp_extension
 
     # ninja comes with the package's dependencies, into the environment's bin folder, which need not be on PATH.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     folder.mkdir(parents=True, exist_ok=True)
-    print("seriatim: compiling its CPU kernels (once per machine, about 30 s)...", file=sys.stderr, flush=True)
-    cpp_extension.load(NAME, [str(p) for p in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                       build_directory=str(folder), is_python_module=False)
+    print(f"seriatim: compiling its CPU kernels for {build.namespace} (once per machine, about 30 s)...",
+          file=sys.stderr, flush=True)
+    cpp_extension.load(build.name, [str(p) for p in build.sources], extra_cflags=[*COMMON_FLAGS, *build.flags],
+                       extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False)
 
 
 def amx() -> bool:
@@ -71,38 +98,43 @@ def amx() -> bool:
     return isa.tier() is isa.Tier.AMX
 
 
-@functools.cache
 def ops() -> object | None:
-    """`torch.ops.seriatim` (int4_dequantize_t, rms_norm, rotary, silu_mul, int4_gemv, int8_gemv,
-    int4_mm_amx, int8_mm_amx, decode_attention, prefill_attention, argmax_rows, apply_bitmask; and the class
-    torch.classes.seriatim.DecodeStack) where the tier in use runs them, else None.
-    The AMX ones (and DecodeStack given AMX products) may run only where `amx()` says so."""
-    return _library() if _cpu_supports() else None
+    """The ops of the tier in use (rms_norm, rotary, silu_mul, int4_gemv, int8_gemv, int4_dequantize_t,
+    decode_attention, argmax_rows, apply_bitmask; at avx512 and amx also int4_mm_amx, int8_mm_amx and
+    prefill_attention, which may run only where `amx()` says so), or None where it has none."""
+    build = build_for(isa.tier())
+    return _library(build) if build is not None else None
+
+
+def decode_stack() -> type:
+    """decode_layer.cpp's DecodeStack class of the tier in use (whose `ops()` are not None)."""
+    return getattr(torch.classes, build_for(isa.tier()).namespace).DecodeStack
 
 
 @functools.cache
-def _library() -> object | None:
-    """The kernels, loaded into this process once (built first if this machine has no build of these
+def _library(build: Build) -> object | None:
+    """A tier's ops, loaded into this process once (built first if this machine has no build of these
     sources); None where they cannot be had."""
-    if _registered():  # loaded already, from another cache folder say: a second load would register twice
-        return torch.ops.seriatim
-    folder = _build_dir()
-    library = folder / f"{NAME}.so"
+    namespace = getattr(torch.ops, build.namespace)
+    if _registered(namespace):  # loaded already, from another cache folder say: a second load would register twice
+        return namespace
+    folder = _build_dir(build)
+    library = folder / f"{build.name}.so"
     try:
         if library.exists():
             torch.ops.load_library(str(library))
         else:
-            _build(folder)
+            _compile(build, folder)
     except Exception as e:  # noqa: BLE001 - any build or load failure leaves PyTorch's kernels in charge
         log.warning("seriatim's CPU kernels are unavailable (%s); using tensor ops (slower)", e)
         return None
-    return torch.ops.seriatim
+    return namespace
 
 
-def _registered() -> bool:
-    """Whether this process has the kernels' ops registered."""
+def _registered(namespace: object) -> bool:
+    """Whether this process has a library's ops registered."""
     try:
-        torch.ops.seriatim.argmax_rows  # noqa: B018 - the lookup is the test
+        namespace.argmax_rows  # noqa: B018 - the lookup is the test
     except (AttributeError, RuntimeError):
         return False
     return True

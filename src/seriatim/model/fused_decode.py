@@ -54,7 +54,7 @@ class FusedDecode:
             bias = [] if layer.attn.qkv_bias is None else [layer.attn.qkv_bias]
             parts += [layer.attn_norm.weight, layer.ffn_norm.weight, *bias, *(t for w in weights for t in w)]
             layout += [len(bias), *(len(w) for w in weights)]
-        self.stack = torch.classes.seriatim.DecodeStack(parts, layout, cfg.rms_norm_eps, GROUP, cfg.num_heads,
+        self.stack = library.decode_stack()(parts, layout, cfg.rms_norm_eps, GROUP, cfg.num_heads,
                                                         cfg.attn_scale)
         self.by_rows: dict[int, list[int]] = {}  # rows -> products(rows)
 

@@ -174,23 +174,28 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_int4(cls, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype) -> Int4Linear:
         """From values q in [0, 16) ([N, K], int32) and per-group scale and minimum ([N, K/32])."""
-        # The kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale.
+        # The kernels compute (q - 8) * scale + zero, so zero = minimum + 8 * scale.
         sz = torch.stack([scale, minimum + 8 * scale], dim=-1)  # [N, K/32, 2]
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        ours = q.shape[0] % PACK_BLOCK == 0
+        packed = pack_int4(q) if ours else torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
         return cls(packed, sz.transpose(0, 1).contiguous().to(dtype))
 
     def product(self, rows: int) -> Product:
-        """The product `forward` runs for `rows` activation rows (see `product_path`); our kernels need
-        blocks of 64 outputs in the packed layout they read."""
+        """The product `forward` runs for `rows` activation rows (see `product_path`). Our kernels read our
+        layout (`pack_int4`); PyTorch's weight-only kernel reads its own, which is ours only on some CPUs
+        (`_torch_reads_our_layout`): where it is not and our kernels are missing, the tensor ops expand."""
         ops = library.for_tensor(self.scales_zeros)
-        amx_fits = self._expandable() and self.in_features % GROUP == 0
-        path = product_path(rows, ops, amx_fits, INT4_CROSSOVERS, self.batch_invariant)
-        if path is Product.AMX or (path is Product.DENSE and self._expandable()):
+        ours = self._ours()
+        path = product_path(rows, ops, ours, INT4_CROSSOVERS, self.batch_invariant)
+        if path is Product.AMX or (path is Product.DENSE and ours):
             return path
-        return Product.VECTOR if ops is not None and self._expandable() else Product.WEIGHT_ONLY
+        if ours and ops is not None:
+            return Product.VECTOR
+        return Product.WEIGHT_ONLY if not ours or _torch_reads_our_layout() else Product.DENSE
 
-    def _expandable(self) -> bool:
-        return self.out_features % PACK_BLOCK == 0 and _int4_layout_known()
+    def _ours(self) -> bool:
+        """Whether the weight is in our packed layout (blocks of 64 outputs), which our kernels read."""
+        return self.out_features % PACK_BLOCK == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]"""
@@ -211,8 +216,7 @@ class Int4Linear(nn.Module):
         return ops.int4_dequantize_t(self.weight, self.scales_zeros, GROUP)
 
     def dequantize(self) -> torch.Tensor:
-        """[N, K] in the activation dtype. The packed layout holds, per block of 64 output rows and per
-        input column, 32 bytes: row i of the block in the low nibble of byte i, row 32 + i in the high."""
+        """[N, K] in the activation dtype, from our packed layout (`pack_int4`)."""
         n, k = self.out_features, self.in_features
         packed = self.weight.view(n // PACK_BLOCK, k, PACK_BLOCK // 2)
         # Unpacked straight into float32 (one strided copy per nibble), where the scaling runs
@@ -303,12 +307,22 @@ def set_batch_invariant(model: nn.Module, on: bool) -> None:
             module.batch_invariant = on
 
 
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Values q in [0, 16) ([N, K] int32, N a multiple of 64) -> our packed layout [N, K/2] uint8: per block of 64
+    outputs and per input column, 32 bytes, output i of the block in the low nibble of byte i and output
+    32 + i in its high nibble. PyTorch's own int4 packing is this layout on AVX-512 CPUs only."""
+    n, k = q.shape
+    halves = q.to(torch.uint8).view(n // PACK_BLOCK, 2, PACK_BLOCK // 2, k)
+    packed = halves[:, 0] | (halves[:, 1] << 4)  # [N/64, 32, K]
+    return packed.transpose(1, 2).contiguous().view(n, k // 2)
+
+
 @functools.cache
-def _int4_layout_known() -> bool:
-    """Whether this PyTorch build packs int4 as `Int4Linear.dequantize` reads it (checked once)."""
+def _torch_reads_our_layout() -> bool:
+    """Whether this PyTorch build, on this CPU, packs int4 as `pack_int4` does, so that its weight-only kernel
+    reads our layout (checked once)."""
     q = torch.randint(0, 16, (2 * PACK_BLOCK, 2 * GROUP), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    probe = Int4Linear.from_int4(q, torch.ones(q.shape[0], 2), torch.zeros(q.shape[0], 2), torch.float32)
-    return torch.equal(probe.dequantize(), q.float())
+    return torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2), pack_int4(q))
 
 
 def compact_linear(parts: list[Weight], dtype: torch.dtype) -> nn.Module:

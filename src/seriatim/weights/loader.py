@@ -50,7 +50,7 @@ def choose_precision(mode: str, device: torch.device) -> Precision:
         return Precision(DTYPES[mode], compact=False)
     if device.type == "cuda":
         return Precision(torch.bfloat16, compact=False)
-    if isa.tier() >= isa.Tier.AVX512:
+    if isa.tier() >= isa.Tier.AVX2:
         return Precision(torch.bfloat16, compact=True)
     return Precision(torch.float32, compact=False)
 

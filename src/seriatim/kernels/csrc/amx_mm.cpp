@@ -246,7 +246,7 @@ namespace {
 // ---- int8 [N, K], one scale per output row: computed transposed, C^T[n, m], weight rows as A tiles ------
 //
 // The weight rows go to AMX's integer tiles straight from memory, untouched, so the head costs little
-// more than its one read. The activations are quantized to 16 bits with one scale per row (simd.h), and
+// more than its one read. The activations are quantized to 16 bits with one scale per row (quant.h), and
 // the int16 q is split as 256 hi + lo (hi signed, lo unsigned bytes): sum w q = 256 sum w hi + sum w lo,
 // two integer products (16 x 64 int8 per instruction) whose int32 sums run over the whole row in the C
 // tiles (|sum| <= 255 * 127 K: exact for K up to 66k), stored and scaled once per block of outputs.
@@ -254,7 +254,7 @@ namespace {
 constexpr int kStep8 = kQuantStep;  // int8 values along K in one tile row
 constexpr int64_t kWidth8 = 2 * kTile;  // outputs per pass: two (hi, lo) pairs of C tiles
 
-// The int16 activations (simd.h) split as 256 hi + lo, in B-tile layout: [(r / 16) block][k / 4][4 * (r % 16) + k % 4].
+// The int16 activations (quant.h) split as 256 hi + lo, in B-tile layout: [(r / 16) block][k / 4][4 * (r % 16) + k % 4].
 struct SplitRows {
   std::vector<int8_t> hi;
   std::vector<uint8_t> lo;

@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "ops.h"
 #include "simd.h"
 
@@ -135,12 +136,6 @@ GroupFn<Key, Value> group_fn(int64_t vecs, std::integer_sequence<int, V...>) {
   return table[vecs - 1];
 }
 
-// A [T, heads, Dh] bfloat16 tensor whose heads are contiguous (rows may be a strided view).
-void check_rows(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2),
-              name, " must be bfloat16 [T, heads, Dh] with each row's heads contiguous");
-}
-
 }  // namespace
 
 namespace seriatim {
@@ -152,40 +147,16 @@ namespace seriatim {
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                             at::Tensor& v_cache, const at::Tensor& rows, const at::Tensor& write,
                             const at::Tensor& slots, const at::Tensor& lengths, double scale) {
-  check_rows(q, "q");
-  check_rows(k, "k");
-  check_rows(v, "v");
-  TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  v_cache.sizes() == k_cache.sizes() && k_cache.dim() == 3,
-              "the caches must be contiguous bfloat16 [Hkv, S, Dh]");
+  check_decode_attention(q, k, v, k_cache, v_cache, rows, write, slots, lengths, kMaxDim);
   const int64_t heads = q.size(1), kv_heads = k_cache.size(0), dim = q.size(2), capacity = k_cache.size(1);
-  TORCH_CHECK(k.size(1) == kv_heads && v.size(1) == kv_heads && k.size(2) == dim && k_cache.size(2) == dim &&
-                  dim % 16 == 0 && dim <= kMaxDim && heads % kv_heads == 0,
-              "head dimension must be a multiple of 16 up to 256, and query heads a multiple of key/value heads");
   const int64_t batch = rows.numel(), width = slots.size(1);
-  for (const at::Tensor* t : {&rows, &write, &lengths})
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == batch, "rows, write and lengths must be int64 [B]");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 2 && slots.is_contiguous() && slots.size(0) == batch,
-              "slots must be contiguous int64 [B, width]");
-  const int64_t *rp = rows.data_ptr<int64_t>(), *wp = write.data_ptr<int64_t>();
-  const int64_t *sp = slots.data_ptr<int64_t>(), *lp = lengths.data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(rp[b] >= 0 && rp[b] < q.size(0) && wp[b] >= 0 && wp[b] < capacity, "row or slot out of range");
-    TORCH_CHECK(lp[b] >= 1 && lp[b] <= width, "lengths must lie in [1, width]");
-    for (int64_t j = 0; j < lp[b]; ++j) TORCH_CHECK(sp[b * width + j] >= 0 && sp[b * width + j] < capacity, "slot out of range");
-  }
+  const int64_t *rp = rows.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>(), *lp = lengths.data_ptr<int64_t>();
   at::Tensor out = at::empty({batch, heads, dim}, q.options());
-  const BFloat16 *qp = q.data_ptr<BFloat16>(), *kp = k.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
+  const BFloat16* qp = q.data_ptr<BFloat16>();
   BFloat16 *kc = k_cache.data_ptr<BFloat16>(), *vc = v_cache.data_ptr<BFloat16>();
   BFloat16* op = out.data_ptr<BFloat16>();
   const int64_t head_stride = capacity * dim;
-  // Every new key and value is stored before any query attends: several rows may be new tokens of one
-  // sequence (a chunk), each seeing the ones before it.
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
-      std::copy_n(kp + rp[b] * k.stride(0) + kvh * dim, dim, kc + kvh * head_stride + wp[b] * dim);
-      std::copy_n(vp + rp[b] * v.stride(0) + kvh * dim, dim, vc + kvh * head_stride + wp[b] * dim);
-    }
+  store_new_keys(k, v, k_cache, v_cache, rows, write);
   // Then one task per (query row, key/value head).
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores((heads / kv_heads) * width);

@@ -18,13 +18,30 @@ namespace {
 // Which product a projection takes: quant.Product, decided in Python by the module itself.
 enum Product : int64_t { kVector = 0, kWeightOnly = 1, kAmx = 2, kDense = 3 };
 
+// The AMX products where this library has them (the AVX-512 one); Python picks them only where it does.
+#ifdef __AMX_TILE__
+at::Tensor amx_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz, int64_t group) {
+  return seriatim::int4_mm_amx(x, packed, sz, group);
+}
+at::Tensor amx_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
+  return seriatim::int8_mm_amx(x, weight, scale);
+}
+#else
+at::Tensor amx_int4(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t) {
+  TORCH_CHECK(false, "this ISA tier's kernels have no AMX products");
+}
+at::Tensor amx_int8(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  TORCH_CHECK(false, "this ISA tier's kernels have no AMX products");
+}
+#endif
+
 // x [T, K] times a projection given as its tensors: packed int4 and scales_zeros (quant.Int4Linear), int8
 // and row scales (quant.Int8Linear), or a dense weight; by `product`, as the module's forward runs it.
 at::Tensor product(const at::Tensor& x, at::TensorList w, int64_t group, int64_t product) {
   if (w[0].scalar_type() == at::kByte) {
     switch (product) {
       case kVector: return seriatim::int4_gemv(x, w[0], w[1], group);
-      case kAmx: return seriatim::int4_mm_amx(x, w[0], w[1], group);
+      case kAmx: return amx_int4(x, w[0], w[1], group);
       case kDense: return x.matmul(seriatim::int4_dequantize_t(w[0], w[1], group));
       default: return at::_weight_int4pack_mm_for_cpu(x, w[0], group, w[1]);
     }
@@ -32,7 +49,7 @@ at::Tensor product(const at::Tensor& x, at::TensorList w, int64_t group, int64_t
   if (w[0].scalar_type() == at::kChar) {
     switch (product) {
       case kVector: return seriatim::int8_gemv(x, w[0], w[1]);
-      case kAmx: return seriatim::int8_mm_amx(x, w[0], w[1]);
+      case kAmx: return amx_int8(x, w[0], w[1]);
       case kDense: return at::linear(x, w[0].to(w[1].scalar_type()) * w[1].unsqueeze(1));
       default: return at::_weight_int8pack_mm(x, w[0], w[1]);
     }
@@ -114,7 +131,7 @@ struct DecodeStack : torch::CustomClassHolder {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(seriatim, lib) {
+TORCH_LIBRARY_FRAGMENT(SERIATIM_OPS, lib) {
   lib.class_<DecodeStack>("DecodeStack")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double, int64_t, int64_t, double>())
       .def("forward", &DecodeStack::forward);

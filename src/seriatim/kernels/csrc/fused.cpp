@@ -10,48 +10,23 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "ops.h"
 #include "simd.h"
 
 #include <algorithm>
 #include <cmath>
 
-namespace {
+namespace seriatim {
 
 using at::BFloat16;
-using namespace seriatim;
-
-
-// Rows of `width` values: x is [..., width] with contiguous rows, possibly a strided view of a wider tensor.
-struct Rows {
-  int64_t count, width, stride;
-};
-
-Rows rows_of(const at::Tensor& x, int64_t width) {
-  TORCH_CHECK(x.dim() >= 2 && x.stride(-1) == 1, "rows must be contiguous in their last dimension");
-  const at::Tensor flat = x.view({-1, width});  // fails loudly where the leading dims do not flatten
-  return {flat.size(0), width, flat.stride(0)};
-}
-
-}  // namespace
-
-namespace seriatim {
 
 // y = x / rms(x) * weight over the last dimension of x. weight has shape [..., D] covering x's trailing
 // dimensions (one weight per head for a per-head norm). Llama rounds the normalised value to bfloat16
 // before the weight (bfloat16); Gemma multiplies its float32 weight first (scale_in_float32).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool scale_in_float32) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.device().is_cpu(), "x must be a bfloat16 CPU tensor");
-  const int64_t d = x.size(-1), w_rows = weight.numel() / d;
-  TORCH_CHECK(weight.is_contiguous() && weight.numel() % d == 0 &&
-                  (x.numel() / d) % w_rows == 0 && weight.dim() <= x.dim(),
-              "weight must be contiguous and cover the trailing dimensions of x");
-  TORCH_CHECK(weight.scalar_type() == (scale_in_float32 ? at::kFloat : at::kBFloat16),
-              "weight must be float32 with scale_in_float32, else bfloat16");
-  const int64_t dims = weight.dim();
-  for (int64_t i = 1; i <= dims; ++i) TORCH_CHECK(weight.size(-i) == x.size(-i), "weight shape mismatch");
-  // A per-head weight spans several rows of d: flatten x by the weight's own trailing extent.
-  const Rows r = rows_of(x, d * w_rows);
+  const NormRows r = check_rms_norm(x, weight, scale_in_float32);
+  const int64_t d = r.dim, w_rows = r.parts;
   at::Tensor y = at::empty(x.sizes(), x.options());
   const BFloat16* xp = x.data_ptr<BFloat16>();
   BFloat16* yp = y.data_ptr<BFloat16>();
@@ -82,13 +57,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, b
 
 // Rotate-half rotary embedding: x [T, heads, Dh] (rows may be a strided view), cos/sin [T, 1, Dh].
 at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.device().is_cpu(),
-              "x must be a bfloat16 CPU tensor [T, heads, Dh]");
+  check_rotary(x, cos, sin);
   const int64_t t = x.size(0), heads = x.size(1), dh = x.size(2), half = dh / 2;
-  TORCH_CHECK(dh % 2 == 0 && x.stride(2) == 1 && x.stride(1) == dh, "each row's heads must be contiguous");
-  for (const at::Tensor* c : {&cos, &sin})
-    TORCH_CHECK(c->scalar_type() == at::kBFloat16 && c->is_contiguous() && c->numel() == t * dh,
-                "cos and sin must be contiguous bfloat16 [T, 1, Dh]");
   at::Tensor y = at::empty({t, heads, dh}, x.options());
   const BFloat16* xp = x.data_ptr<BFloat16>();
   const BFloat16* cp = cos.data_ptr<BFloat16>();
@@ -114,17 +84,13 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 
 // SwiGLU's inner product: gate_up [T, 2I] (gate then up) -> silu(gate) * up [T, I].
 at::Tensor silu_mul(const at::Tensor& gate_up) {
-  TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 2 && gate_up.size(1) % 2 == 0 &&
-                  gate_up.is_contiguous() && gate_up.device().is_cpu(),
-              "gate_up must be a contiguous bfloat16 CPU tensor [T, 2I]");
+  check_silu_mul(gate_up);
   const int64_t t = gate_up.size(0), width = gate_up.size(1) / 2;
   at::Tensor y = at::empty({t, width}, gate_up.options());
   const BFloat16* src = gate_up.data_ptr<BFloat16>();
   BFloat16* dst = y.data_ptr<BFloat16>();
-  // Work items of 256 values of a row, so that a batch of decodes (16 rows x 1536 for SmolLM2, ~15 us on
-  // one core) splits across threads; at least 16 items (~2.5 us) per thread, so a lone decode's row
-  // stays on one.
-  constexpr int64_t kSpan = 256;
+  // Work items of kSpan values (checks.h); at least 16 items (~2.5 us) per thread.
+  constexpr int64_t kSpan = kSiluSpan;
   const int64_t spans = (width + kSpan - 1) / kSpan;
   at::parallel_for(0, t * spans, 16, [&](int64_t begin, int64_t end) {
     const __m512 one = _mm512_set1_ps(1.f);

@@ -10,7 +10,7 @@
 //   order whatever the number of rows, so at 512 rows it still gives every row its lone result, at about
 //   the cost of expanding the weight for one dense matmul.
 // - int8 with one scale per output row: the activations are quantized to 16 bits with one scale per row
-//   (simd.h), and each output is the exact integer total of q w, rounded once to float32 and scaled. A few
+//   (quant.h), and each output is the exact integer total of q w, rounded once to float32 and scaled. A few
 //   rows: the weight rows widened to 16 bits and multiplied with AVX-512 VNNI, ~1.4x torch's
 //   _weight_int8pack_mm. Many: two int8 matrix products (oneDNN's). Exact totals do not depend on the
 //   order of the sums, so both give a row the same bits.
@@ -119,13 +119,6 @@ void int8_dots(const int8_t* w, const int16_t* xq, int64_t k, int64_t total[R]) 
   for (int r = 0; r < R; ++r) total[r] = _mm512_reduce_add_epi64(_mm512_add_epi64(wide[r][0], wide[r][1]));
 }
 
-// An output from its exact total: rounded once to float32, times the activation row's scale, then the
-// weight row's. Every int8 kernel ends this way.
-template <typename Out>
-inline Out int8_output(int64_t total, float row_scale, float weight_scale) {
-  return Out(static_cast<float>(total) * row_scale * weight_scale);
-}
-
 template <int R, typename Out>
 void int8_rows(const int8_t* wp, const QuantizedActivations& xq, int64_t r, int64_t k, const float* scale,
                int64_t n, int64_t o, Out* y) {
@@ -152,7 +145,7 @@ void int8_outputs(const int8_t* wp, const QuantizedActivations& xq, int64_t m, i
   });
 }
 
-// The int16 activations split as q = 256 hi + lo with hi and lo in [-128, 127] (|q| <= 32639, simd.h), 32 at a
+// The int16 activations split as q = 256 hi + lo with hi and lo in [-128, 127] (|q| <= 32639, quant.h), 32 at a
 // time: hi = (q + 128) >> 8, lo = q - 256 hi.
 at::Tensor split_halves(const QuantizedActivations& xq, int64_t m, int64_t k, const at::TensorOptions& int8) {
   at::Tensor halves = at::empty({2, m, k}, int8);

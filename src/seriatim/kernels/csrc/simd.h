@@ -1,8 +1,11 @@
-// AVX-512 helpers shared by seriatim's CPU kernels: bfloat16 loads and stores, and torch's packed int4 form.
+// AVX-512 helpers shared by seriatim's AVX-512 kernels: bfloat16 loads and stores, and torch's packed int4 form
+// expanded in registers.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <immintrin.h>
+
+#include "quant.h"
 
 #include <algorithm>
 #include <cmath>
@@ -83,22 +86,6 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// Packed int4 (torch's CPU layout): per block of 64 outputs and per input column, 32 bytes, output i in the
-// low nibble of byte i and output 32 + i in its high nibble. scales_zeros [K/group, N, 2] holds bfloat16
-// (scale, zero) pairs, and a weight is (q - 8) * scale + zero.
-constexpr int64_t kInt4Block = 64;
-
-inline void check_int4(const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t k, int64_t group) {
-  const int64_t n = packed.size(0);
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(1) * 2 == k,
-              "packed int4 weight must be contiguous uint8 [N, K/2]");
-  TORCH_CHECK(n % kInt4Block == 0 && group > 0 && k % group == 0, "N must be a multiple of 64 and K of the group");
-  TORCH_CHECK(scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.is_contiguous() &&
-                  scales_zeros.dim() == 3 && scales_zeros.size(0) == k / group && scales_zeros.size(1) == n &&
-                  scales_zeros.size(2) == 2,
-              "scales_zeros must be contiguous bfloat16 [K/group, N, 2]");
-}
-
 // Columns c and c + 1 of a block of torch's packed int4 (64 bytes) -> four vectors of bfloat16 pairs
 // (128 + q_c, 128 + q_c+1), exact (bits 0x4300 | q), for outputs 0..15, 16..31, 32..47 and 48..63: the
 // operands of a bfloat16 dot product, or four tile rows. Two byte permutes and a few bit ops.
@@ -165,46 +152,6 @@ inline __m512i interleave_pairs(__m512i both) {
   const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   return _mm512_permutexvar_epi16(order, both);
-}
-
-// ---- int8 weights [N, K] with one scale per output row, times activations quantized to 16 bits ---------
-//
-// The integer kernels (amx_mm.cpp, gemv.cpp) quantize each activation row to int16 with one scale per row
-// (its largest magnitude at kActivationMax): finer than the bfloat16 values themselves for all but the row's
-// smallest values, and the same integers for every kernel. One scale per row lets a product sum in
-// integers over the whole row, with no rescaling between steps of K: exactly, so that the vector kernel
-// and the integer matrix products (gemv.cpp) give the same totals.
-constexpr int64_t kQuantStep = 64;  // the kernels' step along K
-// The largest int16 activation: 127 * 257, so that q = 256 hi + lo splits into hi and lo in [-128, 127]
-// (gemv.cpp's int8_matrix) as well as into a signed high and unsigned low byte (amx_mm.cpp).
-constexpr float kActivationMax = 32639.f;
-
-inline void check_int8(const at::Tensor& weight, const at::Tensor& scale, int64_t k) {
-  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.dim() == 2 && weight.size(1) == k,
-              "weight must be contiguous int8 [N, K]");
-  TORCH_CHECK(k % kQuantStep == 0, "K must be a multiple of 64");
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == weight.size(0), "scale must be [N]");
-}
-
-struct QuantizedActivations {
-  std::vector<int16_t> values;  // [M, K]
-  std::vector<float> scale;     // [M]: value * scale is the activation
-};
-
-inline QuantizedActivations quantize_activations(const at::Tensor& x) {
-  const int64_t m = x.size(0), k = x.size(1);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const float* xp = xf.data_ptr<float>();
-  QuantizedActivations q{std::vector<int16_t>(m * k), std::vector<float>(m)};
-  for (int64_t r = 0; r < m; ++r) {
-    const float* v = xp + r * k;
-    float top = 0.f;
-    for (int64_t c = 0; c < k; ++c) top = std::max(top, std::abs(v[c]));
-    const float row_scale = top > 0.f ? top / kActivationMax : 1.f, inv = 1.f / row_scale;
-    q.scale[r] = row_scale;
-    for (int64_t c = 0; c < k; ++c) q.values[r * k + c] = static_cast<int16_t>(std::nearbyint(v[c] * inv));
-  }
-  return q;
 }
 
 }  // namespace seriatim

@@ -1,0 +1,136 @@
+// One new query per sequence over its cached keys and values (csrc/decode_attention.cpp's op), with AVX2
+// and FMA: bfloat16 widened to float32 exactly, scores as float32 dot products, softmax, and the weighted
+// sum of values, reading keys and values where they lie in the cache. Specialised per head size (a
+// multiple of 16), so a query head and its value sums stay in registers.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "../ops.h"
+#include "vec8.h"
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using at::BFloat16;
+using namespace seriatim;
+
+constexpr int kMaxDim = 256;
+constexpr int64_t kAhead = 16;  // keys and values prefetched this many positions ahead
+
+inline void prefetch_row(const BFloat16* p, int64_t dim) {
+  for (int64_t d = 0; d < dim; d += 32) _mm_prefetch(reinterpret_cast<const char*>(p + d), _MM_HINT_T0);
+}
+
+// Scores of one query head (V vectors of 8) against `length` keys -> s[j] = scale * q . k_j, each a float32
+// sum over the head's lanes in one fixed order.
+template <int V, typename Key>
+void scores_of(const BFloat16* q, int64_t length, float scale, Key key, float* s) {
+  __m256 qv[V];
+  for (int d = 0; d < V; ++d) qv[d] = load_bf16(q + 8 * d);
+  for (int64_t j = 0; j < length; ++j) {
+    const BFloat16* k = key(j);
+    if (j + kAhead < length) prefetch_row(key(j + kAhead), 8 * V);
+    __m256 acc = _mm256_mul_ps(qv[0], load_bf16(k));
+    for (int d = 1; d < V; ++d) acc = _mm256_fmadd_ps(qv[d], load_bf16(k + 8 * d), acc);
+    s[j] = scale * sum8(acc);
+  }
+}
+
+// In place: scores -> exp(score - max); returns 1 / their sum.
+inline float softmax_numerators(float* s, int64_t length) {
+  __m256 top = _mm256_set1_ps(-INFINITY), total = _mm256_setzero_ps();
+  for (int64_t j = 0; j < length; j += kLanes) {
+    const __m256 v = load_f32(s + j, length - j);
+    top = _mm256_max_ps(top, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), v, _mm256_castsi256_ps(lanes_below(length - j))));
+  }
+  const __m256 m = _mm256_set1_ps(max8(top));
+  for (int64_t j = 0; j < length; j += kLanes) {
+    const __m256 valid = _mm256_castsi256_ps(lanes_below(length - j));
+    const __m256 p = _mm256_and_ps(exp8(_mm256_sub_ps(load_f32(s + j, length - j), m)), valid);
+    store_f32(s + j, p, length - j);
+    total = _mm256_add_ps(total, p);
+  }
+  return 1.f / sum8(total);
+}
+
+// The `group` query heads sharing one key/value head (q: [group, 8 V]) over `length` keys and values found by
+// key(j), value(j) -> out [group, 8 V]; `scores` holds [length].
+template <int V, typename Key, typename Value>
+void attend_group(const BFloat16* q, int64_t group, int64_t length, float scale, Key key, Value value,
+                  std::vector<float>& scores, BFloat16* out) {
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores.data();
+    scores_of<V>(q + g * 8 * V, length, scale, key, s);
+    const __m256 inv = _mm256_set1_ps(softmax_numerators(s, length));
+    __m256 sum[V];
+    for (int d = 0; d < V; ++d) sum[d] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < length; ++j) {
+      const BFloat16* v = value(j);
+      if (j + kAhead < length) prefetch_row(value(j + kAhead), 8 * V);
+      const __m256 p = _mm256_set1_ps(s[j]);
+      for (int d = 0; d < V; ++d) sum[d] = _mm256_fmadd_ps(p, load_bf16(v + 8 * d), sum[d]);
+    }
+    for (int d = 0; d < V; ++d) store_bf16(out + g * 8 * V + 8 * d, _mm256_mul_ps(sum[d], inv));
+  }
+}
+
+template <typename Key, typename Value>
+using GroupFn = void (*)(const BFloat16*, int64_t, int64_t, float, Key, Value, std::vector<float>&, BFloat16*);
+
+// attend_group for a head dimension of 16 H (V = 2 H vectors of 8), H in 1..16, chosen at run time.
+template <typename Key, typename Value, int... H>
+GroupFn<Key, Value> group_fn(int64_t halves, std::integer_sequence<int, H...>) {
+  constexpr GroupFn<Key, Value> table[] = {&attend_group<2 * (H + 1), Key, Value>...};
+  return table[halves - 1];
+}
+
+}  // namespace
+
+namespace seriatim {
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                            at::Tensor& v_cache, const at::Tensor& rows, const at::Tensor& write,
+                            const at::Tensor& slots, const at::Tensor& lengths, double scale) {
+  check_decode_attention(q, k, v, k_cache, v_cache, rows, write, slots, lengths, kMaxDim);
+  const int64_t heads = q.size(1), kv_heads = k_cache.size(0), dim = q.size(2), capacity = k_cache.size(1);
+  const int64_t batch = rows.numel(), width = slots.size(1), group = heads / kv_heads;
+  const int64_t *rp = rows.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>(), *lp = lengths.data_ptr<int64_t>();
+  at::Tensor out = at::empty({batch, heads, dim}, q.options());
+  const BFloat16* qp = q.data_ptr<BFloat16>();
+  const BFloat16 *kc = k_cache.data_ptr<BFloat16>(), *vc = v_cache.data_ptr<BFloat16>();
+  BFloat16* op = out.data_ptr<BFloat16>();
+  store_new_keys(k, v, k_cache, v_cache, rows, write);
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(width);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / kv_heads, kvh = t % kv_heads;
+      const BFloat16 *kh = kc + kvh * capacity * dim, *vh = vc + kvh * capacity * dim;
+      const int64_t* seq = sp + b * width;
+      auto key = [&](int64_t j) { return kh + seq[j] * dim; };
+      auto value = [&](int64_t j) { return vh + seq[j] * dim; };
+      const auto attend =
+          group_fn<decltype(key), decltype(value)>(dim / 16, std::make_integer_sequence<int, kMaxDim / 16>{});
+      attend(qp + rp[b] * q.stride(0) + kvh * group * dim, group, lp[b], static_cast<float>(scale), key, value,
+             scores, op + (b * heads + kvh * group) * dim);
+    }
+  });
+  return out;
+}
+
+}  // namespace seriatim
+
+TORCH_LIBRARY_FRAGMENT(SERIATIM_OPS, lib) {
+  lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, "
+          "Tensor write, Tensor slots, Tensor lengths, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(SERIATIM_OPS, CPU, lib) {
+  lib.impl("decode_attention", &seriatim::decode_attention);
+}
