@@ -320,16 +320,32 @@ def test_int4_vector_product_matches_the_exact_weights(shape, rows):
     assert torch.equal(module(x), got)
 
 
-def test_our_int4_layout_is_torchs_where_torch_says_so():
-    """`pack_int4` is PyTorch's packing on AVX-512 CPUs; elsewhere (AVX2) the modules do not hand our layout
-    to PyTorch's weight-only kernel."""
+@pytest.mark.parametrize("layout", ["columns", "quads"])
+def test_int4_layouts_pack_and_unpack(layout):
     q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
-    module = Int4Linear.from_int4(q, torch.ones(128, 2), torch.zeros(128, 2), torch.bfloat16)
-    assert torch.equal(module.dequantize().float(), q.float())
+    packed = quant.pack_int4(q, layout)
+    assert packed.shape == (128, 32) and torch.equal(quant.unpack_int4(packed, 128, 64, layout).int(), q)
+
+
+def test_the_columns_layout_is_torchs_where_torch_says_so(tier):
+    """"columns" is PyTorch's packing on AVX-512 CPUs; elsewhere (AVX2) the modules do not hand our layouts
+    to PyTorch's weight-only kernel, and a module whose layout is not the tier's is expanded by tensor ops."""
+    q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
     torchs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-    assert quant._torch_reads_our_layout() == torch.equal(torchs, module.weight)
+    assert quant._torch_reads_columns() == torch.equal(torchs, quant.pack_int4(q, "columns"))
     if isa.machine_tier() >= isa.Tier.AVX512:
-        assert quant._torch_reads_our_layout()
+        assert quant._torch_reads_columns()
+    for layout in ("columns", "quads"):
+        module = Int4Linear(quant.pack_int4(q, layout), torch.stack([torch.ones(2, 128), torch.zeros(2, 128)], -1)
+                            .bfloat16(), layout)
+        assert torch.equal(module.dequantize().float(), q.float() - 8)
+        for name in ("none", "avx2", "avx512"):
+            tier(name)
+            x = torch.randn(3, 64).bfloat16()
+            expected = x.float() @ (q.float() - 8).T
+            assert rel(module(x), expected) < 2e-2, (layout, name)
+            if module.layout != library.int4_layout():
+                assert module.product(3) in (Product.DENSE, Product.WEIGHT_ONLY)
 
 
 @needs_kernels

@@ -48,11 +48,13 @@ COMMON_FLAGS = ["-O3", "-fopenmp"]
 
 @dataclass(frozen=True)
 class Build:
-    """One tier's library: its sources, compiler flags and op namespace."""
+    """One tier's library: its sources, compiler flags, op namespace, and the int4 layout its kernels read
+    (quant.pack_int4)."""
 
     namespace: str
     sources: tuple[Path, ...]
     flags: tuple[str, ...]
+    int4_layout: str = "columns"
 
     @property
     def name(self) -> str:
@@ -64,7 +66,7 @@ AVX512 = Build("seriatim", tuple(sorted(CSRC.glob("*.cpp"))),
                ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vbmi",
                 "-mavx512vnni", "-mfma", "-mamx-tile", "-mamx-bf16", "-mamx-int8"))
 AVX2 = Build("seriatim_avx2", (*sorted((CSRC / "avx2").glob("*.cpp")), CSRC / "decode_layer.cpp"),
-             ("-mavx2", "-mfma", "-mf16c", "-DSERIATIM_OPS=seriatim_avx2"))
+             ("-mavx2", "-mfma", "-mf16c", "-DSERIATIM_OPS=seriatim_avx2"), int4_layout="quads")
 
 
 def build_for(tier: isa.Tier) -> Build | None:
@@ -104,6 +106,12 @@ def ops() -> object | None:
     prefill_attention, which may run only where `amx()` says so), or None where it has none."""
     build = build_for(isa.tier())
     return _library(build) if build is not None else None
+
+
+def int4_layout() -> str:
+    """The int4 layout the tier in use's kernels read; "columns" (PyTorch's on AVX-512) where it has none."""
+    build = build_for(isa.tier())
+    return build.int4_layout if build is not None else "columns"
 
 
 def decode_stack() -> type:

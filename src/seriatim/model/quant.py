@@ -159,15 +159,16 @@ def int8_from_blocks(w: BlockWeight) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T with W as group-wise asymmetric int4 in torch's packed CPU layout (bfloat16 activations),
+    """y = x W^T with W as group-wise asymmetric int4 in one of our packed layouts (`pack_int4`; bfloat16 activations),
     by the product `product_path` picks for the number of rows."""
 
     batch_invariant = True  # see `set_batch_invariant`
 
-    def __init__(self, weight: torch.Tensor, scales_zeros: torch.Tensor):
-        """weight: the kernel's packed form [N, K/2] (uint8); scales_zeros: [K/32, N, 2]."""
+    def __init__(self, weight: torch.Tensor, scales_zeros: torch.Tensor, layout: str = "columns"):
+        """weight: packed [N, K/2] (uint8) in `layout` (`pack_int4`); scales_zeros: [K/32, N, 2]."""
         super().__init__()
         self.out_features, self.in_features = weight.shape[0], 2 * weight.shape[1]
+        self.layout = layout
         self.register_buffer("weight", weight)
         self.register_buffer("scales_zeros", scales_zeros)
 
@@ -176,26 +177,29 @@ class Int4Linear(nn.Module):
         """From values q in [0, 16) ([N, K], int32) and per-group scale and minimum ([N, K/32])."""
         # The kernels compute (q - 8) * scale + zero, so zero = minimum + 8 * scale.
         sz = torch.stack([scale, minimum + 8 * scale], dim=-1)  # [N, K/32, 2]
-        ours = q.shape[0] % PACK_BLOCK == 0
-        packed = pack_int4(q) if ours else torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-        return cls(packed, sz.transpose(0, 1).contiguous().to(dtype))
+        sz = sz.transpose(0, 1).contiguous().to(dtype)
+        if q.shape[0] % PACK_BLOCK:  # not ours: PyTorch's packing, for its weight-only kernel
+            return cls(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2), sz)
+        layout = library.int4_layout()
+        return cls(pack_int4(q, layout), sz, layout)
 
     def product(self, rows: int) -> Product:
         """The product `forward` runs for `rows` activation rows (see `product_path`). Our kernels read our
-        layout (`pack_int4`); PyTorch's weight-only kernel reads its own, which is ours only on some CPUs
-        (`_torch_reads_our_layout`): where it is not and our kernels are missing, the tensor ops expand."""
-        ops = library.for_tensor(self.scales_zeros)
-        ours = self._ours()
-        path = product_path(rows, ops, ours, INT4_CROSSOVERS, self.batch_invariant)
-        if path is Product.AMX or (path is Product.DENSE and ours):
+        layouts (`pack_int4`), each tier's its own; PyTorch's weight-only kernel reads PyTorch's, which is
+        "columns" on some CPUs (`_torch_reads_columns`). Where neither reads the weight, the tensor ops
+        expand it."""
+        ours = self.out_features % PACK_BLOCK == 0
+        kernels = self._kernels() if ours else None
+        path = product_path(rows, kernels, ours, INT4_CROSSOVERS, self.batch_invariant)
+        if kernels is not None or (path is Product.DENSE and ours):
             return path
-        if ours and ops is not None:
-            return Product.VECTOR
-        return Product.WEIGHT_ONLY if not ours or _torch_reads_our_layout() else Product.DENSE
+        return Product.WEIGHT_ONLY if not ours or (self.layout == "columns" and _torch_reads_columns()) \
+            else Product.DENSE
 
-    def _ours(self) -> bool:
-        """Whether the weight is in our packed layout (blocks of 64 outputs), which our kernels read."""
-        return self.out_features % PACK_BLOCK == 0
+    def _kernels(self) -> object | None:
+        """Our kernels, where they serve this weight: built for the tier in use, which reads its layout."""
+        ops = library.for_tensor(self.scales_zeros)
+        return ops if ops is not None and self.layout == library.int4_layout() else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]"""
@@ -210,7 +214,7 @@ class Int4Linear(nn.Module):
 
     def dequantize_t(self) -> torch.Tensor:
         """[K, N] (the transpose of `dequantize`): one pass of our kernel where it runs."""
-        ops = library.for_tensor(self.scales_zeros)
+        ops = self._kernels()
         if ops is None:
             return self.dequantize().T
         return ops.int4_dequantize_t(self.weight, self.scales_zeros, GROUP)
@@ -218,12 +222,7 @@ class Int4Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """[N, K] in the activation dtype, from our packed layout (`pack_int4`)."""
         n, k = self.out_features, self.in_features
-        packed = self.weight.view(n // PACK_BLOCK, k, PACK_BLOCK // 2)
-        # Unpacked straight into float32 (one strided copy per nibble), where the scaling runs
-        # fastest; only the result is rounded to the activation dtype.
-        q = torch.empty(n // PACK_BLOCK, 2, PACK_BLOCK // 2, k)
-        q[:, 0] = (packed & 15).transpose(1, 2)
-        q[:, 1] = (packed >> 4).transpose(1, 2)
+        q = unpack_int4(self.weight, n, k, self.layout).float()
         scale, zero = self.scales_zeros.transpose(0, 1).float().contiguous().unsqueeze(-1).unbind(2)  # [N, K/32, 1]
         weight = torch.addcmul(zero - 8 * scale, q.view(n, k // GROUP, GROUP), scale)  # (q - 8) * scale + zero
         return weight.view(n, k).to(self.scales_zeros.dtype)
@@ -307,22 +306,44 @@ def set_batch_invariant(model: nn.Module, on: bool) -> None:
             module.batch_invariant = on
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Values q in [0, 16) ([N, K] int32, N a multiple of 64) -> our packed layout [N, K/2] uint8: per block of 64
-    outputs and per input column, 32 bytes, output i of the block in the low nibble of byte i and output
-    32 + i in its high nibble. PyTorch's own int4 packing is this layout on AVX-512 CPUs only."""
+# Our int4 layouts, by block of 64 outputs (N a multiple of 64); the view of one block's bytes as
+# [.., nibble (low: outputs 0-31, high: 32-63), ...] axes, and where each axis goes:
+# - "columns" (the AVX-512 kernels', PyTorch's own packing on AVX-512 CPUs): per input column, 32 bytes,
+#   output i in the low nibble of byte i and output 32 + i in its high nibble.
+# - "quads" (the AVX2 kernels'): per four input columns, four vectors of 32 bytes; 32-bit lane l of vector
+#   j holds output 8 j + l's weights of the four columns (byte i: column i), 32 + 8 j + l's in the high nibbles.
+_INT4_LAYOUTS = {"columns", "quads"}
+
+
+def pack_int4(q: torch.Tensor, layout: str) -> torch.Tensor:
+    """Values q in [0, 16) ([N, K] int32, N a multiple of 64) -> packed [N, K/2] uint8 in `layout`."""
     n, k = q.shape
-    halves = q.to(torch.uint8).view(n // PACK_BLOCK, 2, PACK_BLOCK // 2, k)
-    packed = halves[:, 0] | (halves[:, 1] << 4)  # [N/64, 32, K]
-    return packed.transpose(1, 2).contiguous().view(n, k // 2)
+    blocks = n // PACK_BLOCK
+    if layout == "columns":
+        halves = q.to(torch.uint8).view(blocks, 2, PACK_BLOCK // 2, k)
+        return (halves[:, 0] | (halves[:, 1] << 4)).transpose(1, 2).contiguous().view(n, k // 2)
+    if layout == "quads":
+        halves = q.to(torch.uint8).view(blocks, 2, 4, 8, k // 4, 4)  # [B, nibble, j, l, K/4, i]
+        return (halves[:, 0] | (halves[:, 1] << 4)).permute(0, 3, 1, 2, 4).contiguous().view(n, k // 2)
+    raise ValueError(f"no int4 layout {layout!r}; one of {sorted(_INT4_LAYOUTS)}")
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int, layout: str) -> torch.Tensor:
+    """The inverse of `pack_int4`: [N, K] uint8 values in [0, 16)."""
+    blocks = n // PACK_BLOCK
+    if layout == "columns":
+        b = packed.view(blocks, k, PACK_BLOCK // 2).transpose(1, 2)  # [B, 32, K]
+        return torch.stack([b & 15, b >> 4], dim=1).reshape(n, k)
+    b = packed.view(blocks, k // 4, 4, 8, 4).permute(0, 2, 3, 1, 4)  # [B, j, l, K/4, i]
+    return torch.stack([b & 15, b >> 4], dim=1).reshape(n, k)
 
 
 @functools.cache
-def _torch_reads_our_layout() -> bool:
-    """Whether this PyTorch build, on this CPU, packs int4 as `pack_int4` does, so that its weight-only kernel
-    reads our layout (checked once)."""
+def _torch_reads_columns() -> bool:
+    """Whether this PyTorch build, on this CPU, packs int4 in the "columns" layout, so that its weight-only
+    kernel reads ours (checked once)."""
     q = torch.randint(0, 16, (2 * PACK_BLOCK, 2 * GROUP), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    return torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2), pack_int4(q))
+    return torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2), pack_int4(q, "columns"))
 
 
 def compact_linear(parts: list[Weight], dtype: torch.dtype) -> nn.Module:

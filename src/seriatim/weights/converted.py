@@ -2,10 +2,10 @@
 
 Turning a GGUF file into the fast form (parsing its metadata and vocabulary, regrouping blocks into
 int4/int8, packing) takes seconds; the result is saved in PyTorch's own format next to the config and
-the tokenizer, keyed by the file's path, size and modification time, the precision and the PyTorch
-version (the int4 packing is PyTorch's), and read back on the next load. Each entry records its source
-file; writing one removes the entries whose source is gone or has changed since (a reinstalled
-package, a deleted checkout), which no load could ever hit again.
+the tokenizer, keyed by the file's path, size and modification time, the precision, the int4 layout of
+the ISA tier in use (quant.pack_int4) and the PyTorch version, and read back on the next load. Each
+entry records its source file; writing one removes the entries whose source is gone or has changed
+since (a reinstalled package, a deleted checkout), which no load could ever hit again.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from torch import nn
 
+from ..kernels import library
 from ..model.config import ModelConfig
 from ..model.quant import Int4Linear, Int8Embedding, Int8Linear
 from ..model.transformer import Transformer
@@ -30,7 +31,7 @@ from ..text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # bump when the saved form changes
+FORMAT = 3  # bump when the saved form changes
 MIN_BYTES = 16 << 20  # smaller files convert about as fast as they would load
 
 
@@ -47,7 +48,8 @@ def _source(path: Path) -> dict:
 
 def _entry(path: Path, precision_name: str) -> Path:
     src = _source(path)
-    ident = f"{FORMAT}|{src['path']}|{src['size']}|{src['mtime_ns']}|{precision_name}|{torch.__version__}"
+    layout = library.int4_layout()
+    ident = f"{FORMAT}|{src['path']}|{src['size']}|{src['mtime_ns']}|{precision_name}|{layout}|{torch.__version__}"
     return cache_dir() / "converted" / f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
@@ -134,7 +136,7 @@ def _read(entry: Path, dtype: torch.dtype) -> tuple[Transformer, Tokenizer]:
 
 def _form(module: nn.Module, model: Transformer) -> str | None:
     if isinstance(module, Int4Linear):
-        return "int4"
+        return f"int4:{module.layout}"
     if isinstance(module, Int8Linear):
         return "int8"
     if isinstance(module, Int8Embedding):
@@ -145,8 +147,8 @@ def _form(module: nn.Module, model: Transformer) -> str | None:
 
 
 def _module(form: str, name: str, t: dict[str, torch.Tensor], model: Transformer, dtype: torch.dtype) -> nn.Module:
-    if form == "int4":
-        return Int4Linear(t[f"{name}.weight"], t[f"{name}.scales_zeros"])
+    if form.startswith("int4:"):
+        return Int4Linear(t[f"{name}.weight"], t[f"{name}.scales_zeros"], form.removeprefix("int4:"))
     if form == "int8":
         return Int8Linear(t[f"{name}.weight"], t[f"{name}.scale"], dtype)
     if form == "tied_int8_embedding":

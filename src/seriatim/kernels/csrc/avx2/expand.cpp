@@ -1,5 +1,6 @@
 // Packed int4 weights (quant.Int4Linear) expanded to dense bfloat16, transposed (csrc/expand.cpp's op),
-// with AVX2: for the dense matmul of long chunks where batch invariance is off.
+// with AVX2, from this tier's "quads" layout (gemv.cpp): for the dense matmul of long chunks where batch
+// invariance is off.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -30,11 +31,11 @@ at::Tensor int4_dequantize_t(const at::Tensor& packed, const at::Tensor& scales_
           offset[o] = static_cast<float>(pair[1]) - 8.f * scale[o];
         }
         const uint8_t* block = wp + b * kInt4Block * k / 2;
-        for (int64_t c = gi * group; c < (gi + 1) * group; ++c)
-          for (int64_t o = 0; o < kInt4Block; o += kLanes) {  // output o: low nibble of byte o, or high of o - 32
-            const int64_t byte = o % (kInt4Block / 2), shift = o < kInt4Block / 2 ? 0 : 4;
-            const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + c * (kInt4Block / 2) + byte));
-            const __m256i q = _mm256_and_si256(_mm256_srli_epi32(_mm256_cvtepu8_epi32(raw), shift), _mm256_set1_epi32(15));
+        for (int64_t c = gi * group; c < (gi + 1) * group; ++c)  // the "quads" layout (gemv.cpp)
+          for (int64_t o = 0; o < kInt4Block; o += kLanes) {
+            const int64_t j = o % (kInt4Block / 2) / kLanes, shift = o < kInt4Block / 2 ? 0 : 4;
+            const __m256i lanes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + c / 4 * 2 * kInt4Block + 32 * j));
+            const __m256i q = _mm256_and_si256(_mm256_srli_epi32(lanes, static_cast<int>(8 * (c % 4) + shift)), _mm256_set1_epi32(15));
             const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_load_ps(scale + o), _mm256_load_ps(offset + o));
             store_bf16(dst + c * n + b * kInt4Block + o, w);
           }

@@ -3,12 +3,12 @@
 // - int4: AVX2 has no bfloat16 dot product, and widening every nibble to float32 for an FMA costs more
 //   than the memory it saves. So the activations are quantized to int8 with one scale per 32 columns (as
 //   llama.cpp's Q8_0), and VPMADDUBSW multiplies 32 unsigned nibbles by 32 signed activations per
-//   instruction, adding neighbours into int16. Four input columns of a 64-output block (128 bytes of
-//   torch's packed layout) are interleaved so that each 32-bit lane holds one output's four weights; the
-//   int16 sums of 32 columns stay below 2^15 (32 x 15 x 127), and are widened, converted and scaled once
-//   per 32 columns: sum x w = sx (s I + (z - 8 s) sum q_x) per group, I the integer dot product, sx the
-//   activations' scale. Up to kMaxRows rows share each expanded weight step; each row's sums run in the
-//   same order whatever their number, so a row's result does not depend on the rows beside it.
+//   instruction, adding neighbours into int16. The weights are stored for it (the "quads" layout below:
+//   each 32-bit lane one output's weights of four columns), so a load and two masks make the operands;
+//   the int16 sums of 32 columns stay below 2^15 (32 x 15 x 127), and are widened, converted and scaled
+//   once per 32 columns: sum x w = sx (s I + (z - 8 s) sum q_x) per group, I the integer dot product, sx
+//   the activations' scale. Up to kMaxRows rows share each weight load; each row's sums run in the same
+//   order whatever their number, so a row's result does not depend on the rows beside it.
 // - int8 with one scale per output row: csrc/gemv.cpp's exact integer totals (int16 activations, one
 //   scale per row, quant.h), with VPMADDWD in place of VNNI: the same bits as every int8 kernel.
 #include <ATen/ATen.h>
@@ -30,7 +30,7 @@ using namespace seriatim;
 
 constexpr int64_t kBlock = kInt4Block;
 constexpr int64_t kSpan = 32;  // columns per activation scale, and per widening of the int16 sums
-constexpr int kMaxRows = 2;  // activation rows per pass over a weight block
+constexpr int kMaxRows = 4;  // activation rows per pass over a weight block (2 R int16 sums in registers)
 constexpr int kPrefetch = 1024;  // bytes ahead of the weights being read
 
 // ---- int4 ---------------------------------------------------------------------------------------------
@@ -74,12 +74,14 @@ Int8Activations quantize_spans(const at::Tensor& x) {
   return a;
 }
 
-// Output lane l of vector j (of the eight a block's 64 outputs are kept in) is output kOutput[j] + l for
-// l < 4 and kOutput[j] + 12 + l for l >= 4: the order the byte interleaving of `int4_block` leaves them in.
-constexpr int kOutput[8] = {0, 4, 8, 12, 32, 36, 40, 44};
+// The int4 layout of this tier (quant.pack_int4, "quads"): per block of 64 outputs and per four input
+// columns c .. c + 3, 128 bytes as four vectors; 32-bit lane l of vector j holds output 8 j + l's weights of
+// the four columns (byte i: column c + i) in its low nibbles, and output 32 + 8 j + l's in its high ones.
+// One load and two masks give VPMADDUBSW its operands, with no shuffle.
+constexpr int64_t kQuadBytes = 2 * kBlock;
 
-// One group's scale and offset (zero - 8 scale: the weight is q scale + offset) for a block's outputs, in
-// the order of kOutput.
+// One group's scale and offset (zero - 8 scale: the weight is q scale + offset) for a block's 64 outputs,
+// vector j holding outputs 8 j .. 8 j + 7.
 struct GroupScale8 {
   __m256 scale[8], offset[8];
 };
@@ -87,8 +89,7 @@ struct GroupScale8 {
 inline GroupScale8 load_group8(const uint16_t* pairs) {
   GroupScale8 g;
   for (int j = 0; j < 8; ++j) {  // 32-bit lane: (scale, zero) of one output, scale in the low half
-    const __m256i p = _mm256_setr_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pairs + 2 * kOutput[j])),
-                                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(pairs + 2 * (kOutput[j] + 16))));
+    const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + 16 * j));
     g.scale[j] = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
     const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(p, _mm256_set1_epi32(static_cast<int>(0xFFFF0000))));
     g.offset[j] = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), g.scale[j], zero);
@@ -96,61 +97,54 @@ inline GroupScale8 load_group8(const uint16_t* pairs) {
   return g;
 }
 
-// One 64-output block (packed, [K/2 x 64 outputs] as torch lays it out) times R activation rows -> y [R, 64]
-// (rows `n` apart).
+// a += (the span's integer dot products, widened) * sx * scale + offset * sum: eight outputs' share of a span.
+inline void accumulate(float* a, __m256i part, __m256 sx, __m256 sum, __m256 scale, __m256 offset, __m256i ones) {
+  const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(part, ones)), sx);
+  _mm256_store_ps(a, _mm256_fmadd_ps(scale, dot, _mm256_fmadd_ps(offset, sum, _mm256_load_ps(a))));
+}
+
+// One 64-output block times R activation rows -> y [R, 64] (rows `n` apart). Per span of 32 columns and per
+// vector j of the quads, the R rows' int16 sums stay in registers (2 R of them) while the span's eight
+// quads stream past; then each is widened, converted and scaled into the row's float32 totals.
 template <int R>
 void int4_block(const uint8_t* block, const uint16_t* pairs, int64_t pair_stride, int64_t group, int64_t k,
                 const Int8Activations& xa, int64_t r0, at::BFloat16* y, int64_t n) {
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const int64_t spans = k / kSpan;
-  __m256 acc[R][8];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 8; ++j) acc[r][j] = _mm256_setzero_ps();
+  alignas(32) float acc[R][kBlock] = {};
   GroupScale8 gs;
   for (int64_t s = 0; s < spans; ++s) {
     if (s * kSpan % group == 0) gs = load_group8(pairs + s * kSpan / group * pair_stride);
-    __m256i part[R][8];
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < 8; ++j) part[r][j] = _mm256_setzero_si256();
-    for (int64_t c = s * kSpan; c < (s + 1) * kSpan; c += 4) {
-      const uint8_t* at = block + c * (kBlock / 2);
-      _mm_prefetch(reinterpret_cast<const char*>(at + kPrefetch), _MM_HINT_T0);
-      const __m256i* col = reinterpret_cast<const __m256i*>(at);
-      const __m256i a = _mm256_loadu_si256(col), b = _mm256_loadu_si256(col + 1);
-      const __m256i e = _mm256_loadu_si256(col + 2), f = _mm256_loadu_si256(col + 3);
-      const __m256i ab_lo = _mm256_unpacklo_epi8(a, b), ab_hi = _mm256_unpackhi_epi8(a, b);
-      const __m256i ef_lo = _mm256_unpacklo_epi8(e, f), ef_hi = _mm256_unpackhi_epi8(e, f);
-      // 32-bit lane: one output's weights of columns c .. c + 3 (both nibbles: outputs o and o + 32).
-      const __m256i quad[4] = {_mm256_unpacklo_epi16(ab_lo, ef_lo), _mm256_unpackhi_epi16(ab_lo, ef_lo),
-                               _mm256_unpacklo_epi16(ab_hi, ef_hi), _mm256_unpackhi_epi16(ab_hi, ef_hi)};
-      __m256i xq[R];
-      for (int r = 0; r < R; ++r)
-        xq[r] = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xa.values.data() + (r0 + r) * k + c));
-      for (int j = 0; j < 4; ++j) {
-        const __m256i low = _mm256_and_si256(quad[j], nibble);
-        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(quad[j], 4), nibble);
-        for (int r = 0; r < R; ++r) {
-          part[r][j] = _mm256_add_epi16(part[r][j], _mm256_maddubs_epi16(low, xq[r]));
-          part[r][j + 4] = _mm256_add_epi16(part[r][j + 4], _mm256_maddubs_epi16(high, xq[r]));
+    const uint8_t* span = block + s * (kSpan / 4) * kQuadBytes;
+    _mm_prefetch(reinterpret_cast<const char*>(span + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(span + kPrefetch + 64), _MM_HINT_T0);
+    const int32_t* x[R];  // each row's activations of the span, four to a 32-bit word
+    for (int r = 0; r < R; ++r) x[r] = reinterpret_cast<const int32_t*>(xa.values.data() + (r0 + r) * k + s * kSpan);
+    for (int j = 0; j < 4; ++j) {
+      // Broadcasts stay where they are used: otherwise GCC computes the span's 8 R of them once, for
+      // every j, and spills them (an empty asm that may change the pointers stops that).
+      for (int r = 0; r < R; ++r) asm("" : "+r"(x[r]));
+      __m256i low[R], high[R];
+      for (int r = 0; r < R; ++r) low[r] = high[r] = _mm256_setzero_si256();
+      for (int64_t t = 0; t < kSpan / 4; ++t) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(span + t * kQuadBytes + 32 * j));
+        const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        for (int r = 0; r < R; ++r) {  // the row's four activations of these columns, in every lane
+          const __m256i xt = _mm256_set1_epi32(x[r][t]);
+          low[r] = _mm256_add_epi16(low[r], _mm256_maddubs_epi16(lo, xt));
+          high[r] = _mm256_add_epi16(high[r], _mm256_maddubs_epi16(hi, xt));
         }
       }
-    }
-    for (int r = 0; r < R; ++r) {
-      const int64_t at = (r0 + r) * spans + s;
-      const __m256 sx = _mm256_set1_ps(xa.scale[at]), sum = _mm256_set1_ps(xa.sum[at]);
-      for (int j = 0; j < 8; ++j) {
-        const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(part[r][j], ones)), sx);
-        acc[r][j] = _mm256_fmadd_ps(gs.scale[j], dot, _mm256_fmadd_ps(gs.offset[j], sum, acc[r][j]));
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = (r0 + r) * spans + s;
+        const __m256 sx = _mm256_set1_ps(xa.scale[at]), sum = _mm256_set1_ps(xa.sum[at]);
+        accumulate(acc[r] + 8 * j, low[r], sx, sum, gs.scale[j], gs.offset[j], ones);
+        accumulate(acc[r] + 8 * (j + 4), high[r], sx, sum, gs.scale[j + 4], gs.offset[j + 4], ones);
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 8; ++j) {
-      const __m128i h = narrow_bf16(acc[r][j]);
-      at::BFloat16* out = y + r * n + kOutput[j];
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(out), h);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + 16), _mm_unpackhi_epi64(h, h));
-    }
+    for (int v = 0; v < 8; ++v) store_bf16(y + r * n + 8 * v, _mm256_load_ps(acc[r] + 8 * v));
 }
 
 // ---- int8 ---------------------------------------------------------------------------------------------
@@ -235,10 +229,12 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
       const uint16_t* pairs = sp + 2 * b * kBlock;
       for (int64_t r = 0; r < m; r += kMaxRows) {
         at::BFloat16* out = yp + r * n + b * kBlock;
-        if (m - r >= 2)
-          int4_block<2>(block, pairs, 2 * n, group, k, xa, r, out, n);
-        else
-          int4_block<1>(block, pairs, 2 * n, group, k, xa, r, out, n);
+        switch (std::min<int64_t>(kMaxRows, m - r)) {
+          case 1: int4_block<1>(block, pairs, 2 * n, group, k, xa, r, out, n); break;
+          case 2: int4_block<2>(block, pairs, 2 * n, group, k, xa, r, out, n); break;
+          case 3: int4_block<3>(block, pairs, 2 * n, group, k, xa, r, out, n); break;
+          default: int4_block<4>(block, pairs, 2 * n, group, k, xa, r, out, n); break;
+        }
       }
     }
   });
