@@ -48,6 +48,7 @@ def test_kernel_expands_exactly_like_the_tensor_ops(shape):
 @pytest.mark.parametrize("at", [INT4_CROSSOVERS, INT8_CROSSOVERS])
 def test_paths_by_rows(monkeypatch, at):
     kernels = object()
+    monkeypatch.setattr(library, "bf16_matmul", lambda: True)
     for amx in (False, True):
         monkeypatch.setattr(library, "amx", lambda amx=amx: amx)
         dense = at.dense_amx if amx else at.dense
@@ -61,6 +62,28 @@ def test_paths_by_rows(monkeypatch, at):
         # Batch-invariant: our vector kernels at every row count; without them, the rules above.
         assert {product_path(rows, kernels, True, at, True) for rows in (1, at.amx, dense, 4096)} == {Product.VECTOR}
         assert product_path(at.dense_unaided, None, True, at, True) == Product.DENSE
+    # Without bfloat16 arithmetic (avx2) no dense bfloat16 matmul: our vector kernels at every row count.
+    monkeypatch.setattr(library, "bf16_matmul", lambda: False)
+    monkeypatch.setattr(library, "amx", lambda: False)
+    assert {product_path(rows, kernels, True, at, False) for rows in (1, at.dense, 4096)} == {Product.VECTOR}
+
+
+def test_dense_weights_stay_float32_without_bfloat16_arithmetic(tiny_llama, tier):
+    """An HF directory's dense weights in the fast mode: bfloat16 where the CPU multiplies it, float32
+    (`Float32Linear`, bfloat16 activations in and out) at the avx2 tier, whose bfloat16 matmuls crawl."""
+    from seriatim.llm import LLM
+
+    for name in ("avx2", "avx512"):
+        if isa.Tier[name.upper()] > isa.machine_tier():
+            continue
+        tier(name)
+        model = LLM(str(tiny_llama[0] / "hf")).model
+        head = model.lm_head
+        assert (type(head) is quant.Float32Linear) == (name == "avx2")
+        assert head.weight.dtype == (torch.float32 if name == "avx2" else torch.bfloat16)
+        x = torch.randn(3, head.in_features).bfloat16()
+        assert head(x).dtype == torch.bfloat16
+        assert rel(head(x), x.float() @ head.weight.float().T) < 1e-2
 
 
 def test_without_the_kernel_the_tensor_ops_expand_from_more_rows(monkeypatch):

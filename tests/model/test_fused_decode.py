@@ -87,6 +87,8 @@ def test_batched_decodes_fuse_on_the_products_the_modules_pick(tiny_llama, monke
 
 
 @needs_kernels
+@pytest.mark.skipif(not library.bf16_matmul(), reason="no dense bfloat16 product where the CPU lacks bfloat16 "
+                                                      "arithmetic (below the avx512 tier)")
 @pytest.mark.parametrize("source", ["Q4_1", "Q8_0"])
 def test_wide_decode_passes_fuse_on_the_dense_product(tiny_llama, source, monkeypatch):
     """512 sequences decoding together without batch invariance (past every crossover to the dense

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..kernels import library
 from .paged_kv import DecodeBatch
-from .quant import GROUP, Int4Linear, Int8Linear, Product
+from .quant import GROUP, Float32Linear, Int4Linear, Int8Linear, Product
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor] | None:
@@ -28,6 +28,8 @@ def _tensors(module: nn.Module) -> list[torch.Tensor] | None:
     if isinstance(module, Int8Linear):
         return [module.weight, module.scale]
     if type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.bfloat16:
+        return [module.weight]
+    if type(module) is Float32Linear and module.bias is None:
         return [module.weight]
     return None
 

@@ -287,8 +287,9 @@ def product_path(rows: int, ops: object | None, amx_fits: bool, at: Crossovers, 
     """VECTOR (a vector kernel: ours or PyTorch's weight-only, as the module decides), AMX (ours) or DENSE
     for a chunk of `rows` activation rows, given whether our kernels are built and the weight's shape
     suits AMX. Batch-invariant modules take our vector kernels at every row count where they run: a row's
-    sums then run in one order however many rows share the pass (csrc/gemv.cpp)."""
-    if invariant and ops is not None:
+    sums then run in one order however many rows share the pass (csrc/gemv.cpp); so do all modules where
+    the CPU has no bfloat16 arithmetic (the dense product would be a bfloat16 matmul)."""
+    if ops is not None and (invariant or not library.bf16_matmul()):
         return Product.VECTOR
     amx = ops is not None and amx_fits and library.amx()
     dense_from = at.dense_amx if amx else at.dense if ops is not None else at.dense_unaided
@@ -346,9 +347,30 @@ def _torch_reads_columns() -> bool:
     return torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2), pack_int4(q, "columns"))
 
 
-def compact_linear(parts: list[Weight], dtype: torch.dtype) -> nn.Module:
+class Float32Linear(nn.Linear):
+    """A dense projection kept in float32 for bfloat16 activations, where the CPU has no bfloat16 arithmetic
+    (`library.bf16_matmul`): each product runs in float32 and is rounded back. Each row is its own
+    matrix-vector product (a batched product over rows): MKL's matrix kernel sums a row in another order
+    than its vector kernel, so one matmul would make a row's result depend on how many rows share it.
+    csrc/decode_layer.cpp computes the same."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [M, K] -> [M, N]"""
+        rows = x.float().unsqueeze(1)  # [M, 1, K]
+        return torch.bmm(rows, self.weight.T.expand(x.shape[0], -1, -1)).squeeze(1).to(x.dtype)
+
+
+def dense_linear(weight: torch.Tensor, dtype: torch.dtype, float32: bool = False) -> nn.Linear:
+    """A dense projection for `dtype` activations: in `dtype`, or with `float32` in float32 (`Float32Linear`)."""
+    linear = (Float32Linear if float32 else nn.Linear)(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight.to(torch.float32 if float32 else dtype), requires_grad=False)
+    return linear
+
+
+def compact_linear(parts: list[Weight], dtype: torch.dtype, dense_float32: bool = False) -> nn.Module:
     """One module multiplying by the row-wise concatenation of `parts` (a fused projection), in the
-    compact form that all of them allow (see the module docstring); dense `dtype` for float weights."""
+    compact form that all of them allow (see the module docstring); dense (`dense_linear`, in float32 with
+    `dense_float32`) for float weights."""
     forms = {compact_form(w) for w in parts}
     if forms == {"int4"}:
         q, scale, minimum = (torch.cat(x) for x in zip(*(int4_from_blocks(w) for w in parts)))
@@ -356,10 +378,7 @@ def compact_linear(parts: list[Weight], dtype: torch.dtype) -> nn.Module:
     if "dense" not in forms:
         q, scale = (torch.cat(x) for x in zip(*(int8_from_blocks(w) for w in parts)))
         return Int8Linear(q, scale, dtype)
-    weight = torch.cat([dense(w) for w in parts])
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
-    return linear
+    return dense_linear(torch.cat([dense(w) for w in parts]), dtype, dense_float32)
 
 
 def compact_embedding(w: Weight, tied_head: nn.Module | None, dtype: torch.dtype) -> nn.Module:

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..kernels import library
 from ..model.config import ModelConfig
-from ..model.quant import Int4Linear, Int8Embedding, Int8Linear
+from ..model.quant import Float32Linear, Int4Linear, Int8Embedding, Int8Linear
 from ..model.transformer import Transformer
 from ..storage import cache_dir
 from ..text.tokenizer import Tokenizer
@@ -156,8 +156,9 @@ def _module(form: str, name: str, t: dict[str, torch.Tensor], model: Transformer
     if form == "int8_embedding":
         return Int8Embedding(Int8Linear(t[f"{name}.table.weight"], t[f"{name}.table.scale"], dtype))
     weight = t[f"{name}.weight"]
-    if form != "Linear":
+    if form == "Embedding":
         return nn.Embedding.from_pretrained(weight)
-    module = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    module = (Float32Linear if form == "Float32Linear" else nn.Linear)(weight.shape[1], weight.shape[0], bias=False,
+                                                                       device="meta")
     module.weight = nn.Parameter(weight, requires_grad=False)
     return module

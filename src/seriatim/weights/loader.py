@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..kernels import isa
+from ..kernels import isa, library
 from ..model.quant import BlockWeight, compact_embedding, compact_linear, conversion_notice
 from ..model.transformer import RMSNorm, Transformer
 from ..text.tokenizer import Tokenizer
@@ -66,6 +66,8 @@ def load(path: Path, precision: Precision, progress: Callable[[int, int], None] 
 def build_model(ckpt: Checkpoint, precision: Precision, device: torch.device) -> Transformer:
     """Assemble the modules from per-projection weights: fuse QKV and gate/up, pick compact kernels."""
     cfg, t, dtype = ckpt.config, ckpt.tensors, precision.activations
+    # The CPU fast mode below the avx512 tier has no bfloat16 arithmetic: dense weights stay float32 there.
+    f32 = precision.compact and not library.bf16_matmul()
     with torch.device("meta"):
         model = Transformer(cfg)
     try:
@@ -77,17 +79,17 @@ def build_model(ckpt: Checkpoint, precision: Precision, device: torch.device) ->
             for norm, name in norms:
                 _set_norm(norm, t[f"{p}.{name}"], dtype)
             attn = layer.attn
-            attn.qkv = compact_linear([t[f"{p}.q"], t[f"{p}.k"], t[f"{p}.v"]], dtype)
+            attn.qkv = compact_linear([t[f"{p}.q"], t[f"{p}.k"], t[f"{p}.v"]], dtype, f32)
             if cfg.qkv_bias:
                 attn.qkv_bias = _param(torch.cat([t[f"{p}.q.bias"], t[f"{p}.k.bias"], t[f"{p}.v.bias"]]), dtype)
             if cfg.qk_norm:  # one weight row per fused head: the query norm's, then the key norm's
                 heads = [t[f"{p}.q_norm"].expand(cfg.num_heads, -1), t[f"{p}.k_norm"].expand(cfg.num_kv_heads, -1)]
                 _set_norm(attn.qk_norm, torch.cat(heads), dtype)
-            attn.o = compact_linear([t[f"{p}.o"]], dtype)
-            layer.mlp.gate_up = compact_linear([t[f"{p}.gate"], t[f"{p}.up"]], dtype)
-            layer.mlp.down = compact_linear([t[f"{p}.down"]], dtype)
+            attn.o = compact_linear([t[f"{p}.o"]], dtype, f32)
+            layer.mlp.gate_up = compact_linear([t[f"{p}.gate"], t[f"{p}.up"]], dtype, f32)
+            layer.mlp.down = compact_linear([t[f"{p}.down"]], dtype, f32)
         _set_norm(model.norm, t["norm"], dtype)
-        model.lm_head = compact_linear([t["embed" if cfg.tie_word_embeddings else "lm_head"]], dtype)
+        model.lm_head = compact_linear([t["embed" if cfg.tie_word_embeddings else "lm_head"]], dtype, f32)
         model.embed = compact_embedding(t["embed"], model.lm_head if cfg.tie_word_embeddings else None, dtype)
     except KeyError as e:
         raise ValueError(f"checkpoint is missing tensor {e.args[0]!r}") from None

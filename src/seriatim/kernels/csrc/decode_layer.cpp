@@ -54,6 +54,10 @@ at::Tensor product(const at::Tensor& x, at::TensorList w, int64_t group, int64_t
       default: return at::_weight_int8pack_mm(x, w[0], w[1]);
     }
   }
+  if (w[0].scalar_type() != x.scalar_type()) {  // quant.Float32Linear: a float32 product per row, rounded back
+    const at::Tensor rows = x.to(w[0].scalar_type()).unsqueeze(1);  // [T, 1, K]
+    return at::bmm(rows, w[0].t().expand({x.size(0), -1, -1})).squeeze(1).to(x.scalar_type());
+  }
   return at::linear(x, w[0]);
 }
 
