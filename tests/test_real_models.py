@@ -18,6 +18,7 @@ from seriatim import LLM, SamplingParams
 from seriatim.bench.quality import TEXT
 from seriatim.model.scoring import perplexity
 from seriatim.weights.registry import resolve_model
+from support.tiers import KERNEL_TIERS, skip_above_machine
 
 pytestmark = pytest.mark.real_model
 
@@ -53,8 +54,10 @@ def assert_greedy_equals_transformers(request, path: Path, llm: LLM, ids: list[i
     assert out.token_ids == transformers_greedy(request, path, ids, n)
 
 
-def assert_fast_perplexity_within_one_percent(path: Path, reference: LLM) -> None:
+def assert_fast_perplexity_within_one_percent(path: Path, reference: LLM, tier, tier_name: str) -> None:
+    skip_above_machine(tier_name)
     ids = reference.tokenizer.encode(TEXT)
+    tier(tier_name)
     fast = LLM(str(path))  # dtype="auto"
     ppl_fast = perplexity(fast.model, ids, fast.precision.activations, fast.device)
     ppl_ref = perplexity(reference.model, ids, torch.float32, reference.device)
@@ -93,9 +96,11 @@ def test_gemma3_greedy_equals_transformers_past_the_window(request, gemma3_path,
     assert_greedy_equals_transformers(request, gemma3_path, gemma3, ids, 32)
 
 
-def test_qwen2_fast_mode_perplexity(qwen2_path, qwen2):
-    assert_fast_perplexity_within_one_percent(qwen2_path, qwen2)
+@pytest.mark.parametrize("tier_name", KERNEL_TIERS)
+def test_qwen2_fast_mode_perplexity(qwen2_path, qwen2, tier, tier_name):
+    assert_fast_perplexity_within_one_percent(qwen2_path, qwen2, tier, tier_name)
 
 
-def test_gemma3_fast_mode_perplexity(gemma3_path, gemma3):
-    assert_fast_perplexity_within_one_percent(gemma3_path, gemma3)
+@pytest.mark.parametrize("tier_name", KERNEL_TIERS)
+def test_gemma3_fast_mode_perplexity(gemma3_path, gemma3, tier, tier_name):
+    assert_fast_perplexity_within_one_percent(gemma3_path, gemma3, tier, tier_name)

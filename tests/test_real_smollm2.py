@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from seriatim import LLM, SamplingParams
+from support.tiers import KERNEL_TIERS, skip_above_machine
 
 pytestmark = pytest.mark.real_model
 N_TOKENS = 64
@@ -63,12 +64,16 @@ def test_stream_is_valid_utf8_on_multilingual_output(smollm2):
     assert not any("\ufffd" in d.text for d in deltas)
 
 
-def test_fast_mode_quality_within_one_percent_perplexity(smollm2_gguf_path):
+@pytest.mark.parametrize("tier_name", KERNEL_TIERS)
+def test_fast_mode_quality_within_one_percent_perplexity(smollm2_gguf_path, tier_name, tier):
+    """At every ISA tier with kernels of its own (each has its own products), run where the machine has it."""
     from seriatim.bench.quality import TEXT
     from seriatim.model.scoring import perplexity
 
+    skip_above_machine(tier_name)
     ppl = {}
     for dtype in ("float32", "auto"):
+        tier(tier_name if dtype == "auto" else None)
         llm = LLM(str(smollm2_gguf_path), dtype=dtype)
         ppl[dtype] = perplexity(llm.model, llm.tokenizer.encode(TEXT), llm.precision.activations, llm.device)
     assert abs(ppl["auto"] / ppl["float32"] - 1) < 0.01
