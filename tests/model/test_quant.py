@@ -142,8 +142,9 @@ def test_int4_dequantize_reads_the_packed_layout():
 
 @pytest.mark.parametrize("types", [["Q4_1"], ["Q6_K"]])
 def test_many_rows_take_the_dense_path_and_agree_with_the_kernel(types):
-    """Without batch invariance, long chunks expand the weight for one dense matmul: other sums than a few
-    rows at a time, close to them. With it (the default), every row count gives a row the same bits."""
+    """Without batch invariance, long chunks expand the weight for one dense matmul where the CPU multiplies
+    bfloat16: other sums than a few rows at a time, close to them (at the avx2 tier, no dense product: the
+    same bits). With it (the default), every row count gives a row the same bits."""
     parts = [blocks(t, seed, rows=64)[0] for seed, t in enumerate(types * 2)]  # int4 packs 64 rows a block
     module = compact_linear(parts, torch.bfloat16)
     int4 = isinstance(module, Int4Linear)
@@ -154,5 +155,8 @@ def test_many_rows_take_the_dense_path_and_agree_with_the_kernel(types):
     assert torch.equal(module(x), by_rows) == (library.ops() is not None)
     module.batch_invariant = False
     got = module(x)
+    if library.ops() is not None and not library.bf16_matmul():
+        assert torch.equal(got, by_rows)
+        return
     assert torch.equal(got, dense) and not torch.equal(by_rows, dense)
     assert rel(got.float(), by_rows.float()) < 0.01

@@ -1,7 +1,8 @@
 // One new query per sequence over its cached keys and values (csrc/decode_attention.cpp's op), with AVX2
-// and FMA: bfloat16 widened to float32 exactly, scores as float32 dot products, softmax, and the weighted
-// sum of values, reading keys and values where they lie in the cache. Specialised per head size (a
-// multiple of 16), so a query head and its value sums stay in registers.
+// and FMA: bfloat16 widened to float32 exactly, scores as float32 dot products (each key widened once for
+// all the query heads that share it), softmax, and the weighted sum of values, reading keys and values
+// where they lie in the cache. Specialised per head size (a multiple of 16), so a head's value sums stay
+// in registers.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -23,23 +24,35 @@ using namespace seriatim;
 
 constexpr int kMaxDim = 256;
 constexpr int64_t kAhead = 16;  // keys and values prefetched this many positions ahead
+constexpr int kHeadsPerKey = 4;  // query heads whose scores take each widened key (their sums in registers)
 
 inline void prefetch_row(const BFloat16* p, int64_t dim) {
   for (int64_t d = 0; d < dim; d += 32) _mm_prefetch(reinterpret_cast<const char*>(p + d), _MM_HINT_T0);
 }
 
-// Scores of one query head (V vectors of 8) against `length` keys -> s[j] = scale * q . k_j, each a float32
-// sum over the head's lanes in one fixed order.
+// Scores of the `group` query heads sharing a key/value head (q: [group, 8 V] bfloat16) against `length`
+// keys -> s[g * length + j] = scale * q_g . k_j. Each key is widened to float32 once for all the heads (the
+// queries, widened once, are read from memory by the FMAs); each score is a float32 sum over the head's
+// lanes in one fixed order.
 template <int V, typename Key>
-void scores_of(const BFloat16* q, int64_t length, float scale, Key key, float* s) {
-  __m256 qv[V];
-  for (int d = 0; d < V; ++d) qv[d] = load_bf16(q + 8 * d);
-  for (int64_t j = 0; j < length; ++j) {
-    const BFloat16* k = key(j);
-    if (j + kAhead < length) prefetch_row(key(j + kAhead), 8 * V);
-    __m256 acc = _mm256_mul_ps(qv[0], load_bf16(k));
-    for (int d = 1; d < V; ++d) acc = _mm256_fmadd_ps(qv[d], load_bf16(k + 8 * d), acc);
-    s[j] = scale * sum8(acc);
+void scores_of(const BFloat16* q, int64_t group, int64_t length, float scale, Key key, float* s) {
+  std::vector<float> queries(group * 8 * V);
+  for (int64_t i = 0; i < group * V; ++i) _mm256_storeu_ps(queries.data() + 8 * i, load_bf16(q + 8 * i));
+  for (int64_t g0 = 0; g0 < group; g0 += kHeadsPerKey) {
+    const int64_t heads = std::min<int64_t>(kHeadsPerKey, group - g0);
+    const float* qf = queries.data() + g0 * 8 * V;
+    for (int64_t j = 0; j < length; ++j) {
+      const BFloat16* k = key(j);
+      if (j + kAhead < length) prefetch_row(key(j + kAhead), 8 * V);
+      __m256 acc[kHeadsPerKey];
+      for (int h = 0; h < kHeadsPerKey; ++h) acc[h] = _mm256_setzero_ps();
+      for (int d = 0; d < V; ++d) {
+        const __m256 kd = load_bf16(k + 8 * d);
+        for (int h = 0; h < kHeadsPerKey; ++h)
+          if (h < heads) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + h * 8 * V + 8 * d), kd, acc[h]);
+      }
+      for (int h = 0; h < heads; ++h) s[(g0 + h) * length + j] = scale * sum8(acc[h]);
+    }
   }
 }
 
@@ -61,13 +74,13 @@ inline float softmax_numerators(float* s, int64_t length) {
 }
 
 // The `group` query heads sharing one key/value head (q: [group, 8 V]) over `length` keys and values found by
-// key(j), value(j) -> out [group, 8 V]; `scores` holds [length].
+// key(j), value(j) -> out [group, 8 V]; `scores` holds [group, length].
 template <int V, typename Key, typename Value>
 void attend_group(const BFloat16* q, int64_t group, int64_t length, float scale, Key key, Value value,
                   std::vector<float>& scores, BFloat16* out) {
+  scores_of<V>(q, group, length, scale, key, scores.data());
   for (int64_t g = 0; g < group; ++g) {
-    float* s = scores.data();
-    scores_of<V>(q + g * 8 * V, length, scale, key, s);
+    float* s = scores.data() + g * length;
     const __m256 inv = _mm256_set1_ps(softmax_numerators(s, length));
     __m256 sum[V];
     for (int d = 0; d < V; ++d) sum[d] = _mm256_setzero_ps();
@@ -108,7 +121,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   BFloat16* op = out.data_ptr<BFloat16>();
   store_new_keys(k, v, k_cache, v_cache, rows, write);
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(width);
+    std::vector<float> scores(group * width);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / kv_heads, kvh = t % kv_heads;
       const BFloat16 *kh = kc + kvh * capacity * dim, *vh = vc + kvh * capacity * dim;
