@@ -14,6 +14,8 @@ from seriatim.engine import speculation
 from seriatim.engine.speculation import (
     Acceptance,
     PassCost,
+    RequestDrafts,
+    Speculation,
     Trajectory,
     propose_ngram,
     verify_greedy,
@@ -143,3 +145,18 @@ def test_a_trajectory_drafts_its_jacobi_guesses_then_its_predicted_bigrams():
     assert t.guesses == []  # guesses are used once
     assert t.propose(7, 3) == [1, 2, 9]  # along the pool
     assert t.propose(5, 2) == [5, 5]
+
+
+def test_lookahead_guesses_that_miss_do_not_turn_off_lookups_that_hit():
+    """Each draft source answers for its own drafts: guesses rejected pass after pass stop the guesses,
+    not the prompt lookups, and a verdict goes to the source of the drafts it judged."""
+    spec, state, cost = Speculation(method="lookahead"), RequestDrafts(), PassCost()
+    repeating = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3]  # prompt lookup continues it: 4, 1, 2, ...
+    assert spec.propose([9, 8, 7], 5, state, cost, rows=1) == [7, 7] and state.pending is state.guesses
+    for _ in range(10):
+        state.record(3, 0)  # the guesses miss
+    assert state.guesses.drafts(5, cost, rows=1) == 0
+    assert spec.propose([9, 8, 7], 5, state, cost, rows=1) == []  # no lookup, and guesses turned off
+    assert spec.propose(repeating, 5, state, cost, rows=1) == [4, 1] and state.pending is state.lookup
+    state.record(2, 2)
+    assert state.lookup.rate > state.guesses.rate

@@ -229,7 +229,7 @@ class Engine:
         self.stats.drafted += len(seq.draft)
         self.stats.accepted += verdict.accepted
         self.stats.verifications += 1
-        seq.drafting.acceptance.record(len(seq.draft), verdict.accepted)
+        seq.drafting.record(len(seq.draft), verdict.accepted)
         at = self.stats.accepted_at
         at += [0] * (verdict.accepted - len(at))
         for i in range(verdict.accepted):

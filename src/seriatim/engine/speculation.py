@@ -76,13 +76,17 @@ class Speculation:
         at most `room`, and with `adaptive` only as many as are expected to pay. Prompt lookup first (a
         recurring suffix of the text predicts best); where it finds none, lookahead drafts the model's own
         earlier predictions."""
-        wanted = state.acceptance.drafts(room, cost, rows) if self.adaptive else room
-        if wanted <= 0:
-            return []
-        drafts = propose_ngram(tokens, wanted, self.max_n, self.min_n)
+        state.pending = state.lookup
+        wanted = self._wanted(state.lookup, room, cost, rows)
+        drafts = propose_ngram(tokens, wanted, self.max_n, self.min_n) if wanted > 0 else []
         if not drafts and self.method == "lookahead":
-            drafts = state.trajectory.propose(tokens[-1], wanted)
+            state.pending = state.guesses
+            wanted = self._wanted(state.guesses, room, cost, rows)
+            drafts = state.trajectory.propose(tokens[-1], wanted) if wanted > 0 else []
         return drafts
+
+    def _wanted(self, acceptance: Acceptance, room: int, cost: PassCost, rows: int) -> int:
+        return acceptance.drafts(room, cost, rows) if self.adaptive else room
 
 
 @dataclass
@@ -183,10 +187,18 @@ class Trajectory:
 
 @dataclass
 class RequestDrafts:
-    """A request's drafting so far: how its drafts fared, and (lookahead) what its passes predicted."""
+    """A request's drafting so far: how each source's drafts fared (prompt lookup's and lookahead's own
+    guesses, apart: guesses that miss must not turn off lookups that hit), and (lookahead) what its passes
+    predicted."""
 
-    acceptance: Acceptance = field(default_factory=Acceptance)
+    lookup: Acceptance = field(default_factory=Acceptance)
+    guesses: Acceptance = field(default_factory=Acceptance)
     trajectory: Trajectory = field(default_factory=Trajectory)
+    pending: Acceptance | None = None  # the source of the drafts awaiting verification
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """The verdict on the pending drafts, for their source."""
+        self.pending.record(drafted, accepted)
 
 
 @dataclass(frozen=True)
