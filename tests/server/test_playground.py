@@ -54,7 +54,11 @@ def generate(page, max_tokens: int, temperature: str = "0.8") -> None:
 
 def test_tokens_alternatives_branches_and_stop(live, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(live.url + "/")
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    response = page.goto(live.url + "/")
+    # The page is served with a content-security policy, and nothing it does runs foul of it.
+    assert "script-src 'self'" in response.headers["content-security-policy"]
     page.wait_for_selector("#model:has-text('smollm2-135m')")
     generate(page, 12)
     page.wait_for_selector("#status:has-text('branch 1: done')", timeout=60_000)
@@ -68,6 +72,7 @@ def test_tokens_alternatives_branches_and_stop(live, browser, tmp_path):
     expected = [f"{100 * math.exp(lp):.1f}%" for lp in api["choices"][0]["logprobs"]["token_logprobs"]]
     shown = [chips.nth(i).get_attribute("aria-label").split("probability ")[1] for i in range(12)]
     assert shown == expected
+    assert not [e for e in errors if "Content Security Policy" in e]
 
     chips.nth(2).click()
     rows = page.locator("#detail tbody tr")
@@ -100,8 +105,8 @@ def test_tokens_alternatives_branches_and_stop(live, browser, tmp_path):
     # Stop mid-stream: the request is aborted on the server.
     aborted = live.metric("seriatim_requests_aborted_total")
     generate(page, 2000)
-    page.wait_for_function("document.querySelectorAll('.branch:nth-child(5) .chip:not(.prompt)').length >= 3",
-                           timeout=60_000)
+    # A locator, not wait_for_function: the page's content-security policy forbids the eval that needs.
+    page.locator(".branch:nth-child(5) .chip:not(.prompt)").nth(2).wait_for(timeout=60_000)
     page.click("#stop")
     page.wait_for_selector("#status:has-text('branch 5: stopped')")
     for _ in range(100):

@@ -421,3 +421,15 @@ def test_metrics_text(server):
     assert server.metric("seriatim_generation_tokens_total") > 0
     assert server.metric("seriatim_engine_steps_total") > 0 and server.metric("seriatim_engine_step_tokens") >= 1
     assert not math.isnan(server.metric("seriatim_time_to_first_token_seconds_count"))
+
+
+@pytest.mark.parametrize("host, key, warned", [("127.0.0.1", None, False), ("localhost", None, False),
+                                               ("::1", None, False), ("0.0.0.0", None, True), ("::", None, True),
+                                               ("0.0.0.0", "sekret", False), ("10.1.2.3", None, True)])
+def test_serving_beyond_this_machine_without_a_key_is_warned_about(host, key, warned):
+    from seriatim.server.runner import exposure_warning
+
+    warning = exposure_warning(host, key)
+    assert (warning is not None) == warned
+    if warned:
+        assert host in warning and "--api-key" in warning

@@ -26,6 +26,10 @@ ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", 
 # No API key needed: these, and the playground's files (the page asks for the key when the API needs one).
 _OPEN = ("/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/")
 PLAYGROUND = Path(__file__).with_name("playground")
+# The page runs only its own files and talks only to this server: no inline script, no other origin, no
+# framing by another site (what it shows is the model's text, which must never run as code).
+PLAYGROUND_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                  "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 
 def create_app(config: ServerConfig, load: Callable[[ServerConfig], Any] | None = None) -> FastAPI:
@@ -86,7 +90,7 @@ def create_app(config: ServerConfig, load: Callable[[ServerConfig], Any] | None 
 
     @app.get("/", include_in_schema=False)
     async def playground() -> FileResponse:
-        return FileResponse(PLAYGROUND / "index.html")
+        return FileResponse(PLAYGROUND / "index.html", headers={"Content-Security-Policy": PLAYGROUND_CSP})
 
     app.mount("/playground", StaticFiles(directory=PLAYGROUND), name="playground")
     return app

@@ -49,12 +49,26 @@ class Server(uvicorn.Server):
         return f"http://{host}:{self.port}"
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """What to say when the server listens beyond this machine without an API key."""
+    if api_key or host in LOOPBACK or host.startswith("127."):
+        return None
+    return (f"serving on {host} without --api-key: anyone who can reach this port can use the model; "
+            "set --api-key, or --host 127.0.0.1 to serve this machine only")
+
+
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning",
           out: TextIO = sys.stdout) -> None:
     """Serve until SIGINT/SIGTERM. Raises ValueError if the model cannot be found or fails to load."""
     from ..weights.registry import resolve_model
 
     resolve_model(config.model)  # an unknown model fails now, not after the server is up
+    warning = exposure_warning(host, config.api_key)
+    if warning:
+        print(f"seriatim: warning: {warning}", file=sys.stderr, flush=True)
     app = create_app(config)
     state: ServerState = app.state.seriatim
     server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10,
