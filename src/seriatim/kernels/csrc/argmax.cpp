@@ -5,10 +5,10 @@
 // across threads, and the result is torch's exactly: the first index of the largest value, or of the
 // first NaN where a row has one (torch treats NaN as the largest).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "logits.h"
 #include "simd.h"
 
 #include <cmath>
@@ -43,17 +43,7 @@ int64_t argmax_row(const float* x, int64_t n) {
 namespace seriatim {
 
 // x [N, V] float32 -> [N] int64.
-at::Tensor argmax_rows(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1 && x.size(1) < (int64_t{1} << 31),
-              "x must be float32 [N, V] with contiguous rows");
-  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
-  const float* xp = x.data_ptr<float>();
-  int64_t* op = out.data_ptr<int64_t>();
-  at::parallel_for(0, x.size(0), 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) op[r] = argmax_row(xp + r * x.stride(0), x.size(1));
-  });
-  return out;
-}
+at::Tensor argmax_rows(const at::Tensor& x) { return argmax_rows_by(x, argmax_row); }
 
 }  // namespace seriatim
 

@@ -12,7 +12,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
-#include "checks.h"
+#include "decode_attention.h"
 #include "ops.h"
 #include "simd.h"
 
@@ -127,51 +127,23 @@ void attend_group(const BFloat16* q, int64_t group, int64_t length, float scale,
 }
 
 // attend_group for a head dimension of 16 V, V in 1..16, chosen at run time.
-template <typename Key, typename Value>
-using GroupFn = void (*)(const BFloat16*, int64_t, int64_t, float, Key, Value, std::vector<float>&, BFloat16*);
-
-template <typename Key, typename Value, int... V>
-GroupFn<Key, Value> group_fn(int64_t vecs, std::integer_sequence<int, V...>) {
-  constexpr GroupFn<Key, Value> table[] = {&attend_group<V + 1, Key, Value>...};
+template <int... V>
+AttendGroup group_fn(int64_t vecs, std::integer_sequence<int, V...>) {
+  constexpr AttendGroup table[] = {&attend_group<V + 1, CacheRows, CacheRows>...};
   return table[vecs - 1];
 }
+
+AttendGroup attend_for(int64_t dim) { return group_fn(dim / 16, std::make_integer_sequence<int, kMaxDim / 16>{}); }
 
 }  // namespace
 
 namespace seriatim {
 
-// Each new token b (row rows[b] of the flat batch q [T, H, Dh], k/v [T, Hkv, Dh]: a decoding sequence's, or
-// one of a short chunk's): its key and value are stored at slot write[b] of the cache [Hkv, S, Dh], then
-// its query attends over the slots slots[b, :lengths[b]] -> [B, H, Dh]. One op for the stores and the
-// attention: a decode's gathers, cache writes and attention took six per layer.
+// The op (decode_attention.h) with this tier's attention.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                             at::Tensor& v_cache, const at::Tensor& rows, const at::Tensor& write,
                             const at::Tensor& slots, const at::Tensor& lengths, double scale) {
-  check_decode_attention(q, k, v, k_cache, v_cache, rows, write, slots, lengths, kMaxDim);
-  const int64_t heads = q.size(1), kv_heads = k_cache.size(0), dim = q.size(2), capacity = k_cache.size(1);
-  const int64_t batch = rows.numel(), width = slots.size(1);
-  const int64_t *rp = rows.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>(), *lp = lengths.data_ptr<int64_t>();
-  at::Tensor out = at::empty({batch, heads, dim}, q.options());
-  const BFloat16* qp = q.data_ptr<BFloat16>();
-  BFloat16 *kc = k_cache.data_ptr<BFloat16>(), *vc = v_cache.data_ptr<BFloat16>();
-  BFloat16* op = out.data_ptr<BFloat16>();
-  const int64_t head_stride = capacity * dim;
-  store_new_keys(k, v, k_cache, v_cache, rows, write);
-  // Then one task per (query row, key/value head).
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores((heads / kv_heads) * width);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / kv_heads, kvh = t % kv_heads, row = rp[b], group = heads / kv_heads;
-      const BFloat16 *kh = kc + kvh * head_stride, *vh = vc + kvh * head_stride;
-      const int64_t* seq = sp + b * width;
-      auto key = [&](int64_t j) { return kh + seq[j] * dim; };
-      auto value = [&](int64_t j) { return vh + seq[j] * dim; };
-      const auto attend = group_fn<decltype(key), decltype(value)>(dim / 16, std::make_integer_sequence<int, kMaxDim / 16>{});
-      attend(qp + row * q.stride(0) + kvh * group * dim, group, lp[b], static_cast<float>(scale), key, value, scores,
-             op + (b * heads + kvh * group) * dim);
-    }
-  });
-  return out;
+  return decode_attention_by(q, k, v, k_cache, v_cache, rows, write, slots, lengths, scale, kMaxDim, attend_for);
 }
 
 }  // namespace seriatim

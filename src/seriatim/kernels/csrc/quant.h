@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -71,6 +72,35 @@ inline QuantizedActivations quantize_activations(const at::Tensor& x) {
 template <typename Out>
 inline Out int8_output(int64_t total, float row_scale, float weight_scale) {
   return Out(static_cast<float>(total) * row_scale * weight_scale);
+}
+
+constexpr int64_t kInt8Rows = 4;  // activation rows per pass over an int8 weight row
+
+template <typename Dots, int R, typename Out>
+void int8_rows(const int8_t* wp, const QuantizedActivations& xq, int64_t r, int64_t k, const float* scale,
+               int64_t n, int64_t o, Out* y) {
+  int64_t total[R];
+  Dots::template run<R>(wp + o * k, xq.values.data() + r * k, k, total);
+  for (int i = 0; i < R; ++i) y[(r + i) * n + o] = int8_output<Out>(total[i], xq.scale[r + i], scale[o]);
+}
+
+// Every output o of every row of xq (m rows, a few) into y [m, n] of bfloat16 or float32: each weight row
+// read once for all of them, kInt8Rows rows at a time. `Dots::run<R>(w, xq, k, total)` is a tier's exact
+// integer dot products of one weight row with R activation rows.
+template <typename Dots, typename Out>
+void int8_outputs(const int8_t* wp, const QuantizedActivations& xq, int64_t m, int64_t k, const float* sc, int64_t n,
+                  Out* y) {
+  at::parallel_for(0, n, 256, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t r = 0; r < m; r += kInt8Rows) {
+        switch (std::min<int64_t>(kInt8Rows, m - r)) {
+          case 1: int8_rows<Dots, 1>(wp, xq, r, k, sc, n, o, y); break;
+          case 2: int8_rows<Dots, 2>(wp, xq, r, k, sc, n, o, y); break;
+          case 3: int8_rows<Dots, 3>(wp, xq, r, k, sc, n, o, y); break;
+          default: int8_rows<Dots, 4>(wp, xq, r, k, sc, n, o, y); break;
+        }
+      }
+  });
 }
 
 }  // namespace seriatim

@@ -182,31 +182,11 @@ void int8_dots(const int8_t* w, const int16_t* xq, int64_t k, int64_t total[R]) 
   }
 }
 
-constexpr int kInt8Rows = 4;  // activation rows per pass over an int8 weight row
-
-template <int R, typename Out>
-void int8_rows(const int8_t* wp, const QuantizedActivations& xq, int64_t r, int64_t k, const float* scale,
-               int64_t n, int64_t o, Out* y) {
-  int64_t total[R];
-  int8_dots<R>(wp + o * k, xq.values.data() + r * k, k, total);
-  for (int i = 0; i < R; ++i) y[(r + i) * n + o] = int8_output<Out>(total[i], xq.scale[r + i], scale[o]);
-}
-
-template <typename Out>
-void int8_outputs(const int8_t* wp, const QuantizedActivations& xq, int64_t m, int64_t k, const float* sc, int64_t n,
-                  Out* y) {
-  at::parallel_for(0, n, 256, [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o)
-      for (int64_t r = 0; r < m; r += kInt8Rows) {
-        switch (std::min<int64_t>(kInt8Rows, m - r)) {
-          case 1: int8_rows<1>(wp, xq, r, k, sc, n, o, y); break;
-          case 2: int8_rows<2>(wp, xq, r, k, sc, n, o, y); break;
-          case 3: int8_rows<3>(wp, xq, r, k, sc, n, o, y); break;
-          default: int8_rows<4>(wp, xq, r, k, sc, n, o, y); break;
-        }
-      }
-  });
-}
+// int8_dots for quant.h's int8_outputs.
+struct Int8Dots {
+  template <int R>
+  static void run(const int8_t* w, const int16_t* xq, int64_t k, int64_t* total) { int8_dots<R>(w, xq, k, total); }
+};
 
 }  // namespace
 
@@ -253,9 +233,9 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Te
   const at::Tensor sf = scale.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({m, n}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
   if (float_out)
-    int8_outputs(weight.data_ptr<int8_t>(), xq, m, k, sf.data_ptr<float>(), n, y.data_ptr<float>());
+    int8_outputs<Int8Dots>(weight.data_ptr<int8_t>(), xq, m, k, sf.data_ptr<float>(), n, y.data_ptr<float>());
   else
-    int8_outputs(weight.data_ptr<int8_t>(), xq, m, k, sf.data_ptr<float>(), n, y.data_ptr<at::BFloat16>());
+    int8_outputs<Int8Dots>(weight.data_ptr<int8_t>(), xq, m, k, sf.data_ptr<float>(), n, y.data_ptr<at::BFloat16>());
   return y;
 }
 
