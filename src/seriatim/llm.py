@@ -14,6 +14,7 @@ import torch
 from jinja2 import TemplateError
 
 from .engine.config import EngineConfig
+from .engine.draft import check_pair
 from .engine.engine import Engine, ValidPrompt
 from .engine.sequence import Sequence
 from .engine.speculation import Speculation
@@ -74,7 +75,10 @@ class LLM:
     `speculative="ngram"` (or {"method": "ngram", "k": 5, "max_n": 4, "min_n": 2,
     "adaptive": True})
     drafts tokens by prompt lookup and verifies them several per pass: greedy
-    output is unchanged, sampled output keeps its distribution.
+    output is unchanged, sampled output keeps its distribution;
+    "lookahead" adds the model's own guesses from earlier passes, and
+    {"method": "draft", "model": "qwen2.5-coder-0.5b", "k": 5} has a smaller
+    model with the same tokenizer decode the drafts.
     """
 
     def __init__(
@@ -107,12 +111,14 @@ class LLM:
         self.model, self.tokenizer = self._load(path, progress)
         self.config = self.model.cfg
         dtype = self.precision.activations
+        speculation = Speculation.of(speculative)
         engine_config = EngineConfig.resolve(
             self.config, self.device, dtype, kv_cache_memory=kv_cache_memory, max_step_tokens=max_step_tokens,
             max_running=max_running, prefix_caching=prefix_caching, deterministic=deterministic,
-            batch_invariant=batch_invariant, speculation=Speculation.of(speculative),
+            batch_invariant=batch_invariant, speculation=speculation,
         )
-        self.engine = Engine(self.model, self.tokenizer, self.device, dtype, engine_config)
+        draft = self._draft_model(speculation.model, progress) if speculation and speculation.model else None
+        self.engine = Engine(self.model, self.tokenizer, self.device, dtype, engine_config, draft)
         # Deltas made for requests started by generate() or stream(), not yet read by their caller.
         self._outbox: dict[int, deque[tuple[Delta, Sequence]]] = {}
 
@@ -128,6 +134,12 @@ class LLM:
         if cacheable:
             converted.save(path, self.precision.name, model, tokenizer)
         return model, tokenizer
+
+    def _draft_model(self, name: str, progress: bool) -> Transformer:
+        """The draft model for speculation, loaded as the model is; ValueError if it cannot draft for it."""
+        model, tokenizer = self._load(resolve_model(name), progress)
+        check_pair(self.model, self.tokenizer, model, tokenizer, name)
+        return model
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -5,11 +5,9 @@ plain requests; fewer passes than tokens where the text repeats."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from seriatim import LLM, SamplingParams
-
-REPEAT = "one two three four five one two three four five one two three four five one two"
+from support.speculation import REPEAT, prompts
 
 
 @pytest.fixture(scope="module")
@@ -19,15 +17,6 @@ def pair(tiny_llama):
     # Not adaptive: every pass drafts what it can, so that each test sees the verification it sets up.
     lookup = {"method": "ngram", "k": 4, "max_step_rows": 64, "adaptive": False}
     return LLM(path, dtype="float32"), LLM(path, dtype="float32", speculative=lookup)
-
-
-def prompts(llm, count: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(5)
-    out = [llm.tokenizer.encode(REPEAT)]
-    for n in range(count - 1):  # random prompts of repeated random phrases: lookups that hit and miss
-        phrase = torch.randint(3, llm.config.vocab_size, (3 + n % 4,), generator=g).tolist()
-        out.append(phrase * (1 + n % 3))
-    return out
 
 
 @pytest.mark.parametrize("kw", [

@@ -100,7 +100,7 @@ def make_hf_model(path: Path, family: str = "llama", seed: int = 0, **config_ove
 
     tok = train_tokenizer()
     torch.manual_seed(seed)
-    cfg = FAMILIES[family](tok.get_vocab_size(), **config_overrides)
+    cfg = FAMILIES[family](config_overrides.pop("vocab_size", tok.get_vocab_size()), **config_overrides)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     gemma = family == "gemma3"
     with torch.no_grad():  # HF initialises tiny weights near zero: widen them so that logits differ.

@@ -24,6 +24,7 @@ from ..sampling import SamplingParams, SamplingState, TokenLogprobs, process_row
 from ..text.detokenizer import IncrementalDetokenizer
 from ..text.tokenizer import Tokenizer
 from .config import EngineConfig
+from .draft import DraftModel
 from .runner import ModelRunner, StepBatch
 from .scheduler import Chunk, Scheduler
 from .sequence import Sequence
@@ -95,9 +96,10 @@ class Engine:
         device: torch.device,
         kv_dtype: torch.dtype,
         config: EngineConfig,
+        draft: Transformer | None = None,
     ):
         """`config` as `EngineConfig.resolve` makes it for this model (sliding-window layers need its rings'
-        settings)."""
+        settings); `draft`: the draft model, for speculation by one (draft.py: `check_pair`)."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -110,6 +112,11 @@ class Engine:
         self.scheduler = Scheduler(config)
         self.runner = ModelRunner(model, self.cache, config.deterministic, config.batch_invariant)
         self.speculation = config.speculation
+        if (draft is not None) != (self.speculation is not None and self.speculation.method == "draft"):
+            raise ValueError("a draft model goes with speculative method 'draft', and that method needs one")
+        self.drafter = None if draft is None else DraftModel(
+            draft, model, kv_dtype, device, config.num_blocks, config.block_size, config.max_step_tokens,
+            config.batch_invariant)
         self.pass_cost = PassCost()  # measured cost of wider passes: how many drafts pay
         self.grammars = GrammarCompiler(tokenizer, model.cfg.vocab_size)
         self.stats = EngineStats()
@@ -143,7 +150,7 @@ class Engine:
         if seq is None:
             return None
         seq.abort()
-        self.scheduler.finish(seq)
+        self._drop(seq)
         self.stats.aborted += 1
         return Delta(request_id, "", [], None, "abort", seq.metrics)
 
@@ -194,13 +201,19 @@ class Engine:
             delta.forward_pass = Pass(self.stats.steps, seconds, c.length)
             self.stats.generated_tokens += len(delta.token_ids)
             if seq.finished:
-                self.requests.pop(seq.request_id, None)
-                self.scheduler.finish(seq)
+                self._drop(seq)
                 self.stats.finished += 1
             results.append((delta, seq))
         if self.speculation is not None:
             self._propose(self.speculation, [seq for _, seq in results if not seq.finished])
         return results
+
+    def _drop(self, seq: Sequence) -> None:
+        """Forget a finished or aborted request and free its caches."""
+        self.requests.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
+        if self.drafter is not None:
+            self.drafter.forget(seq.request_id)
 
     def _take(self, ready: list[tuple[Chunk, int]], logits: torch.Tensor) -> list[Taken]:
         """The tokens each ready sequence takes (with its logprobs, for a sampled one): sampled from its row, or
@@ -224,7 +237,7 @@ class Engine:
         if seq.params.greedy:
             verdict = verify_greedy(seq.draft, best)
         else:
-            verdict = verify_sampled(seq.draft, logprobs.exp(), None, seq.sampling.generator)
+            verdict = verify_sampled(seq.draft, logprobs.exp(), seq.draft_probs, seq.sampling.generator)
         seq.drafting.trajectory.record([seq.output_ids[-1], *seq.draft], best, verdict.accepted)
         self.stats.drafted += len(seq.draft)
         self.stats.accepted += verdict.accepted
@@ -242,15 +255,22 @@ class Engine:
         """Drafts for the next pass of those of `seqs` that may speculate, as many as the batch leaves room for."""
         running = len(self.scheduler.running)
         room = spec.drafts_per_sequence(running)
+        wanted = []  # a draft model's requests: drafted together
         for seq in seqs:
             params = seq.params
             plain = params.logprobs is not None or params.penalised or params.constraint is not None
-            if params.speculate and not plain:
-                # A sampled request's draws follow its drafts, so their number must not depend on timings:
-                # it takes the prior cost model, and a seeded request stays reproducible.
-                cost = self.pass_cost if params.greedy else PRIOR_COST
-                seq.draft = spec.propose(seq.all_tokens(), min(room, seq.max_length - seq.length - 1),
-                                         seq.drafting, cost, running)
+            if not params.speculate or plain:
+                continue
+            # A sampled request's draws follow its drafts, so their number must not depend on timings:
+            # it takes the prior cost model, and a seeded request stays reproducible.
+            cost = self.pass_cost if params.greedy else PRIOR_COST
+            most = min(room, seq.max_length - seq.length - 1)
+            if self.drafter is None:
+                seq.draft = spec.propose(seq.all_tokens(), most, seq.drafting, cost, running)
+            elif n := spec.wanted(seq.drafting, seq.drafting.model, most, cost, running, self.drafter.relative_cost):
+                wanted.append((seq, n))
+        if wanted:
+            self.drafter.propose(wanted)
 
     def _forward(self, chunks: list[Chunk]) -> torch.Tensor:
         for c in chunks:

@@ -17,6 +17,16 @@ from .scheduler import Chunk
 
 
 @dataclass
+class Feed:
+    """New tokens of one sequence for a pass: `tokens` at positions from `start`, in the cache's `blocks`."""
+
+    blocks: list[int]
+    start: int
+    tokens: list[int]
+    ring: int | None = None  # the sequence's ring in the sliding layers, if the model has them
+
+
+@dataclass
 class StepBatch:
     """The new tokens of every scheduled sequence, concatenated: [T] ids and positions, and each sequence's
     span of them in the paged cache."""
@@ -27,16 +37,20 @@ class StepBatch:
 
     @classmethod
     def of(cls, chunks: list[Chunk], cache: PagedKVCache) -> StepBatch:
+        return cls.of_feeds([Feed(c.seq.block_table.blocks, c.seq.num_cached, c.seq.pending_tokens()[: c.length],
+                                  cache.ring_of(c.seq.request_id)) for c in chunks], cache)
+
+    @classmethod
+    def of_feeds(cls, feeds: list[Feed], cache: PagedKVCache) -> StepBatch:
         tokens: list[int] = []
         positions: list[int] = []
         spans: list[PagedSpan] = []
-        for c in chunks:
-            start, end = c.seq.num_cached, c.seq.num_cached + c.length
-            tokens += c.seq.pending_tokens()[: c.length]
-            positions += range(start, end)
-            blocks = c.seq.block_table.blocks
-            spans.append(PagedSpan(start, c.length, cache.slots(blocks, start, end), cache.slots(blocks, 0, end),
-                                   cache.ring_of(c.seq.request_id)))
+        for f in feeds:
+            end = f.start + len(f.tokens)
+            tokens += f.tokens
+            positions += range(f.start, end)
+            spans.append(PagedSpan(f.start, len(f.tokens), cache.slots(f.blocks, f.start, end),
+                                   cache.slots(f.blocks, 0, end), f.ring))
         return cls(tokens, positions, spans)
 
     @property

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from ..outputs import CompletionOutput, Delta, FinishReason, RequestMetrics
 from ..sampling import SamplingParams, SamplingState, TokenLogprobs
 from ..text.detokenizer import IncrementalDetokenizer
@@ -27,6 +29,7 @@ class Sequence:
     stops: StopStringFilter = field(init=False)
     output_ids: list[int] = field(default_factory=list)
     draft: list[int] = field(default_factory=list)  # proposed tokens after output_ids, fed to be verified
+    draft_probs: torch.Tensor | None = None  # [len(draft), V] a draft model's distributions they were drawn from
     drafting: RequestDrafts = field(default_factory=RequestDrafts)  # how its drafts have fared
     text: str = ""
     logprobs: list[TokenLogprobs] | None = None

@@ -21,19 +21,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-METHODS = ("ngram", "lookahead")
+METHODS = ("ngram", "lookahead", "draft")
 
 
 @dataclass(frozen=True)
 class Speculation:
-    """Prompt lookup: up to `k` drafts per pass, from the longest recurring suffix of `max_n` down to `min_n`
-    tokens. A request speculates when it has no penalties, constraint or logprobs (those come later).
+    """Up to `k` drafts per pass. Prompt lookup drafts the continuation of the longest recurring suffix of
+    `max_n` down to `min_n` tokens; lookahead adds the model's own predictions from earlier passes; a draft
+    model (`model`: a registry name or path of a smaller model with the same vocabulary) decodes them
+    itself (draft.py). A request speculates when it has no penalties, constraint or logprobs.
 
     min_n = 2 by default: a lone recurring token predicts poorly (on SmolLM2 and Qwen2.5-Coder-0.5B about
     0.3 of first drafts kept, against 0.55-0.9 after two), and a pass that feeds k rejected drafts costs
     up to 1.7x a plain one on a 2-core CPU (`seriatim bench --speculative`)."""
 
-    method: str = "ngram"  # or "lookahead": the model's own predictions from earlier passes first (`Trajectory`)
+    method: str = "ngram"  # or "lookahead" (`Trajectory`), or "draft" (a draft model's tokens)
     k: int = 5
     max_n: int = 4
     min_n: int = 2
@@ -44,6 +46,7 @@ class Speculation:
     # Drafts per request follow its measured acceptance and this machine's measured cost of wider passes
     # (`Acceptance.drafts`); False always proposes as many as the row budget allows.
     adaptive: bool = True
+    model: str | None = None  # the draft model, for method "draft"
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 15:  # k + 1 tokens must stay a short chunk (model/paged_kv.py: SHORT_CHUNK)
@@ -54,18 +57,22 @@ class Speculation:
             raise ValueError(f"need 1 <= min_n <= max_n, got {self.min_n} and {self.max_n}")
         if self.method not in METHODS:
             raise ValueError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if (self.method == "draft") != (self.model is not None):
+            raise ValueError('speculative method "draft" needs a "model" (a registry name or path), and only it '
+                             f"takes one; got method {self.method!r} with model {self.model!r}")
 
     @classmethod
     def of(cls, spec: object) -> Speculation | None:
-        """LLM's `speculative`: None, "ngram", "lookahead", or {"method": ..., "k": ..., ...}."""
+        """LLM's `speculative`: None, "ngram", "lookahead", or {"method": ..., "k": ..., ...} (a draft model:
+        {"method": "draft", "model": ...})."""
         if spec is None or isinstance(spec, Speculation):
             return spec
-        if spec in METHODS:
+        if isinstance(spec, str) and spec in METHODS:
             return cls(method=spec)
         if isinstance(spec, dict) and spec.get("method") in METHODS:
             return cls(**spec)
-        raise ValueError(f"speculative must be None, 'ngram', 'lookahead' or {{'method': 'ngram', 'k': ...}}, "
-                         f"got {spec!r}")
+        raise ValueError(f"speculative must be None, 'ngram', 'lookahead' or {{'method': 'ngram', 'k': ...}} "
+                         f"(a draft model: {{'method': 'draft', 'model': ...}}), got {spec!r}")
 
     def drafts_per_sequence(self, running: int) -> int:
         """How many drafts each of `running` decoding sequences may get in one step."""
@@ -76,17 +83,19 @@ class Speculation:
         at most `room`, and with `adaptive` only as many as are expected to pay. Prompt lookup first (a
         recurring suffix of the text predicts best); where it finds none, lookahead drafts the model's own
         earlier predictions."""
-        state.pending = state.lookup
-        wanted = self._wanted(state.lookup, room, cost, rows)
+        wanted = self.wanted(state, state.lookup, room, cost, rows)
         drafts = propose_ngram(tokens, wanted, self.max_n, self.min_n) if wanted > 0 else []
         if not drafts and self.method == "lookahead":
-            state.pending = state.guesses
-            wanted = self._wanted(state.guesses, room, cost, rows)
+            wanted = self.wanted(state, state.guesses, room, cost, rows)
             drafts = state.trajectory.propose(tokens[-1], wanted) if wanted > 0 else []
         return drafts
 
-    def _wanted(self, acceptance: Acceptance, room: int, cost: PassCost, rows: int) -> int:
-        return acceptance.drafts(room, cost, rows) if self.adaptive else room
+    def wanted(self, state: RequestDrafts, source: Acceptance, room: int, cost: PassCost, rows: int,
+               per_draft: float = 0.0) -> int:
+        """How many drafts `source` (one of `state`'s) is to propose, up to `room`; `per_draft`: what making
+        one costs, against a one-row pass (a draft model's pass; 0 for lookups)."""
+        state.pending = source
+        return source.drafts(room, cost, rows, per_draft) if self.adaptive else room
 
 
 @dataclass
@@ -135,15 +144,15 @@ class Acceptance:
     def rate(self) -> float:
         return self.kept / self.decided
 
-    def drafts(self, most: int, cost: PassCost, rows: int) -> int:
-        """The number of drafts, up to `most`, that maximises expected tokens per unit of pass time in a pass of
-        `rows` other rows: (1 + a + a^2 + ... + a^d) / cost ratio. 0 when none pays; after `probe_after`
-        passes without drafts, one, so that a request whose text turns repetitive is noticed."""
+    def drafts(self, most: int, cost: PassCost, rows: int, per_draft: float = 0.0) -> int:
+        """The number of drafts, up to `most`, that maximises expected tokens per unit of time in a pass of
+        `rows` other rows: (1 + a + a^2 + ... + a^d) / (cost ratio + d `per_draft`). 0 when none pays; after
+        `probe_after` passes without drafts, one, so that a request whose text turns repetitive is noticed."""
         a, best, best_gain = self.rate, 0, 1.0
         expected = 1.0
         for d in range(1, most + 1):
             expected += a**d
-            gain = expected / cost.ratio(rows, d)
+            gain = expected / (cost.ratio(rows, d) + d * per_draft)
             if gain > best_gain:
                 best, best_gain = d, gain
         if best == 0:
@@ -187,12 +196,13 @@ class Trajectory:
 
 @dataclass
 class RequestDrafts:
-    """A request's drafting so far: how each source's drafts fared (prompt lookup's and lookahead's own
-    guesses, apart: guesses that miss must not turn off lookups that hit), and (lookahead) what its passes
-    predicted."""
+    """A request's drafting so far: how each source's drafts fared (prompt lookup's, lookahead's own
+    guesses and a draft model's, apart: guesses that miss must not turn off lookups that hit), and
+    (lookahead) what its passes predicted."""
 
     lookup: Acceptance = field(default_factory=Acceptance)
     guesses: Acceptance = field(default_factory=Acceptance)
+    model: Acceptance = field(default_factory=Acceptance)
     trajectory: Trajectory = field(default_factory=Trajectory)
     pending: Acceptance | None = None  # the source of the drafts awaiting verification
 
@@ -245,8 +255,8 @@ def verify_sampled(draft: Sequence[int], p: torch.Tensor, q: torch.Tensor | None
         u = float(torch.rand((), dtype=torch.float64, generator=generator))
         if u * q_d < float(p[i, d]):  # u < p / q, without dividing by a q of 0
             continue
-        return Verdict(i, [*draft[:i], _draw(_residual(p[i], q[i] if q is not None else _point(p[i], d)), generator)])
-    return Verdict(k, [*draft, _draw(p[k], generator)])
+        return Verdict(i, [*draft[:i], draw(_residual(p[i], q[i] if q is not None else _point(p[i], d)), generator)])
+    return Verdict(k, [*draft, draw(p[k], generator)])
 
 
 def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -260,5 +270,6 @@ def _point(row: torch.Tensor, token: int) -> torch.Tensor:
     return mass
 
 
-def _draw(weights: torch.Tensor, generator: torch.Generator) -> int:
+def draw(weights: torch.Tensor, generator: torch.Generator) -> int:
+    """A token drawn in proportion to `weights` [V]."""
     return int(torch.multinomial(weights.double(), 1, generator=generator))

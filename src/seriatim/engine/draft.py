@@ -1,0 +1,152 @@
+"""Speculative drafts from a draft model: a smaller model with the target's vocabulary decodes each
+speculating sequence's next tokens itself, every sequence batched in each of its passes, over a paged KV
+cache of its own.
+
+The draft's cache follows each sequence lazily: before drafting, whatever it holds beyond the longest
+prefix it shares with the sequence's tokens is rolled back (rejected drafts), and the tokens it lacks are
+fed (the prompt, the target's own tokens, the last accepted draft) in the same pass that drafts the first
+new token. So the target's verification, preemption and forced grammar tokens need not tell it anything:
+it compares tokens. Only a request's end does (`forget`), to free its blocks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.paged_kv import PagedKVCache
+from ..model.transformer import Transformer
+from ..sampling import process_rows
+from ..text.tokenizer import Tokenizer
+from .block_manager import BlockManager, BlockTable
+from .runner import Feed, ModelRunner, StepBatch
+from .sequence import Sequence
+from .speculation import draw
+
+
+def check_pair(target: Transformer, target_tokenizer: Tokenizer, draft: Transformer, draft_tokenizer: Tokenizer,
+               name: str) -> None:
+    """ValueError unless `draft` can draft for `target`: the same token ids for the same strings, logits over
+    the same vocabulary, and no sliding-window layers (their rings keep too little to roll back freely)."""
+    if draft.cfg.vocab_size != target.cfg.vocab_size:
+        raise ValueError(f"draft model {name} has a vocabulary of {draft.cfg.vocab_size} tokens, the model "
+                         f"{target.cfg.vocab_size}: a draft model must share the model's tokenizer")
+    if draft_tokenizer.hf.get_vocab(with_added_tokens=True) != target_tokenizer.hf.get_vocab(with_added_tokens=True):
+        raise ValueError(f"draft model {name} has a different tokenizer: a draft model must share the model's "
+                         "tokenizer (e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b)")
+    if any(draft.cfg.layer_window(i) is not None for i in range(draft.cfg.num_layers)):
+        raise ValueError(f"draft model {name} has sliding-window layers, which a draft model cannot have here")
+
+
+def weight_bytes(model: Transformer) -> int:
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+@dataclass
+class DraftState:
+    """What the draft's cache holds of one sequence: these tokens' keys and values, in `table`'s blocks."""
+
+    table: BlockTable = field(default_factory=BlockTable)
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Drafting:
+    """One sequence's drafts as they are decoded."""
+
+    seq: Sequence
+    n: int  # drafts wanted
+    state: DraftState
+    tokens: list[int] = field(default_factory=list)
+    probs: list[torch.Tensor | None] = field(default_factory=list)  # each draft's distribution (sampled requests)
+
+    def take(self, token: int, probs: torch.Tensor | None) -> None:
+        self.tokens.append(token)
+        self.probs.append(probs)
+
+
+class DraftModel:
+    """Proposes a sequence's next tokens by decoding them with a smaller model.
+
+    `relative_cost`: one draft token's cost against a one-row pass of the target, taken as the ratio of the
+    two models' weight bytes (a CPU's decode pass reads every weight once): how many drafts pay depends on
+    it (`Acceptance.drafts`). A fixed figure, not a timing, so that a sampled request's drafts, and with
+    them its draws, do not depend on the machine's load."""
+
+    def __init__(self, model: Transformer, target: Transformer, kv_dtype: torch.dtype, device: torch.device,
+                 num_blocks: int, block_size: int, max_pass_tokens: int, batch_invariant: bool):
+        self.model = model
+        self.cache = PagedKVCache(model.cfg, num_blocks, block_size, kv_dtype, device)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.runner = ModelRunner(model, self.cache, False, batch_invariant)
+        self.max_pass_tokens = max_pass_tokens  # a long prompt catches up in chunks, as the target prefills it
+        self.relative_cost = weight_bytes(model) / weight_bytes(target)
+        self.states: dict[int, DraftState] = {}  # request id -> its cache
+
+    def forget(self, request_id: int) -> None:
+        """Free a finished or aborted request's cache."""
+        if (state := self.states.pop(request_id, None)) is not None:
+            self.blocks.free_table(state.table)
+
+    def propose(self, wanted: list[tuple[Sequence, int]]) -> None:
+        """Set each sequence's `draft` to the draft model's next `n` tokens after its own (greedy: its argmax;
+        sampled: drawn from its processed distribution with the request's generator, which is kept in
+        `draft_probs` [n, V] for the verification). A sequence the draft's cache has no room for gets none."""
+        drafting, feeds = [], []
+        for seq, n in wanted:
+            state = self.states.setdefault(seq.request_id, DraftState())
+            tokens = seq.all_tokens()
+            start = self._keep_common_prefix(state, tokens)
+            if not self.blocks.grow(state.table, len(tokens) + n - 1):
+                self.forget(seq.request_id)
+                continue
+            drafting.append(_Drafting(seq, n, state))
+            feeds.append(tokens[start:])
+        active = drafting
+        while active:
+            logits = self._run([(d.state, tokens) for d, tokens in zip(active, feeds)])
+            for d, row in zip(active, logits):
+                d.take(*self._pick(d.seq, row))
+            active = [d for d in active if len(d.tokens) < d.n]
+            feeds = [d.tokens[-1:] for d in active]
+        for d in drafting:
+            d.seq.draft = d.tokens
+            d.seq.draft_probs = None if d.seq.params.greedy else torch.stack(d.probs)
+
+    def _keep_common_prefix(self, state: DraftState, tokens: list[int]) -> int:
+        """Roll the cache back to the longest prefix it shares with `tokens`, leaving at least one token of
+        `tokens` to feed (its logits draft the first token); returns the prefix's length."""
+        common = next((i for i, (a, b) in enumerate(zip(state.tokens, tokens)) if a != b),
+                      min(len(state.tokens), len(tokens)))
+        common = min(common, len(tokens) - 1)
+        if common < len(state.tokens):
+            self.blocks.truncate(state.table, common)
+            del state.tokens[common:]
+        return common
+
+    def _run(self, feeds: list[tuple[DraftState, list[int]]]) -> torch.Tensor:
+        """Feed each state its tokens, in passes of at most `max_pass_tokens` tokens each -> logits [N, V]
+        after each one's last token."""
+        last: list[torch.Tensor | None] = [None] * len(feeds)
+        pending = list(enumerate(feeds))
+        while pending:
+            pieces = [(i, state, tokens[: self.max_pass_tokens]) for i, (state, tokens) in pending]
+            batch = StepBatch.of_feeds([Feed(s.table.blocks, len(s.tokens), piece) for _, s, piece in pieces],
+                                       self.cache)
+            hidden = self.runner.run(batch)
+            for (i, state, piece), end in zip(pieces, itertools.accumulate(len(p) for _, _, p in pieces)):
+                state.tokens += piece
+                last[i] = hidden[end - 1]
+            pending = [(i, (s, tokens[self.max_pass_tokens :])) for i, (s, tokens) in pending
+                       if len(tokens) > self.max_pass_tokens]
+        return self.model.logits(torch.stack(last))
+
+    @staticmethod
+    def _pick(seq: Sequence, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        logprobs = process_rows(logits[None], seq.sampling)[0]
+        if seq.params.greedy:
+            return int(logprobs.argmax()), None
+        probs = logprobs.exp()
+        return draw(probs, seq.sampling.generator), probs

@@ -1,0 +1,128 @@
+"""Speculation by a draft model (engine/draft.py): a tiny Qwen2 drafts for a tiny Llama (same tokenizer, other
+weights and architecture). Greedy output identical to plain decoding, token for token, in the float32
+reference and the fast mode, with EOS, stop strings, max_tokens, preemption and batches mixing speculating and
+plain requests; every draft kept when the model drafts for itself; the draft's cache freed as requests end;
+pairs that cannot work refused at load."""
+
+from __future__ import annotations
+
+import pytest
+
+from seriatim import LLM, SamplingParams
+from support.speculation import REPEAT, prompts
+from support.tiny_models import make_hf_llama
+
+
+def drafting(draft_path, **kw) -> dict:
+    # Not adaptive, and a row budget for a whole batch: every pass drafts, so every test verifies drafts.
+    return {"method": "draft", "model": str(draft_path), "k": 4, "max_step_rows": 64, "adaptive": False, **kw}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_llama, tiny_qwen2):
+    return tiny_llama[0], tiny_qwen2
+
+
+@pytest.fixture(scope="module")
+def pair(models):
+    target, draft = models
+    return LLM(str(target / "hf"), dtype="float32"), LLM(str(target / "hf"), dtype="float32",
+                                                          speculative=drafting(draft / "hf"))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(max_tokens=40, ignore_eos=True),
+    dict(max_tokens=7, ignore_eos=True),  # max_tokens falls inside a drafted run
+    dict(max_tokens=60),  # EOS may be drafted
+    dict(max_tokens=40, stop=["three", "\n"], ignore_eos=True),
+])
+def test_greedy_output_is_plain_decodings(pair, kw):
+    plain, spec = pair
+    params = SamplingParams(temperature=0, **kw)
+    ps = prompts(plain, 12)
+    before = spec.engine.stats.drafted
+    got = spec.generate(ps, params)
+    expected = plain.generate(ps, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert [o.text for o in got] == [o.text for o in expected]
+    assert spec.engine.stats.drafted > before
+
+
+def test_the_fast_mode_keeps_greedy_output(models):
+    target, draft = models
+    plain = LLM(str(target / "Q8_0.gguf"))
+    spec = LLM(str(target / "Q8_0.gguf"), speculative=drafting(draft / "Q8_0.gguf"))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ps = prompts(plain, 6)
+    assert [o.token_ids for o in spec.generate(ps, params)] == [o.token_ids for o in plain.generate(ps, params)]
+    assert spec.engine.stats.drafted > 0
+
+
+def test_the_model_drafting_for_itself_has_every_draft_kept(models):
+    """Its drafts are its own argmax: each pass keeps k drafts and adds one, so 40 tokens take the prefill
+    and 40 / (k + 1) verifications."""
+    path = str(models[0] / "hf")
+    spec = LLM(path, dtype="float32", speculative=drafting(path))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    out = spec.generate(prompts(spec, 2)[1], params)[0]
+    assert out.token_ids == LLM(path, dtype="float32").generate(prompts(spec, 2)[1], params)[0].token_ids
+    stats = spec.engine.stats
+    assert stats.accepted == stats.drafted > 0
+    assert stats.steps <= 1 + 40 // 5
+
+
+def test_speculating_and_plain_requests_share_a_batch(pair):
+    plain, spec = pair
+    ids = plain.tokenizer.encode(REPEAT)
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, speculate=False)]
+    got = spec.generate([ids] * 3, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain.generate([ids] * 3, params)]
+
+
+def test_preempted_requests_keep_their_output(models):
+    """A pool of 8 blocks for 6 requests of up to 4 blocks each: requests are preempted and recomputed while
+    their drafts are verified, and the draft's own cache follows them."""
+    target, draft = models
+    path = str(target / "hf")
+    small = dict(dtype="float32", kv_cache_memory=8 * 16 * 2 * 2 * 2 * 16 * 4)  # 8 blocks of 16 positions
+    plain, spec = LLM(path, **small), LLM(path, **small, speculative=drafting(draft / "hf"))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ps = [p[:12] for p in prompts(plain, 6)]
+    assert [o.token_ids for o in spec.generate(ps, params)] == [o.token_ids for o in plain.generate(ps, params)]
+    assert spec.engine.scheduler.preemptions > 0
+
+
+def test_sampled_drafting_is_seeded_and_streams_the_same(pair):
+    spec = pair[1]
+    params = SamplingParams(temperature=0.8, seed=11, max_tokens=25, ignore_eos=True)
+    ids = spec.tokenizer.encode(REPEAT)
+    first, again = (spec.generate(ids, params)[0] for _ in range(2))
+    assert first.token_ids == again.token_ids and len(first.token_ids) == 25
+    assert [t for d in spec.stream(ids, params) for t in d.token_ids] == first.token_ids
+
+
+def test_the_drafts_cache_is_freed_as_requests_end(pair):
+    spec = pair[1]
+    drafter = spec.engine.drafter
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    spec.generate(prompts(spec, 4), params)
+    stream = spec.stream(prompts(spec, 1)[0], params)
+    next(stream), next(stream), next(stream)
+    assert drafter.states and drafter.blocks.num_used > 0
+    stream.close()  # aborts the request
+    assert not drafter.states and drafter.blocks.num_used == 0
+
+
+def test_pairs_that_cannot_work_are_refused(tmp_path, models, tiny_gemma3):
+    target = str(models[0] / "hf")
+    make_hf_llama(tmp_path / "wide", vocab_size=400)
+    with pytest.raises(ValueError, match="vocabulary of 400 tokens"):
+        LLM(target, dtype="float32", speculative={"method": "draft", "model": str(tmp_path / "wide")})
+    with pytest.raises(ValueError, match="sliding-window"):
+        LLM(target, dtype="float32", speculative={"method": "draft", "model": str(tiny_gemma3 / "hf")})
+    with pytest.raises(ValueError, match='needs a "model"'):
+        LLM(target, dtype="float32", speculative="draft")
+    with pytest.raises(ValueError, match="only it takes one"):
+        LLM(target, dtype="float32", speculative={"method": "ngram", "model": target})
