@@ -156,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "constraint costs decoding")
     bench.add_argument("--samples", type=int, default=10, help="with --structured: outputs sampled per schema")
     bench.add_argument("--speculative", action="store_true",
-                       help="instead of speed: plain decoding against prompt-lookup speculation, same prompts")
+                       help="instead of speed: plain decoding against each speculation method, same prompts")
+    bench.add_argument("--draft", default=None, metavar="MODEL",
+                       help="with --speculative: also speculation by this draft model (e.g. qwen2.5-coder-0.5b)")
+    bench.add_argument("--temperature", type=float, default=0.0,
+                       help="with --speculative: sample at this temperature (seeded) instead of greedy")
     bench.add_argument("--quality", action="store_true",
                        help="instead of speed: perplexity and greedy agreement of the fast mode against float32")
     _add_serve_parser(sub)
@@ -286,7 +290,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.speculative:
         from .bench.speculative import run_speculative_bench
 
-        run_speculative_bench(args.model, args.threads or physical_cores(), args.runs)
+        run_speculative_bench(args.model, args.threads or physical_cores(), args.runs, args.draft, args.temperature)
         return
     if args.structured:
         from .bench.structured import run_structured_bench

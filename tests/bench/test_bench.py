@@ -5,6 +5,7 @@ import pytest
 from seriatim.bench.run import format_concurrency, format_rows
 from seriatim.bench.worker import closed_loop, steady_lengths
 from seriatim.llm import LLM
+from seriatim.sampling import SamplingParams
 
 
 def test_steady_lengths_spread_around_64():
@@ -139,8 +140,12 @@ def test_speculative_bench_compares_on_the_same_prompts(tiny_llama):
     path = str(tiny_llama[0] / "hf")
     lookup = {"method": "ngram", "min_n": 1}  # the random model repeats no two-token stretch
     plain, spec = LLM(path, dtype="float32"), LLM(path, dtype="float32", speculative=lookup)
-    row = measure(plain, spec, "repeats", ["one two one two one two", "a b a b a b"], max_tokens=12, runs=1)
+    prompts = ["one two one two one two", "a b a b a b"]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    row = measure(plain, spec, "repeats", prompts, greedy, runs=1)
     assert row.identical and row.tokens == 24 and 0 < row.passes <= 24
     assert row.verifications > 0 and sum(row.accepted_at) == row.accepted
-    table = format_rows([row], 5)
-    assert "| repeats | 24 |" in table and "| yes |" in table
+    sampled = measure(plain, spec, "sampled", prompts, SamplingParams(temperature=0.8, seed=0, max_tokens=12), runs=1)
+    assert sampled.identical is None and sampled.spec_s > 0
+    table = format_rows([row, sampled], 5)
+    assert "| repeats | 24 |" in table and "| yes |" in table and "| n/a (sampled) |" in table

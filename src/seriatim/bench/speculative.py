@@ -1,6 +1,6 @@
-"""`seriatim bench --speculative`: plain decoding and prompt-lookup speculation on the same prompts, in one
-run: target passes per token, drafts kept per verification and by position, wall-clock speedup, and whether
-the greedy outputs were identical."""
+"""`seriatim bench --speculative`: plain decoding and each speculation method (prompt lookup, lookahead, and
+with `--draft` a draft model) on the same prompts, in one run: target passes per token, drafts kept per
+verification and by position, the speedup in time per token, and whether the greedy outputs were identical."""
 
 from __future__ import annotations
 
@@ -51,59 +51,61 @@ class Row:
     verifications: int
     accepted: int
     accepted_at: list[int]
-    plain_s: float
+    plain_s: float  # seconds per token
     spec_s: float
-    identical: bool
+    identical: bool | None  # None: sampled, where the draws differ by design
 
 
-def measure(plain: LLM, spec: LLM, name: str, prompts: list[str], max_tokens: int, runs: int) -> Row:
-    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+def measure(plain: LLM, spec: LLM, name: str, prompts: list[str], params: SamplingParams, runs: int) -> Row:
     ids = [plain.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
     stats = spec.engine.stats
-    before = (stats.steps, stats.verifications, stats.accepted, list(stats.accepted_at))
-    plain_s, spec_s, identical, tokens = [], [], True, 0
-    for run in range(runs):  # one prompt at a time, plain and speculative in turn
+    before = (stats.steps, stats.verifications, stats.accepted, list(stats.accepted_at), stats.generated_tokens)
+    plain_s, spec_s, identical = [], [], True
+    for _ in range(runs):  # one prompt at a time, plain and speculative in turn
         for p in ids:
             start = time.perf_counter()
             a = plain.generate(p, params)[0]
-            plain_s.append(time.perf_counter() - start)
+            plain_s.append((time.perf_counter() - start) / len(a.token_ids))
             start = time.perf_counter()
             b = spec.generate(p, params)[0]
-            spec_s.append(time.perf_counter() - start)
+            spec_s.append((time.perf_counter() - start) / len(b.token_ids))
             identical &= a.token_ids == b.token_ids
-            tokens += len(b.token_ids) if run == 0 else 0
-    per = len(ids)
     at = [n - (before[3][i] if i < len(before[3]) else 0) for i, n in enumerate(stats.accepted_at)]
-    return Row(name, tokens, (stats.steps - before[0]) // runs, (stats.verifications - before[1]) // runs,
-               (stats.accepted - before[2]) // runs, [n // runs for n in at],
-               statistics.median(plain_s) * per, statistics.median(spec_s) * per, identical)
+    return Row(name, (stats.generated_tokens - before[4]) // runs, (stats.steps - before[0]) // runs,
+               (stats.verifications - before[1]) // runs, (stats.accepted - before[2]) // runs, [n // runs for n in at],
+               statistics.median(plain_s), statistics.median(spec_s), identical if params.greedy else None)
 
 
 def format_rows(rows: list[Row], k: int) -> str:
     lines = ["| prompts | tokens | target passes per token | drafts kept per verification | kept by position "
-             f"(1..{k}) | speedup (wall clock) | greedy output identical |", "|---|---|---|---|---|---|---|"]
+             f"(1..{k}) | speedup (time per token) | greedy output identical |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         by_position = " / ".join(f"{n / max(r.verifications, 1):.2f}" for n in (r.accepted_at + [0] * k)[:k])
+        same = "n/a (sampled)" if r.identical is None else "yes" if r.identical else "NO"
         lines.append(f"| {r.prompts} | {r.tokens} | {r.passes / r.tokens:.2f} | "
                      f"{r.accepted / max(r.verifications, 1):.2f} | {by_position} | {r.plain_s / r.spec_s:.2f}x | "
-                     f"{'yes' if r.identical else 'NO'} |")
+                     f"{same} |")
     return "\n".join(lines)
 
 
 METHODS = {"lookup": "ngram", "lookahead": "lookahead", "lookup, fixed k": {"method": "ngram", "adaptive": False}}
 
 
-def run_speculative_bench(model: str, threads: int, runs: int, max_tokens: int = 128) -> None:
+def run_speculative_bench(model: str, threads: int, runs: int, draft: str | None = None, temperature: float = 0.0,
+                          max_tokens: int = 128) -> None:
+    """`draft`: also a draft model's speculation; `temperature` > 0: sampled requests (seeded), timed per token."""
+    methods = dict(METHODS) | ({"draft model": {"method": "draft", "model": draft}} if draft else {})
     # No prefix caching: every run computes its prompt, so plain and speculative passes compare like with like.
     plain = LLM(model, threads=threads, prefix_caching=False)
-    methods = {name: LLM(model, threads=threads, prefix_caching=False, speculative=spec)
-               for name, spec in METHODS.items()}
-    k = next(iter(methods.values())).engine.speculation.k
-    print(f"seriatim speculative decoding: {model}, prompt lookup and lookahead (k up to {k}; adaptive, and fixed), "
-          f"greedy, {max_tokens} tokens per prompt, {threads} threads, medians of {runs}; {isa.describe()}")
+    llms = {name: LLM(model, threads=threads, prefix_caching=False, speculative=spec) for name, spec in methods.items()}
+    k = next(iter(llms.values())).engine.speculation.k
+    params = SamplingParams(temperature=temperature, seed=0, max_tokens=max_tokens)
+    print(f"seriatim speculative decoding: {model}, {', '.join(methods)} (k up to {k}"
+          f"{f'; draft model {draft}' if draft else ''}), temperature {temperature}, {max_tokens} tokens per "
+          f"prompt, {threads} threads, medians of {runs}; {isa.describe()}")
     rows = []
     for name, prompts in PROMPTS.items():
-        for method, spec in methods.items():
+        for method, spec in llms.items():
             print(f"[{name}, {method} ...]", file=sys.stderr, flush=True)
-            rows.append(measure(plain, spec, f"{name} ({method})", prompts, max_tokens, runs))
+            rows.append(measure(plain, spec, f"{name} ({method})", prompts, params, runs))
     print(format_rows(rows, k))
