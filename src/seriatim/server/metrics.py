@@ -40,6 +40,10 @@ class _EngineCollector(Collector):
                       m.stats.drafted)
         yield _metric(CounterMetricFamily, "seriatim_spec_accepted_tokens", "Speculative draft tokens accepted",
                       m.stats.accepted)
+        # Tokens per target pass while speculating: (accepted + verifications) / verifications.
+        yield _metric(CounterMetricFamily, "seriatim_spec_verifications",
+                      "Forward passes that verified speculative drafts (each adds one token of its own)",
+                      m.stats.verifications)
         yield _metric(CounterMetricFamily, "seriatim_forced_tokens",
                       "Tokens a grammar forced, appended without sampling (jump-forward)", m.stats.forced_tokens)
         yield _metric(GaugeMetricFamily, "seriatim_engine_step_tokens", "Tokens fed to the last forward pass",
