@@ -395,8 +395,10 @@ def _gumbel(states: list[SamplingState], shape: tuple[int, int], device: torch.d
     return noise
 
 
-def _logprobs(logits: torch.Tensor, states: list[SamplingState], token_ids: list[int]) -> list[TokenLogprobs | None]:
-    """Raw (unprocessed) log-probabilities for the rows that asked for them."""
+def token_logprobs(logits: torch.Tensor, states: list[SamplingState],
+                   token_ids: list[int]) -> list[TokenLogprobs | None]:
+    """Raw (unprocessed) log-probabilities of `token_ids` [B] and the top alternatives, for the rows of `logits`
+    [B, V] whose states asked for them."""
     out: list[TokenLogprobs | None] = [None] * len(states)
     rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
     if not rows:
@@ -432,7 +434,7 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> SampleOutput:
     else:
         tokens = _argmax(_process(x, states) + _gumbel(states, tuple(x.shape), x.device))
     token_ids = tokens.tolist()
-    logprobs = _logprobs(x, states, token_ids)
+    logprobs = token_logprobs(x, states, token_ids)
     for i, s in enumerate(states):
         if s.params.trace:
             ids = [token_ids[i], *(t for t, _ in logprobs[i].top)]

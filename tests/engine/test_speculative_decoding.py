@@ -146,3 +146,21 @@ def test_lookahead_sampling_is_seeded(tiny_llama):
 def test_bad_speculative_settings_are_refused(tiny_llama, bad):
     with pytest.raises(ValueError, match="speculative|min_n"):
         LLM(str(tiny_llama[0] / "hf"), dtype="float32", speculative=bad)
+
+
+@pytest.mark.parametrize("method", ["ngram", "lookahead"])
+def test_logprobs_of_verified_tokens_are_plain_decodings(tiny_llama, method):
+    """A request that asks for logprobs speculates too: each kept draft's logprobs come from its verification
+    row, bit for bit those a plain decode computes (the fast mode's batch-invariant kernels), in the result
+    and in the stream."""
+    path = str(tiny_llama[0] / "Q8_0.gguf")
+    plain = LLM(path)
+    spec = LLM(path, speculative={"method": method, "max_step_rows": 64, "adaptive": False})
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=3)
+    ps = prompts(plain, 4)
+    expected, got = plain.generate(ps, params), spec.generate(ps, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert [o.logprobs for o in got] == [o.logprobs for o in expected]
+    assert spec.engine.stats.accepted > 0
+    streamed = [lp for d in spec.stream(ps[0], params) for lp in d.logprobs]
+    assert streamed == expected[0].logprobs

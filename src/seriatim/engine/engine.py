@@ -20,7 +20,7 @@ from ..grammar.compiler import GrammarCompiler
 from ..model.paged_kv import PagedKVCache
 from ..model.transformer import Transformer
 from ..outputs import Delta, Pass
-from ..sampling import SamplingParams, SamplingState, TokenLogprobs, process_rows, sample
+from ..sampling import SamplingParams, SamplingState, TokenLogprobs, process_rows, sample, token_logprobs
 from ..text.detokenizer import IncrementalDetokenizer
 from ..text.tokenizer import Tokenizer
 from .config import EngineConfig
@@ -62,7 +62,7 @@ class EngineMetrics:
     stats: EngineStats
 
 
-Taken = tuple[list[int], TokenLogprobs | None]  # the tokens a sequence takes in a step, a sampled one's logprobs
+Taken = tuple[list[int], list[TokenLogprobs | None]]  # the tokens a sequence takes in a step, and their logprobs
 
 
 class ValidPrompt(tuple):
@@ -192,9 +192,9 @@ class Engine:
         if decoding:  # decodes and verifications: what drafts cost
             self.pass_cost.record(sum(c.length for c in chunks), seconds)
         results = []
-        for (c, _), (tokens, lp) in zip(ready, taken):
+        for (c, _), (tokens, lps) in zip(ready, taken):
             seq = c.seq
-            delta = seq.extend(tokens[1:], seq.append(tokens[0], lp))
+            delta = seq.extend(tokens[1:], seq.append(tokens[0], lps[0]), lps[1:])
             if not seq.finished and (forced := seq.sampling.forced()):
                 delta = seq.extend(forced, delta)
                 self.stats.forced_tokens += len(forced)
@@ -216,18 +216,20 @@ class Engine:
             self.drafter.forget(seq.request_id)
 
     def _take(self, ready: list[tuple[Chunk, int]], logits: torch.Tensor) -> list[Taken]:
-        """The tokens each ready sequence takes (with its logprobs, for a sampled one): sampled from its row, or
-        its drafts' verdict from its rows (whose rejected positions leave the cache)."""
+        """The tokens each ready sequence takes, with their logprobs where asked for: sampled from its row, or its
+        drafts' verdict from its rows (whose rejected positions leave the cache)."""
         firsts = [0, *itertools.accumulate(len(c.seq.draft) + 1 for c, _ in ready)][:-1]
         plain = [i for i, (c, _) in enumerate(ready) if not c.seq.draft]
-        taken: list[Taken] = [([], None)] * len(ready)
+        taken: list[Taken] = [([], [])] * len(ready)
         if plain:
             out = sample(logits[[firsts[i] for i in plain]], [ready[i][0].seq.sampling for i in plain])
             for i, token, lp in zip(plain, out.token_ids, out.logprobs):
-                taken[i] = ([token], lp)
+                taken[i] = ([token], [lp])
         for i, (c, _) in enumerate(ready):
             if c.seq.draft:
-                taken[i] = (self._verify(c.seq, logits[firsts[i] : firsts[i] + len(c.seq.draft) + 1]), None)
+                rows = logits[firsts[i] : firsts[i] + len(c.seq.draft) + 1]
+                tokens = self._verify(c.seq, rows)
+                taken[i] = (tokens, token_logprobs(rows[: len(tokens)], [c.seq.sampling] * len(tokens), tokens))
         return taken
 
     def _verify(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
@@ -258,7 +260,7 @@ class Engine:
         wanted = []  # a draft model's requests: drafted together
         for seq in seqs:
             params = seq.params
-            plain = params.logprobs is not None or params.penalised or params.constraint is not None
+            plain = params.trace or params.penalised or params.constraint is not None
             if not params.speculate or plain:
                 continue
             # A sampled request's draws follow its drafts, so their number must not depend on timings:

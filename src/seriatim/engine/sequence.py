@@ -94,15 +94,17 @@ class Sequence:
             self.finish_reason, self.metrics if self.finished else None,
         )
 
-    def extend(self, tokens: list[int], delta: Delta) -> Delta:
+    def extend(self, tokens: list[int], delta: Delta, logprobs: list[TokenLogprobs | None] | None = None) -> Delta:
         """Append more tokens after the one `delta` carries (a grammar's forced tokens, a speculation's
-        accepted ones), until one ends the request; return one delta for them all."""
-        for token in tokens:
+        accepted ones, with their `logprobs` if computed), until one ends the request; one delta for them all."""
+        for token, lp in zip(tokens, logprobs or [None] * len(tokens)):
             if self.finished:
                 break
-            more = self.append(token, None)
+            more = self.append(token, lp)
             delta.text += more.text
             delta.token_ids += more.token_ids
+            if delta.logprobs is not None and lp is not None:
+                delta.logprobs.append(lp)
             delta.finish_reason, delta.metrics = more.finish_reason, more.metrics
         return delta
 
