@@ -31,9 +31,11 @@ unprocessed logits, not of the processed distribution.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -215,6 +217,19 @@ class SamplingState:
         if self.grammar is not None:
             self.grammar.accept(token_id)
 
+    def ahead(self, tokens: Sequence[int]) -> SamplingState:
+        """This state as it will be once `tokens` are appended (a speculation's drafts), for processing
+        only: its penalties count them. Itself when no penalty does; not for a constrained request."""
+        if self.counts is None or not tokens:
+            return self
+        if self.grammar is not None:
+            raise ValueError("a constrained request's state cannot be taken ahead")
+        later = copy.copy(self)
+        later.counts = self.counts.clone()
+        later.counts.index_put_((torch.tensor(list(tokens), device=self.device),),
+                                torch.ones(len(tokens), device=self.device), accumulate=True)
+        return later
+
     def forced(self) -> list[int]:
         """Tokens the grammar forces next, to append without sampling (jump-forward). None are forced for a
         request that wants logprobs: each of its tokens is sampled, so each has the model's logprob."""
@@ -362,11 +377,12 @@ def _process(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     return x
 
 
-def process_rows(logits: torch.Tensor, state: SamplingState) -> torch.Tensor:
+def process_rows(logits: torch.Tensor, state: SamplingState, drafts: Sequence[int] = ()) -> torch.Tensor:
     """Log-probabilities [N, V] of what `sample` would draw from for each row of one request's logits [N, V]
-    (a speculative verification's positions). Each row is processed with the state as it is: for requests
-    whose processing does not change as tokens are taken (no penalties, no grammar)."""
-    return _process(logits.float(), [state] * len(logits)).log_softmax(dim=-1)
+    (a speculative verification's positions): row i as if drafts[:i] had been appended (penalties count
+    them). Not for a constrained request."""
+    states = [state.ahead(drafts[:i]) for i in range(len(logits))]
+    return _process(logits.float(), states).log_softmax(dim=-1)
 
 
 def process_logits(logits_row: torch.Tensor, state: SamplingState) -> torch.Tensor:

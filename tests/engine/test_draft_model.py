@@ -126,3 +126,26 @@ def test_pairs_that_cannot_work_are_refused(tmp_path, models, tiny_gemma3):
         LLM(target, dtype="float32", speculative="draft")
     with pytest.raises(ValueError, match="only it takes one"):
         LLM(target, dtype="float32", speculative={"method": "ngram", "model": target})
+
+
+def test_a_draft_limited_to_the_first_ids_proposes_only_those(models):
+    """`draft_vocab`: the draft's head is a slice of its rows (fewer bytes a pass, so each draft costs less);
+    its drafts come from the first ids, and the output stays plain decoding's."""
+    path = str(models[0] / "Q8_0.gguf")
+    full = LLM(path, speculative=drafting(path))
+    spec = LLM(path, speculative=drafting(path, draft_vocab=128))
+    drafter = spec.engine.drafter
+    assert drafter.head.out_features == 128 and drafter.relative_cost < full.engine.drafter.relative_cost
+    drafts = []
+
+    def propose(wanted):
+        type(drafter).propose(drafter, wanted)
+        drafts.extend(t for seq, _ in wanted for t in seq.draft)
+
+    drafter.propose = propose
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ps = prompts(spec, 4)
+    assert [o.token_ids for o in spec.generate(ps, params)] == [o.token_ids for o in full.generate(ps, params)]
+    assert drafts and max(drafts) < 128
+    sampled = SamplingParams(temperature=0.9, seed=2, max_tokens=20, ignore_eos=True)
+    assert spec.generate(ps[0], sampled)[0].token_ids == spec.generate(ps[0], sampled)[0].token_ids

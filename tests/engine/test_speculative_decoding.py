@@ -164,3 +164,22 @@ def test_logprobs_of_verified_tokens_are_plain_decodings(tiny_llama, method):
     assert spec.engine.stats.accepted > 0
     streamed = [lp for d in spec.stream(ps[0], params) for lp in d.logprobs]
     assert streamed == expected[0].logprobs
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_penalties_count_the_drafts_before_each_verified_position(tiny_llama, method):
+    """A bias makes the model repeat token 42, a frequency penalty makes it stop after a few: drafts of more
+    42s must be rejected exactly where plain decoding's penalty turns it away, so each verified position's
+    penalty counts the drafts before it (the target's and the draft model's)."""
+    path = str(tiny_llama[0] / "hf")
+    spec = {"method": method, "adaptive": False} | ({"model": path} if method == "draft" else {"min_n": 1})
+    plain, llm = LLM(path, dtype="float32"), LLM(path, dtype="float32", speculative=spec)
+    for penalty in (dict(frequency_penalty=2.0), dict(repetition_penalty=1.8), dict(presence_penalty=1.0)):
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logit_bias={42: 20.0}, **penalty)
+        expected = plain.generate([42, 7, 42], params)[0].token_ids
+        assert llm.generate([42, 7, 42], params)[0].token_ids == expected
+    stats = llm.engine.stats
+    if method == "draft":  # the model drafting for itself, its penalties counting its drafts: all are kept
+        assert stats.accepted == stats.drafted > 0
+    else:
+        assert 0 < stats.accepted < stats.drafted

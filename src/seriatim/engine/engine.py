@@ -116,7 +116,7 @@ class Engine:
             raise ValueError("a draft model goes with speculative method 'draft', and that method needs one")
         self.drafter = None if draft is None else DraftModel(
             draft, model, kv_dtype, device, config.num_blocks, config.block_size, config.max_step_tokens,
-            config.batch_invariant)
+            config.batch_invariant, self.speculation.draft_vocab)
         self.pass_cost = PassCost()  # measured cost of wider passes: how many drafts pay
         self.grammars = GrammarCompiler(tokenizer, model.cfg.vocab_size)
         self.stats = EngineStats()
@@ -234,7 +234,7 @@ class Engine:
 
     def _verify(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
         """Accept a prefix of `seq`'s drafts (speculation.py) and roll the cache back past them."""
-        logprobs = process_rows(logits, seq.sampling)
+        logprobs = process_rows(logits, seq.sampling, seq.draft)
         best = logprobs.argmax(dim=-1).tolist()
         if seq.params.greedy:
             verdict = verify_greedy(seq.draft, best)
@@ -260,7 +260,7 @@ class Engine:
         wanted = []  # a draft model's requests: drafted together
         for seq in seqs:
             params = seq.params
-            plain = params.trace or params.penalised or params.constraint is not None
+            plain = params.trace or params.constraint is not None
             if not params.speculate or plain:
                 continue
             # A sampled request's draws follow its drafts, so their number must not depend on timings:

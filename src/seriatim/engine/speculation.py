@@ -29,7 +29,7 @@ class Speculation:
     """Up to `k` drafts per pass. Prompt lookup drafts the continuation of the longest recurring suffix of
     `max_n` down to `min_n` tokens; lookahead adds the model's own predictions from earlier passes; a draft
     model (`model`: a registry name or path of a smaller model with the same vocabulary) decodes them
-    itself (draft.py). A request speculates when it has no penalties, constraint or logprobs.
+    itself (draft.py). A request speculates unless it has a constraint or a trace.
 
     min_n = 2 by default: a lone recurring token predicts poorly (on SmolLM2 and Qwen2.5-Coder-0.5B about
     0.3 of first drafts kept, against 0.55-0.9 after two), and a pass that feeds k rejected drafts costs
@@ -47,6 +47,7 @@ class Speculation:
     # (`Acceptance.drafts`); False always proposes as many as the row budget allows.
     adaptive: bool = True
     model: str | None = None  # the draft model, for method "draft"
+    draft_vocab: int | None = None  # the draft model proposes only the first token ids (draft.py); None: all
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 15:  # k + 1 tokens must stay a short chunk (model/paged_kv.py: SHORT_CHUNK)
@@ -57,6 +58,8 @@ class Speculation:
             raise ValueError(f"need 1 <= min_n <= max_n, got {self.min_n} and {self.max_n}")
         if self.method not in METHODS:
             raise ValueError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.draft_vocab is not None and self.draft_vocab < 1:
+            raise ValueError(f"draft_vocab must be >= 1, got {self.draft_vocab}")
         if (self.method == "draft") != (self.model is not None):
             raise ValueError('speculative method "draft" needs a "model" (a registry name or path), and only it '
                              f"takes one; got method {self.method!r} with model {self.model!r}")

@@ -274,6 +274,14 @@ class Int8Linear(nn.Module):
         return self.weight[tokens].to(self.scale.dtype) * self.scale[tokens, None]
 
 
+def leading_rows(module: nn.Module, n: int) -> nn.Module | None:
+    """The product by the first `n` rows of `module`'s weight, sharing its storage (a head over the first `n`
+    token ids); None for forms with no row slice as cheap (packed int4, dense)."""
+    if isinstance(module, Int8Linear):
+        return Int8Linear(module.weight[:n], module.scale[:n], module.scale.dtype)
+    return None
+
+
 class Int8Embedding(nn.Module):
     def __init__(self, table: Int8Linear):
         super().__init__()

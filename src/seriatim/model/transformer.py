@@ -192,9 +192,9 @@ class Transformer(nn.Module):
         """Each rotary base's (cos, sin) [T, 1, Dh] for `positions` [T]; layer i uses rope_of_layer[i]."""
         return [rotary(positions, dtype) for rotary in self.rotary]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, D] -> float32 logits [N, V]"""
-        head = self.lm_head
+    def logits(self, hidden: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
+        """hidden: [N, D] -> float32 logits [N, V], or over the first V' ids by `head`, a part of the head's rows"""
+        head = self.lm_head if head is None else head
         # A compact int8 head writes float32 itself: no rounding of the logits to bfloat16 and no copy.
         logits = head(hidden, float_out=True) if getattr(head, "writes_float", False) else head(hidden).float()
         cap = self.cfg.final_logit_softcap
