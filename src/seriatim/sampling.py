@@ -219,11 +219,9 @@ class SamplingState:
 
     def ahead(self, tokens: Sequence[int]) -> SamplingState:
         """This state as it will be once `tokens` are appended (a speculation's drafts), for processing
-        only: its penalties count them. Itself when no penalty does; not for a constrained request."""
+        only: its penalties count them (its grammar is shared, not advanced). Itself when no penalty does."""
         if self.counts is None or not tokens:
             return self
-        if self.grammar is not None:
-            raise ValueError("a constrained request's state cannot be taken ahead")
         later = copy.copy(self)
         later.counts = self.counts.clone()
         later.counts.index_put_((torch.tensor(list(tokens), device=self.device),),
@@ -380,9 +378,16 @@ def _process(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
 def process_rows(logits: torch.Tensor, state: SamplingState, drafts: Sequence[int] = ()) -> torch.Tensor:
     """Log-probabilities [N, V] of what `sample` would draw from for each row of one request's logits [N, V]
     (a speculative verification's positions): row i as if drafts[:i] had been appended (penalties count
-    them). Not for a constrained request."""
-    states = [state.ahead(drafts[:i]) for i in range(len(logits))]
-    return _process(logits.float(), states).log_softmax(dim=-1)
+    them; a grammar, which must allow them, masks row i from where they take it)."""
+    if state.grammar is None:
+        return _process(logits.float(), [state.ahead(drafts[:i]) for i in range(len(logits))]).log_softmax(dim=-1)
+    rows = []
+    for i in range(len(logits)):
+        rows.append(_process(logits[i : i + 1].float(), [state.ahead(drafts[:i])]))
+        if i < len(logits) - 1:
+            state.grammar.accept(drafts[i])
+    state.grammar.rollback(len(logits) - 1)
+    return torch.cat(rows).log_softmax(dim=-1)
 
 
 def process_logits(logits_row: torch.Tensor, state: SamplingState) -> torch.Tensor:

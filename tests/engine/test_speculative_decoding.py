@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from seriatim import LLM, SamplingParams
+from seriatim.grammar.constraint import Constraint
 from support.speculation import REPEAT, prompts
 
 
@@ -183,3 +184,23 @@ def test_penalties_count_the_drafts_before_each_verified_position(tiny_llama, me
         assert stats.accepted == stats.drafted > 0
     else:
         assert 0 < stats.accepted < stats.drafted
+
+
+@pytest.mark.parametrize("method", ["ngram", "lookahead"])
+def test_constrained_requests_speculate_within_their_grammar(tiny_llama, method):
+    """Drafts are cut to what the grammar allows, and each verified position is masked from where the drafts
+    before it take the grammar: greedy output is plain decoding's, sampled output keeps to the grammar."""
+    path = str(tiny_llama[0] / "hf")
+    plain = LLM(path, dtype="float32")
+    spec = LLM(path, dtype="float32", speculative={"method": method, "min_n": 1, "adaptive": False})
+    regex = r"((one|two|three|four|five) )+six"
+    ids = plain.tokenizer.encode(REPEAT)
+    greedy = SamplingParams(temperature=0, max_tokens=40, regex=regex)
+    assert spec.generate(ids, greedy)[0].token_ids == plain.generate(ids, greedy)[0].token_ids
+    assert spec.engine.stats.accepted > 0
+    sampled = SamplingParams(temperature=0.9, seed=4, max_tokens=60, regex=regex)
+    first, again = (spec.generate(ids, sampled)[0] for _ in range(2))
+    assert first.token_ids == again.token_ids
+    replay = spec.engine.grammars.state(Constraint.of("regex", regex))
+    for token in first.token_ids:  # raises at a token the grammar does not allow
+        replay.accept(token)

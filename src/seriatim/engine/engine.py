@@ -260,7 +260,8 @@ class Engine:
         wanted = []  # a draft model's requests: drafted together
         for seq in seqs:
             params = seq.params
-            plain = params.trace or params.constraint is not None
+            # A draft model's sampled drafts would need the grammar's masks as they are drawn: not done.
+            plain = params.trace or (params.constraint is not None and self.drafter is not None)
             if not params.speculate or plain:
                 continue
             # A sampled request's draws follow its drafts, so their number must not depend on timings:
@@ -269,6 +270,8 @@ class Engine:
             most = min(room, seq.max_length - seq.length - 1)
             if self.drafter is None:
                 seq.draft = spec.propose(seq.all_tokens(), most, seq.drafting, cost, running)
+                if (grammar := seq.sampling.grammar) is not None:  # verification masks along the drafts
+                    seq.draft = seq.draft[: grammar.valid_prefix(seq.draft)]
             elif n := spec.wanted(seq.drafting, seq.drafting.model, most, cost, running, self.drafter.relative_cost):
                 wanted.append((seq, n))
         if wanted:

@@ -21,6 +21,15 @@ class GrammarState:
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"token {token} breaks the request's grammar: {self.matcher.get_error()}")
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens`, taken in order from here, the grammar allows (a speculation's drafts)."""
+        return self.matcher.validate_tokens(tokens)
+
+    def rollback(self, count: int) -> None:
+        """Undo the last `count` accepted tokens."""
+        if count and not self.matcher.rollback(count):
+            raise RuntimeError(f"cannot roll the grammar back {count} tokens: {self.matcher.get_error()}")
+
     def forced(self) -> list[int]:
         """The tokens the grammar allows as the only continuation from here (jump-forward), possibly none."""
         return list(self.matcher.compute_ff_tokens())
