@@ -40,7 +40,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--speculative", type=_speculative, default=None, metavar="ngram|lookahead|JSON",
                    help='speculative decoding: "ngram" (prompt lookup), "lookahead", or settings as JSON, '
-                        '\'{"method": "ngram", "k": 5, "max_n": 4, "min_n": 2, "adaptive": true}\'')
+                        '\'{"method": "ngram", "k": 5, "max_n": 4, "min_n": 2, "adaptive": true}\' or a draft '
+                        'model\'s \'{"method": "draft", "model": "qwen2.5-coder-0.5b", "draft_vocab": 65536}\'')
     p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
                    help="the fastest product for each pass: a request's last bits may then depend on its batch")
 
