@@ -54,13 +54,15 @@ class Row:
     plain_s: float  # seconds per token
     spec_s: float
     identical: bool | None  # None: sampled, where the draws differ by design
+    draft_share: float  # of the speculating engine's time, in a draft model's passes
 
 
 def measure(plain: LLM, spec: LLM, name: str, prompts: list[str], params: SamplingParams, runs: int) -> Row:
     ids = [plain.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
     stats = spec.engine.stats
-    before = (stats.steps, stats.verifications, stats.accepted, list(stats.accepted_at), stats.generated_tokens)
-    plain_s, spec_s, identical = [], [], True
+    before = (stats.steps, stats.verifications, stats.accepted, list(stats.accepted_at), stats.generated_tokens,
+              stats.draft_seconds)
+    plain_s, spec_s, identical, spec_total = [], [], True, 0.0
     for _ in range(runs):  # one prompt at a time, plain and speculative in turn
         for p in ids:
             start = time.perf_counter()
@@ -68,22 +70,26 @@ def measure(plain: LLM, spec: LLM, name: str, prompts: list[str], params: Sampli
             plain_s.append((time.perf_counter() - start) / len(a.token_ids))
             start = time.perf_counter()
             b = spec.generate(p, params)[0]
+            spec_total += time.perf_counter() - start
             spec_s.append((time.perf_counter() - start) / len(b.token_ids))
             identical &= a.token_ids == b.token_ids
     at = [n - (before[3][i] if i < len(before[3]) else 0) for i, n in enumerate(stats.accepted_at)]
     return Row(name, (stats.generated_tokens - before[4]) // runs, (stats.steps - before[0]) // runs,
                (stats.verifications - before[1]) // runs, (stats.accepted - before[2]) // runs, [n // runs for n in at],
-               statistics.median(plain_s), statistics.median(spec_s), identical if params.greedy else None)
+               statistics.median(plain_s), statistics.median(spec_s), identical if params.greedy else None,
+               (stats.draft_seconds - before[5]) / spec_total)
 
 
 def format_rows(rows: list[Row], k: int) -> str:
     lines = ["| prompts | tokens | target passes per token | drafts kept per verification | kept by position "
-             f"(1..{k}) | speedup (time per token) | greedy output identical |", "|---|---|---|---|---|---|---|"]
+             f"(1..{k}) | drafting's share of time | speedup (time per token) | greedy output identical |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         by_position = " / ".join(f"{n / max(r.verifications, 1):.2f}" for n in (r.accepted_at + [0] * k)[:k])
         same = "n/a (sampled)" if r.identical is None else "yes" if r.identical else "NO"
         lines.append(f"| {r.prompts} | {r.tokens} | {r.passes / r.tokens:.2f} | "
-                     f"{r.accepted / max(r.verifications, 1):.2f} | {by_position} | {r.plain_s / r.spec_s:.2f}x | "
+                     f"{r.accepted / max(r.verifications, 1):.2f} | {by_position} | {r.draft_share:.0%} | "
+                     f"{r.plain_s / r.spec_s:.2f}x | "
                      f"{same} |")
     return "\n".join(lines)
 

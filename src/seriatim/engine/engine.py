@@ -44,6 +44,7 @@ class EngineStats:
     drafted: int = 0  # speculative drafts verified
     accepted: int = 0  # of those, the ones kept
     verifications: int = 0  # passes that verified drafts
+    draft_seconds: float = 0.0  # spent in a draft model's passes
     accepted_at: list[int] = field(default_factory=list)  # [i]: verifications that kept draft i (from 0)
     finished: int = 0  # requests that ended with "stop" or "length"
     aborted: int = 0
@@ -275,7 +276,9 @@ class Engine:
             elif n := spec.wanted(seq.drafting, seq.drafting.model, most, cost, running, self.drafter.relative_cost):
                 wanted.append((seq, n))
         if wanted:
+            start = time.perf_counter()
             self.drafter.propose(wanted)
+            self.stats.draft_seconds += time.perf_counter() - start
 
     def _forward(self, chunks: list[Chunk]) -> torch.Tensor:
         for c in chunks:
