@@ -19,9 +19,10 @@ from ..kernels import isa
 from .worker import CONCURRENT_TOKENS, ROWS_PROMPT, ROWS_SAMPLES
 
 # seriatim-variant: batch_invariant=False (the fastest product for each pass; a row's results may then depend
-# on its batch); seriatim-deterministic: a pass per request.
+# on its batch); seriatim-deterministic: a pass per request; seriatim-ngram: speculation by prompt lookup.
 ENGINES = ("seriatim", "seriatim-variant", "llama.cpp", "llama.cpp-fa", "transformers-f32", "transformers-bf16")
-CONCURRENCY_ENGINES = ("seriatim", "seriatim-variant", "seriatim-deterministic", "transformers-bf16", "llama.cpp")
+CONCURRENCY_ENGINES = ("seriatim", "seriatim-variant", "seriatim-deterministic", "seriatim-ngram", "transformers-bf16",
+                       "llama.cpp")
 _TEXT = (
     "The history of science is the study of the development of science and scientific knowledge, "
     "including both the natural and social sciences. Science is a body of empirical, theoretical, and "

@@ -42,13 +42,14 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _seriatim(path: str, threads: int, device: str, deterministic: bool, batch_invariant: bool) -> Runner:
+def _seriatim(path: str, threads: int, device: str, deterministic: bool, batch_invariant: bool,
+              speculative: str | None = None) -> Runner:
     from seriatim.llm import LLM
     from seriatim.sampling import SamplingParams
 
     # No prefix caching: every run must compute its prompt.
     llm = LLM(path, threads=threads, device=device, prefix_caching=False, deterministic=deterministic,
-              batch_invariant=batch_invariant)
+              batch_invariant=batch_invariant, speculative=speculative)
 
     def decode(ids: list[int], n: int) -> float:
         out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
@@ -176,7 +177,8 @@ def projection_flops_per_token(model) -> int:
 def _make_runner(engine: str, path: str, threads: int, device: str) -> Runner:
     if engine.startswith("seriatim"):
         return _seriatim(path, threads, device, deterministic=engine.endswith("-deterministic"),
-                         batch_invariant=not engine.endswith("-variant"))
+                         batch_invariant=not engine.endswith("-variant"),
+                         speculative="ngram" if engine.endswith("-ngram") else None)
     if engine.startswith("llama.cpp"):
         return _llama_cpp(path, threads, device, flash=engine.endswith("-fa"))
     return _transformers(path, threads, device, "float32" if engine.endswith("f32") else "bfloat16")
