@@ -155,3 +155,23 @@ def test_generate_speculates_with_the_same_greedy_output(tiny_llama, capsys):
     assert plain[0] == spec[0] == 0 and plain[1] == spec[1]
     with pytest.raises(SystemExit):
         run(["generate", "x", *model, "--speculative", "{oops"], capsys)
+
+
+def test_kv_cache_memory_bounds_the_pool(tiny_llama, capsys, monkeypatch):
+    """--kv-cache-memory takes bytes or K/M/G and reaches the engine; a bad size is refused by the parser."""
+    import seriatim.llm
+
+    sizes = []
+    real = seriatim.llm.EngineConfig.resolve
+
+    def resolve(*a, **kw):
+        sizes.append(kw["kv_cache_memory"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(seriatim.llm.EngineConfig, "resolve", resolve)
+    model = ["--raw", "--model", str(tiny_llama[0] / "hf"), "--dtype", "float32", "--max-tokens", "4"]
+    assert run(["generate", "x", *model, "--kv-cache-memory", "1.5M"], capsys)[0] == 0
+    assert sizes == [3 << 19]
+    for bad in ("0", "12Q", "-1G"):
+        with pytest.raises(SystemExit):
+            run(["generate", "x", *model, "--kv-cache-memory", bad], capsys)

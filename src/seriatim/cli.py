@@ -33,6 +33,18 @@ def _port(text: str) -> int:
     return port
 
 
+def _bytes(text: str) -> int:
+    """A size in bytes, or with a K, M or G suffix (powers of 1024)."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a size is bytes or a number with K, M or G, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, .gguf file or HF directory")
     p.add_argument("--dtype", default="auto", help="auto (fast), float32 (exact reference), bfloat16 or float16")
@@ -42,6 +54,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help='speculative decoding: "ngram" (prompt lookup), "lookahead", or settings as JSON, '
                         '\'{"method": "ngram", "k": 5, "max_n": 4, "min_n": 2, "adaptive": true}\' or a draft '
                         'model\'s \'{"method": "draft", "model": "qwen2.5-coder-0.5b", "draft_vocab": 65536}\'')
+    p.add_argument("--kv-cache-memory", type=_bytes, default=None, metavar="SIZE",
+                   help="memory for the KV cache of all requests, e.g. 512M (default: a quarter of free memory, "
+                        "at most 4G)")
     p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
                    help="the fastest product for each pass: a request's last bits may then depend on its batch")
 
@@ -182,7 +197,8 @@ def _load(args: argparse.Namespace):
     from .llm import LLM
 
     return LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads, progress=True,
-               speculative=args.speculative, batch_invariant=args.batch_invariant)
+               kv_cache_memory=args.kv_cache_memory, speculative=args.speculative,
+               batch_invariant=args.batch_invariant)
 
 
 def _print_stream(llm, deltas: Iterator[Delta], show_probs: bool) -> tuple[str, RequestMetrics | None]:
@@ -349,6 +365,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         served_model_name=args.served_model_name, api_key=args.api_key, max_queue=args.max_queue,
         max_tokens_cap=args.max_tokens_cap, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout, speculative=args.speculative, batch_invariant=args.batch_invariant,
+        kv_cache_memory=args.kv_cache_memory,
     )
     serve(config, args.host, args.port, log_level=args.log_level)
 

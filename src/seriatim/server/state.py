@@ -34,6 +34,7 @@ class ServerConfig:
     request_timeout: float | None = None  # seconds for one request, queue time included
     speculative: str | dict | None = None  # LLM's `speculative`: "ngram" or its settings
     batch_invariant: bool = True  # LLM's `batch_invariant`
+    kv_cache_memory: int | None = None  # LLM's `kv_cache_memory` (bytes): the most the KV cache may hold
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_n", "max_choices", "max_body_bytes"):
@@ -147,4 +148,5 @@ def load_llm(config: ServerConfig) -> Any:
     from ..llm import LLM
 
     return LLM(config.model, dtype=config.dtype, device=config.device, threads=config.threads,
-               speculative=config.speculative, batch_invariant=config.batch_invariant)
+               kv_cache_memory=config.kv_cache_memory, speculative=config.speculative,
+               batch_invariant=config.batch_invariant)
