@@ -52,9 +52,9 @@ class Level:
 class ServerProcess:
     """`seriatim serve --port 0` in a child process; `url` once it says it is ready."""
 
-    def __init__(self, model: str, threads: int, device: str):
+    def __init__(self, model: str, threads: int, device: str, options: list[str] | None = None):
         cmd = [sys.executable, "-m", "seriatim.cli", "serve", "--model", model, "--port", "0",
-               "--threads", str(threads), "--device", device]
+               "--threads", str(threads), "--device", device, *(options or [])]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.url = ""
         for line in self.proc.stdout:
