@@ -100,7 +100,9 @@ METHODS = {"lookup": "ngram", "lookahead": "lookahead", "lookup, fixed k": {"met
 def run_speculative_bench(model: str, threads: int, runs: int, draft: str | None = None, temperature: float = 0.0,
                           max_tokens: int = 128) -> None:
     """`draft`: also a draft model's speculation; `temperature` > 0: sampled requests (seeded), timed per token."""
-    methods = dict(METHODS) | ({"draft model": {"method": "draft", "model": draft}} if draft else {})
+    drafting = {"draft model": {"method": "draft", "model": draft},
+                "draft model, first 64k ids": {"method": "draft", "model": draft, "draft_vocab": 65536}}
+    methods = dict(METHODS) | (drafting if draft else {})
     # No prefix caching: every run computes its prompt, so plain and speculative passes compare like with like.
     plain = LLM(model, threads=threads, prefix_caching=False)
     llms = {name: LLM(model, threads=threads, prefix_caching=False, speculative=spec) for name, spec in methods.items()}
