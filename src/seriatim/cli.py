@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -358,16 +361,35 @@ def _add_serve_parser(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .server import ServerConfig, serve
+    with _stopped_by_signals():
+        from .server import ServerConfig, serve
 
-    config = ServerConfig(
-        model=args.model, dtype=args.dtype, device=args.device, threads=args.threads,
-        served_model_name=args.served_model_name, api_key=args.api_key, max_queue=args.max_queue,
-        max_tokens_cap=args.max_tokens_cap, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
-        request_timeout=args.request_timeout, speculative=args.speculative, batch_invariant=args.batch_invariant,
-        kv_cache_memory=args.kv_cache_memory,
-    )
-    serve(config, args.host, args.port, log_level=args.log_level)
+        config = ServerConfig(
+            model=args.model, dtype=args.dtype, device=args.device, threads=args.threads,
+            served_model_name=args.served_model_name, api_key=args.api_key, max_queue=args.max_queue,
+            max_tokens_cap=args.max_tokens_cap, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
+            request_timeout=args.request_timeout, speculative=args.speculative, batch_invariant=args.batch_invariant,
+            kv_cache_memory=args.kv_cache_memory,
+        )
+        serve(config, args.host, args.port, log_level=args.log_level)
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM end the server with exit code 0 at any moment, as they do once uvicorn has the
+    signals (server/runner.py): until then, and after it gives them back, they end the process at once. Not
+    by raising KeyboardInterrupt: raised inside an import (PyTorch's and numpy's take seconds), it can be
+    swallowed by the library, which then serves on, or leave an extension half-loaded that fails to load
+    again with a traceback. Nothing is lost by ending at once: no server runs yet, or it has stopped."""
+    def stop(signum: int, frame: object) -> None:
+        os._exit(0)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

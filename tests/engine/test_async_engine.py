@@ -147,7 +147,10 @@ def test_validation_errors_raise_before_the_first_delta(tiny_llm):
     asyncio.run(main())
 
 
-def test_step_error_reaches_every_request_and_engine_recovers(tiny_llm):
+def test_a_step_failing_outside_any_request_fails_all_in_flight_and_engine_recovers(tiny_llm):
+    """A step that raises before the engine touched a request (none dropped) could fail the same way at every
+    step: every request in flight gets the error, rather than the thread spinning on it."""
+
     async def main():
         rec = RecordingEngine(tiny_llm.engine, fail_steps=1)
         params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)

@@ -110,6 +110,28 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, caplog)
         "seriatim's CPU kernels are unavailable (no compiler here); using tensor ops (slower)"]
 
 
+def test_a_build_killed_half_way_does_not_stop_the_next(monkeypatch, tmp_path):
+    """A build killed half-way (kill -9) leaves PyTorch's lock file and perhaps a truncated library: the next
+    process builds again (through PyTorch's builder, its compile step stubbed) instead of waiting on that lock
+    forever or loading that library."""
+    from torch.utils import cpp_extension, file_baton
+
+    build = library.Build("seriatim_rebuilt", (), ())
+    (tmp_path / "lock").touch()
+    (tmp_path / f"{build.name}.so").write_bytes(b"\x7fELF cut short")
+    compiled, loaded = [], []
+    monkeypatch.setattr(library, "build_for", lambda tier: build)
+    monkeypatch.setattr(library, "_build_dir", lambda build: tmp_path)
+    monkeypatch.setattr(file_baton.FileBaton, "wait", lambda self: pytest.fail("waited on a dead build's lock"))
+    monkeypatch.setattr(cpp_extension, "_write_ninja_file_and_build_library", lambda **kw: compiled.append(kw["name"]))
+    monkeypatch.setattr(cpp_extension, "_import_module_from_library", lambda *args: None)
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+
+    assert library.ops() is torch.ops.seriatim_rebuilt
+    assert compiled == [build.name] and loaded == [str(tmp_path / f"{build.name}.so")]
+    assert not (tmp_path / "lock").exists() and (tmp_path / library.FINISHED).exists()
+
+
 AVX2_FLAGS = {"avx2", "fma", "f16c"}
 AVX512_FLAGS = AVX2_FLAGS | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512vbmi",
                              "avx512_vnni"}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -94,3 +96,30 @@ def test_writing_an_entry_removes_the_stale_ones(tiny_llama, tmp_path, monkeypat
     entries = set((tmp_path / "cache" / "converted").iterdir())
     assert entries == {converted._entry(kept, "other-precision"), converted._entry(changed, COMPACT.name)}
     assert old not in entries and converted.load(changed, COMPACT.name, torch.bfloat16) is not None
+
+
+def test_a_write_killed_half_way_is_cleared_away(tiny_llama, tmp_path, monkeypatch):
+    """A process killed while writing an entry (kill -9) leaves its temporary folder, half a file in it: the next
+    start misses, converts, writes the entry and removes that folder; a live writer's folder stays. A damaged
+    entry is converted again and replaced."""
+    monkeypatch.setenv("SERIATIM_CACHE", str(tmp_path))
+    path = tiny_llama[0] / "Q4_0.gguf"
+    ckpt, tokenizer = load(path, COMPACT, None)
+    model = build_model(ckpt, COMPACT, torch.device("cpu"))
+    entry = converted._entry(path, COMPACT.name)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    killed, live = (entry.with_name(f"{entry.name}.tmp{pid}") for pid in (dead, os.getppid()))
+    for tmp in (killed, live):
+        tmp.mkdir(parents=True)
+        (tmp / "weights.pt").write_bytes(b"PK\x03\x04 half a zip")
+
+    assert converted.load(path, COMPACT.name, torch.bfloat16) is None
+    converted.save(path, COMPACT.name, model, tokenizer)
+    assert set(entry.parent.iterdir()) == {entry, live}
+    assert converted.load(path, COMPACT.name, torch.bfloat16) is not None
+
+    (entry / "weights.pt").write_bytes(b"PK\x03\x04 damaged")
+    assert converted.load(path, COMPACT.name, torch.bfloat16) is None
+    converted.save(path, COMPACT.name, model, tokenizer)
+    assert converted.load(path, COMPACT.name, torch.bfloat16) is not None

@@ -37,7 +37,7 @@ class QueueFull(RuntimeError):
 
 
 class EngineError(RuntimeError):
-    """A step of the engine failed; every request in flight at that moment gets it."""
+    """A step of the engine failed; the requests in that step get it (`AsyncEngine._step_failed`)."""
 
 
 @dataclass
@@ -206,7 +206,8 @@ class AsyncEngine:
                     if self.engine.has_unfinished():
                         self._step()
                     else:  # cannot happen with a sound engine; never spin on it
-                        self._fail_all(EngineError("the engine dropped requests without finishing them"))
+                        dropped = EngineError("the engine dropped requests without finishing them")
+                        self._fail(list(self._streams), dropped)
                 self._snapshot()
                 with self._cond:
                     if self._stopping and not self._streams and not self._inbox:
@@ -221,20 +222,13 @@ class AsyncEngine:
                     fn()
                 except Exception:  # noqa: BLE001 - the engine is going down anyway; say what failed
                     log.exception("a call left for the stopping engine failed")
-            self._fail_all(EngineShutDown("the engine stopped"))
+            self._fail(list(self._streams), EngineShutDown("the engine stopped"))
 
     def _step(self) -> None:
         try:
             results = self.engine.step()
-        except Exception as e:  # noqa: BLE001 - reported to every request in flight, which are dropped
-            err = EngineError(f"engine step failed: {type(e).__name__}: {e}")
-            err.__cause__ = e
-            for rid in list(self._streams):
-                try:
-                    self.engine.abort(rid)
-                except Exception:  # noqa: BLE001 - its stream gets the step's error below either way
-                    log.exception("aborting request %d after a failed step failed too", rid)
-            self._fail_all(err)
+        except Exception as e:  # noqa: BLE001 - the requests it took down get it; the engine serves on
+            self._step_failed(e)
             return
         out: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Delta]]] = {}
         for delta, _ in results:
@@ -246,6 +240,23 @@ class AsyncEngine:
                 self._end(delta.request_id)
         for loop, items in out.items():
             _deliver(loop, items)
+
+    def _step_failed(self, e: Exception) -> None:
+        """Fail the requests a failed step took down (Engine.step aborts those in the step), and log it. A failure
+        that took none down came from outside any request's pass and may recur at every step: then every request
+        in flight is aborted and fails, rather than the thread spinning on it."""
+        failed = [rid for rid in self._streams if rid not in self.engine.requests]
+        if not failed:
+            failed = list(self._streams)
+            for rid in failed:
+                try:
+                    self.engine.abort(rid)
+                except Exception:  # noqa: BLE001 - its stream gets the step's error below either way
+                    log.exception("aborting request %d after a failed step failed too", rid)
+        log.error("engine step failed; failing request(s) %s", ", ".join(map(str, failed)), exc_info=e)
+        err = EngineError(f"engine step failed: {type(e).__name__}: {e}")
+        err.__cause__ = e
+        self._fail(failed, err)
 
     def _add(self, prompt: Seq[int], params: SamplingParams, stream: _Stream) -> int:
         try:
@@ -279,11 +290,12 @@ class AsyncEngine:
             self._reserved -= 1
         self._snapshot()
 
-    def _fail_all(self, err: BaseException) -> None:
-        streams = list(self._streams.items())
-        for rid, _ in streams:
+    def _fail(self, rids: list[int], err: BaseException) -> None:
+        """End these requests' streams with `err`."""
+        streams = [self._streams[rid] for rid in rids]
+        for rid in rids:
             self._end(rid)
-        for _, stream in streams:
+        for stream in streams:
             _deliver(stream.loop, [(stream.queue, err)])
         self._snapshot()
 

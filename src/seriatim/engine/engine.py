@@ -174,12 +174,25 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[tuple[Delta, Sequence]]:
         """One forward pass over the scheduled chunks. Every sequence whose tokens are now all cached takes new
-        ones: one sampled (and any its grammar forces), or with speculation its accepted drafts and one more."""
+        ones: one sampled (and any its grammar forces), or with speculation its accepted drafts and one more.
+
+        If the pass or what follows it raises, the requests in the step are aborted before the exception
+        propagates: their caches and sampling states stopped part-way, so they cannot go on. The others
+        (those waiting) are untouched and go on at the next step."""
         start = time.perf_counter()
         chunks = self.scheduler.schedule()
         self.cache.release_rings({seq.request_id for seq in self.scheduler.running})
         if not chunks:
             return []
+        try:
+            return self._run(chunks, start)
+        except Exception:
+            for c in chunks:
+                self.abort(c.seq.request_id)
+            raise
+
+    def _run(self, chunks: list[Chunk], start: float) -> list[tuple[Delta, Sequence]]:
+        """`step` from the forward pass on."""
         hidden = self._forward(chunks)
         decoding = all(c.seq.num_cached - c.length >= len(c.seq.prompt_ids) for c in chunks)  # no prompt in it
         ends = itertools.accumulate(c.length for c in chunks)

@@ -19,13 +19,15 @@ Each tier has its library, built from its own sources with its own flags (isa.py
 Each library registers its ops in its own namespace (`torch.ops.seriatim` for avx512, ...seriatim_avx2),
 so that two tiers can be loaded in one process (the tests run every tier the machine has). The first use
 compiles a tier's library (about 30 s, with a notice) into `<cache>/kernels/<key>`, the key being a hash
-of the sources, the flags and the PyTorch version; later processes load it directly. Where there is none
+of the sources, the flags and the PyTorch version; later processes load it directly. A build killed half-way
+(kill -9) leaves nothing that stops the next process from building it again. Where there is none
 for the tier in use (tier none; no compiler), `ops()` returns None and the callers use tensor ops instead:
 slower, and the same numbers up to bfloat16 rounding.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 # -fopenmp: at::parallel_for is a header template, and without it the kernels run on one thread.
 COMMON_FLAGS = ["-O3", "-fopenmp"]
+FINISHED = "finished"  # written in a build folder once its library is whole
 
 
 @dataclass(frozen=True)
@@ -87,11 +90,32 @@ def _compile(build: Build, folder: Path) -> None:
 
     # ninja comes with the package's dependencies, into the environment's bin folder, which need not be on PATH.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    folder.mkdir(parents=True, exist_ok=True)
     print(f"seriatim: compiling its CPU kernels for {build.namespace} (once per machine, about 30 s)...",
           file=sys.stderr, flush=True)
     cpp_extension.load(build.name, [str(p) for p in build.sources], extra_cflags=[*COMMON_FLAGS, *build.flags],
                        extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False)
+
+
+def _load_or_build(build: Build, folder: Path) -> None:
+    """Load the library built in `folder`, building it there first unless a build finished: only such a
+    library is loaded, since a build killed half-way may leave a truncated one, which may crash whoever maps it."""
+    if not (folder / FINISHED).exists():
+        _build(build, folder)
+    torch.ops.load_library(str(folder / f"{build.name}.so"))  # a no-op where the build just loaded it
+
+
+def _build(build: Build, folder: Path) -> None:
+    """Build the library in `folder`, one process at a time. The hold is an flock, which the kernel drops when
+    its process dies, however it dies. PyTorch's own lock file (`lock`), which a build killed half-way leaves
+    behind and which would make every later build wait for it forever, is stale once the hold is ours."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "seriatim.lock", "w") as hold:
+        fcntl.flock(hold, fcntl.LOCK_EX)  # released when the file closes, or its process ends
+        if (folder / FINISHED).exists():  # another process built it while this one waited
+            return
+        (folder / "lock").unlink(missing_ok=True)
+        _compile(build, folder)
+        (folder / FINISHED).touch()
 
 
 def amx() -> bool:
@@ -133,13 +157,8 @@ def _library(build: Build) -> object | None:
     namespace = getattr(torch.ops, build.namespace)
     if _registered(namespace):  # loaded already, from another cache folder say: a second load would register twice
         return namespace
-    folder = _build_dir(build)
-    library = folder / f"{build.name}.so"
     try:
-        if library.exists():
-            torch.ops.load_library(str(library))
-        else:
-            _compile(build, folder)
+        _load_or_build(build, folder=_build_dir(build))
     except Exception as e:  # noqa: BLE001 - any build or load failure leaves PyTorch's kernels in charge
         log.warning("seriatim's CPU kernels are unavailable (%s); using tensor ops (slower)", e)
         return None

@@ -5,7 +5,9 @@ int4/int8, packing) takes seconds; the result is saved in PyTorch's own format n
 the tokenizer, keyed by the file's path, size and modification time, the precision, the int4 layout of
 the ISA tier in use (quant.pack_int4) and the PyTorch version, and read back on the next load. Each
 entry records its source file; writing one removes the entries whose source is gone or has changed
-since (a reinstalled package, a deleted checkout), which no load could ever hit again.
+since (a reinstalled package, a deleted checkout), which no load could ever hit again. An entry is written
+under a temporary name and renamed whole, so a process killed while writing leaves no half entry, only a
+temporary one, which the next write removes.
 """
 
 from __future__ import annotations
@@ -62,10 +64,25 @@ def _stale(entry: Path) -> bool:
         return True
 
 
+def _abandoned(tmp: Path) -> bool:
+    """A temporary entry (`<entry>.tmp<pid>`) whose writer is gone: killed while writing, it never renamed it."""
+    pid = tmp.name.rpartition(".tmp")[2]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    return False
+
+
 def _prune(keep: Path) -> None:
-    """Remove the stale entries beside `keep` (entries still being written are skipped)."""
+    """Remove the stale entries beside `keep`, and the temporary ones of writers that died (those of live
+    writers are theirs to rename)."""
     for entry in keep.parent.iterdir():
-        if entry != keep and entry.is_dir() and ".tmp" not in entry.name and _stale(entry):
+        if entry != keep and entry.is_dir() and (_abandoned(entry) if ".tmp" in entry.name else _stale(entry)):
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -105,6 +122,7 @@ def load(path: Path, precision_name: str, dtype: torch.dtype) -> tuple[Transform
         return _read(entry, dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # damaged or stale: convert again
         log.warning("ignoring the cached conversion in %s: %s", entry, e)
+        shutil.rmtree(entry, ignore_errors=True)  # else it stays in the way of the new conversion's rename
         return None
 
 
