@@ -102,7 +102,8 @@ def test_serve_comes_back_after_kill_9_while_loading(tiny_llama):
         assert proc.wait(10) == -signal.SIGKILL
     with serving(tiny_llama[0] / "hf", "--port", url.rsplit(":", 1)[1]) as proc:
         assert wait_until_ready(proc) == url
-        r = httpx.post(url + "/v1/completions", json={"model": "hf", "prompt": "hi", "max_tokens": 4}, timeout=30)
+        body = {"model": "hf", "prompt": "hi", "max_tokens": 4, "ignore_eos": True}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
