@@ -141,6 +141,7 @@ def test_compiled_grammars_are_cached(tiny_llm):
 @pytest.mark.parametrize("kwargs, param, message", [
     (dict(regex="(("), "regex", "regex"),
     (dict(grammar="start: undefined_rule"), "grammar", "undefined_rule"),
+    (dict(grammar="root ::= x\nitem"), "grammar", "Expected ::= at line 2"),  # GBNF that does not translate
     (dict(json_schema={"type": "nonsense"}), "json_schema", "nonsense"),
     (dict(json_schema="{not json"), "json_schema", "not valid JSON"),
     (dict(json_schema=[1]), "json_schema", "JSON object"),

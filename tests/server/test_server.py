@@ -224,7 +224,7 @@ def test_invalid_requests_are_400_naming_the_problem(server, tiny_llm):
     assert err["message"] == "temperature must be >= 0, got -1" and err["param"] == "temperature"
     err = error_of(post("/v1/completions", {**base, "top_p": 1.5}), 400)
     assert "top_p" in err["message"]
-    err = error_of(post("/v1/completions", {**base, "max_tokens": 0}), 400)
+    err = error_of(post("/v1/completions", {**base, "max_tokens": -1}), 400)
     assert "max_tokens" in err["message"]
     err = error_of(post("/v1/completions", {**base, "n": 17}), 400)
     assert err["param"] == "n"

@@ -1,5 +1,5 @@
-"""The playground's extension of /v1/completions: `trace` with `logprobs`, streamed and not; the OpenAI
-fields unchanged beside it."""
+"""The playground's extension of /v1/completions: `trace`, with `logprobs` or without, streamed and not; the
+OpenAI fields unchanged beside it."""
 
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ def test_trace_explains_each_token_and_names_its_pass(server):
     assert [p["index"] for p in passes] == list(range(passes[0]["index"], passes[0]["index"] + 5))
 
 
-def test_trace_needs_logprobs(server):
-    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "trace": True}, timeout=30)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "trace"
+def test_trace_without_logprobs_explains_the_chosen_tokens_alone(server):
+    body = {"model": MODEL, "prompt": "x", "trace": True, "max_tokens": 3, "ignore_eos": True}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["logprobs"] is None
+    tokens = choice["trace"]["tokens"]
+    assert len(tokens) == 3 and all(t["alternatives"] == [] and t["processed_logprob"] is not None for t in tokens)

@@ -45,7 +45,7 @@ class Constraint:
     def grammar(self) -> str:
         """llguidance's grammar text for this constraint."""
         from llguidance import LLMatcher
-        from llguidance.gbnf_to_lark import any_to_lark
+        from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 
         if self.kind == "json_schema":
             return LLMatcher.grammar_from_json_schema(self.spec, defaults=JSON_LAYOUT)
@@ -57,7 +57,11 @@ class Constraint:
             # Lark string literals take JSON's escapes, so any choice text is spelled exactly.
             return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in json.loads(self.spec)))
         # A grammar in llama.cpp's GBNF (rules written `name ::= ...`) is translated to llguidance's Lark.
-        return LLMatcher.grammar_from_lark(any_to_lark(self.spec))
+        try:
+            lark = any_to_lark(self.spec)
+        except GbnfToLarkError as e:  # not a ValueError, but as much the grammar's fault
+            raise ValueError(str(e)) from None
+        return LLMatcher.grammar_from_lark(lark)
 
 
 def _schema_text(value: object) -> str:

@@ -7,18 +7,20 @@ import json
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 
 from .. import package_version
 from .chat import chat_prompt_ids, create_chat_completion
 from .completions import check_model, create_completion
-from .errors import APIError, error_body, install_error_handlers, invalid
+from .errors import APIError, error_body, error_responses, install_error_handlers, invalid
 from .metrics import CONTENT_TYPE, Metrics
-from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .openapi import install_openapi
+from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizePrompt, TokenizeRequest
 from .state import ServerConfig, ServerState
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
@@ -30,6 +32,20 @@ PLAYGROUND = Path(__file__).with_name("playground")
 # framing by another site (what it shows is the model's text, which must never run as code).
 PLAYGROUND_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                   "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+
+_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}  # a chunk, or [DONE]
+# What each kind of route may answer besides 200 (and 401, where the server has an API key).
+_GENERATION = {200: {"description": "The completion; with `stream`, server-sent events of its chunks",
+                     "content": {"text/event-stream": {"itemSchema": _EVENT}}},
+               **error_responses(400, 404, 408, 413, 429, 500, 503)}
+_TOKENS = error_responses(400, 404, 413, 503)
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "error", "shutting_down"]
+    model: str
+    error: str | None = None  # why the model failed to load
 
 
 def create_app(config: ServerConfig, load: Callable[[ServerConfig], Any] | None = None) -> FastAPI:
@@ -51,42 +67,44 @@ def create_app(config: ServerConfig, load: Callable[[ServerConfig], Any] | None 
     app.state.seriatim = state
     app.state.metrics = metrics
     install_error_handlers(app)
+    install_openapi(app, state)
     app.add_middleware(_Guard, state=state, metrics=metrics)
+    key = error_responses(401) if config.api_key is not None else {}  # on the routes not in _OPEN
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_GENERATION | key)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await create_completion(body, request, state, metrics)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_GENERATION | key)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(body, request, state, metrics)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(503) | key)
     async def models() -> dict:
         llm, _ = state.require()
         return {"object": "list", "data": [_model_card(state, llm)]}
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", responses=error_responses(404, 503) | key)
     async def model(model: str) -> dict:
         llm, _ = state.require()
         check_model(model, state)
         return _model_card(state, llm)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=_TOKENS | key)
     async def tokenize(body: TokenizeRequest) -> dict:
         return _tokenize(body, state)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=_TOKENS | key)
     async def detokenize(body: DetokenizeRequest) -> dict:
         return _detokenize(body, state)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "Not ready"}})
     async def health() -> Response:
         return _health(state)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/", include_in_schema=False)
     async def playground() -> FileResponse:
@@ -100,13 +118,9 @@ def _tokenize(body: TokenizeRequest, state: ServerState) -> dict:
     """A prompt or chat messages -> token ids, as the completion routes would make them."""
     llm, _ = state.require()
     check_model(body.model, state)
-    if (body.prompt is None) == (body.messages is None):
-        raise invalid("give exactly one of prompt or messages", "prompt")
-    if body.prompt is not None:
+    if isinstance(body, TokenizePrompt):
         ids = llm.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     else:
-        if not body.messages:
-            raise invalid("messages must not be empty", "messages")
         ids = chat_prompt_ids(llm, body.messages)
     return {"tokens": ids, "count": len(ids), "max_model_len": llm.config.context_length}
 

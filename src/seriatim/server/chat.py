@@ -8,7 +8,6 @@ import uuid
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from ..sampling import MAX_LOGPROBS
 from .completions import check_model
 from .constraints import compile_constraint, constraint_fields
 from .errors import invalid
@@ -22,6 +21,9 @@ from .tools import finish_reason, plan_tools, reply, stream_deltas, template_mes
 def chat_prompt_ids(llm, messages: list[ChatMessage], tools: list[dict] | None = None) -> list[int]:
     """The messages (and tools) rendered by the model's chat template (LLM.chat_prompt), as token ids; 400 if
     it cannot."""
+    if not llm.tokenizer.takes_tools and any(m.tool_calls for m in messages):
+        # Such a template would drop the calls, or fail on the message without content that makes them.
+        raise invalid("this model's chat template cannot render tool_calls (it never reads `tools`)", "messages")
     try:
         return llm.chat_prompt(template_messages(messages), tools)
     except ValueError as e:
@@ -32,21 +34,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     llm, engine = state.require()
     config = state.config
     check_model(body.model, state)
-    if body.top_logprobs is not None:
-        if not body.logprobs:
-            raise invalid("top_logprobs needs logprobs to be true", "top_logprobs")
-        if not 0 <= body.top_logprobs <= MAX_LOGPROBS:
-            raise invalid(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {body.top_logprobs}", "top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     plan = plan_tools(body)
     ids = chat_prompt_ids(llm, body.messages, plan.offered)
     n = check_n(body.n, 1, config)
     ctx = llm.config.context_length
     ids = check_prompt(ids, llm.config.vocab_size, ctx, "messages")
-    requested, name = body.max_completion_tokens, "max_completion_tokens"
-    if requested is None:
-        requested, name = body.max_tokens, "max_tokens"
-    max_tokens = max_new_tokens(requested, None, len(ids), ctx, config, name=name)
+    requested = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+    max_tokens = max_new_tokens(requested, None, len(ids), ctx, config)
     choices = [Choice(j, ids, sampling_params(body, max_tokens, logprobs, j, plan.grammar)) for j in range(n)]
     await compile_constraint(engine, choices[0].params, constraint_fields(body, plan.grammar))
 

@@ -9,9 +9,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from ..engine.async_engine import EngineShutDown
-from ..sampling import MAX_LOGPROBS
 from .constraints import compile_constraint, constraint_fields
-from .errors import APIError, invalid
+from .errors import APIError
 from .formatting import TextOffsets, TokenTexts, completion_logprobs
 from .generation import Choice, Job, check_n, check_prompt, max_new_tokens, sampling_params
 from .schemas import CompletionRequest
@@ -22,19 +21,12 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
 def parse_prompts(prompt, tokenizer) -> list[tuple[str | None, list[int]]]:
-    """(text as given or None, token ids) for each prompt of the request."""
+    """(text as given or None, token ids) for each prompt of the request, in one of its forms (schemas.Prompt)."""
     if isinstance(prompt, str):
         return [(prompt, tokenizer.encode(prompt))]
-    if not prompt:
-        raise invalid("prompt must not be an empty list", "prompt")
-    if all(isinstance(p, int) for p in prompt):
-        return [(None, list(prompt))]
-    if all(isinstance(p, str) for p in prompt):
-        return [(p, tokenizer.encode(p)) for p in prompt]
-    if all(isinstance(p, list) for p in prompt):
-        return [(None, list(p)) for p in prompt]
-    raise invalid("prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists",
-                  "prompt")
+    if isinstance(prompt[0], int):
+        return [(None, prompt)]
+    return [(p, tokenizer.encode(p)) if isinstance(p, str) else (None, p) for p in prompt]
 
 
 async def create_completion(body: CompletionRequest, request: Request, state, metrics) -> Response:
@@ -42,7 +34,7 @@ async def create_completion(body: CompletionRequest, request: Request, state, me
     check_model(body.model, state)
     prompts = [(text, check_prompt(ids, llm.config.vocab_size, llm.config.context_length))
                for text, ids in parse_prompts(body.prompt, llm.tokenizer)]
-    n = _check(body, len(prompts), state.config)
+    n = check_n(body.n, len(prompts), state.config)
     choices = _choices(body, prompts, n, llm, state.config)
     await compile_constraint(engine, choices[0].params, constraint_fields(body))
     texts = TokenTexts(llm.tokenizer)
@@ -62,32 +54,26 @@ async def create_completion(body: CompletionRequest, request: Request, state, me
                          "choices": out, "usage": usage, "system_fingerprint": None})
 
 
-def _check(body: CompletionRequest, prompts: int, config) -> int:
-    """The request's options that completions refuse or bound; returns n."""
-    if body.suffix:
-        raise invalid("suffix is not supported", "suffix")
-    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
-        raise invalid(f"logprobs must be in [0, {MAX_LOGPROBS}], got {body.logprobs}", "logprobs")
-    n = check_n(body.n, prompts, config)
-    if body.best_of is not None and body.best_of != n:
-        raise invalid("best_of is not supported (other than best_of == n)", "best_of")
-    return n
-
-
 def _choices(body: CompletionRequest, prompts: list[tuple[str | None, list[int]]], n: int, llm, config) -> list[Choice]:
-    """n choices per prompt, each with its own sampling parameters (seed + j); with echo, max_tokens 0
-    makes choices that are finished before they start."""
-    ctx, echo = llm.config.context_length, bool(body.echo)
+    """n choices per prompt, each with its own sampling parameters (seed + j); max_tokens 0 makes choices
+    that are finished before they start (with echo: the prompt alone)."""
+    ctx = llm.config.context_length
     choices = []
     for i, (_, ids) in enumerate(prompts):
-        max_tokens = max_new_tokens(body.max_tokens, DEFAULT_MAX_TOKENS, len(ids), ctx, config, allow_zero=echo)
+        max_tokens = max_new_tokens(body.max_tokens, DEFAULT_MAX_TOKENS, len(ids), ctx, config)
         for j in range(n):
-            params = sampling_params(body, max(max_tokens, 1), body.logprobs, j, trace=bool(body.trace))
+            params = sampling_params(body, max(max_tokens, 1), _engine_logprobs(body), j, trace=bool(body.trace))
             c = Choice(i * n + j, ids, params)
-            if max_tokens == 0:  # echo only: nothing to generate
+            if max_tokens == 0:  # nothing to generate
                 c.finish_reason = "length"
             choices.append(c)
     return choices
+
+
+def _engine_logprobs(body: CompletionRequest) -> int | None:
+    """Alternatives per token the engine lists: the trace explains the engine's logprobs, so a trace without
+    logprobs asked for has the chosen tokens' alone (and the response no `logprobs`)."""
+    return 0 if body.logprobs is None and body.trace else body.logprobs
 
 
 async def _prompt_logprobs(body: CompletionRequest, prompts: list[tuple[str | None, list[int]]], texts: TokenTexts,

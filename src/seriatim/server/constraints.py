@@ -17,8 +17,8 @@ COMPILE_TIMEOUT = 10.0  # seconds; llguidance's own limits end nearly every comp
 
 
 def constraint_fields(req: _Sampling, tool_grammar: str | None = None) -> dict[str, tuple[str, object]]:
-    """The request's constraints as {SamplingParams keyword: (request field, value)}; a 400 for two.
-    `tool_grammar`: the grammar of a required or named tool call (server/tools.py)."""
+    """The request's constraint as {SamplingParams keyword: (request field, value)}: one at most
+    (schemas._sampling_rules). `tool_grammar`: the grammar of a required or named tool call (server/tools.py)."""
     found: list[tuple[str, str, object]] = [] if tool_grammar is None else [("grammar", "tool_choice", tool_grammar)]
     fmt = req.response_format
     if fmt is not None and fmt.type == "json_object":
@@ -33,8 +33,6 @@ def constraint_fields(req: _Sampling, tool_grammar: str | None = None) -> dict[s
         value = getattr(req, f"guided_{kind}")
         if value is not None:
             found.append(("json_schema" if kind == "json" else kind, f"guided_{kind}", value))
-    if len(found) > 1:
-        raise invalid(f"one constraint per request, got {found[0][1]} and {found[1][1]}", found[1][1])
     return {kind: (field, value) for kind, field, value in found}
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,12 +38,10 @@ def check_prompt(ids: list[int], vocab_size: int, context: int, param: str = "pr
 
 
 def max_new_tokens(requested: int | None, default: int | None, prompt_len: int, context: int,
-                   config: ServerConfig, allow_zero: bool = False, name: str = "max_tokens") -> int:
+                   config: ServerConfig) -> int:
     """Tokens to generate: the request's (or the default), capped by what is left of the context
     and by the server's --max-tokens-cap."""
     value = default if requested is None else requested
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise invalid(f"{name} must be >= {0 if allow_zero else 1}, got {value}", name)
     limit = context - prompt_len
     if config.max_tokens_cap is not None:
         limit = min(limit, config.max_tokens_cap)
@@ -50,14 +49,17 @@ def max_new_tokens(requested: int | None, default: int | None, prompt_len: int, 
 
 
 def check_n(n: int | None, prompts: int, config: ServerConfig) -> int:
+    """n, within the server's limits (which /openapi.json states: openapi.py). With several prompts n is 1
+    (schemas.CompletionRequest), so each bound is one on n, or on the number of prompts."""
     n = 1 if n is None else n
+    param = "prompt" if prompts > 1 else "n"
     if not 1 <= n <= config.max_n:
         raise invalid(f"n must be in [1, {config.max_n}], got {n}", "n")
     if prompts * n > config.max_choices:
-        raise invalid(f"{prompts} prompts x n={n} is more than {config.max_choices} choices in one request", "n")
+        raise invalid(f"{prompts} prompts x n={n} is more than {config.max_choices} choices in one request", param)
     if prompts * n > config.max_queue:  # every choice is one engine request: such a request could never start
         raise invalid(f"{prompts} prompts x n={n} choices is more than the server's queue of {config.max_queue} "
-                      "requests (--max-queue) can ever hold", "n")
+                      "requests (--max-queue) can ever hold", param)
     return n
 
 
@@ -67,7 +69,7 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, seed_
     if req.logit_bias is not None:
         logit_bias = {}
         for k, v in req.logit_bias.items():
-            if not (k.isascii() and k.lstrip("-").isdigit()):  # int() would also take " 5", "5_0", "٥"
+            if not re.fullmatch("0|[1-9][0-9]*", k):  # int() would also take " 5", "5_0", "٥", "-0"
                 raise invalid(f"logit_bias keys must be token ids (integers), got {k!r}", "logit_bias")
             logit_bias[int(k)] = v
     stop = req.stop

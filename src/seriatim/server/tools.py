@@ -26,9 +26,7 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
     """The request's tools and tool_choice, checked (400s naming the field). With "none" the tools are not
     offered; with "auto" (the default) the model may call them; with "required" or a named function its
     reply is held to calls (one, or with parallel_tool_calls one or more) with schema-valid arguments."""
-    tools, choice = body.tools or [], body.tool_choice
-    if choice is not None and choice != "none" and not tools:
-        raise invalid("tool_choice needs tools", "tool_choice")
+    tools, choice = body.tools or [], body.tool_choice  # "required" or a named one comes with tools (schemas.py)
     if not tools or choice == "none":
         return ToolPlan(None, (), None)
     offered = [t.model_dump(exclude_none=True) for t in tools]

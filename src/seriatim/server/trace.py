@@ -1,5 +1,6 @@
-"""seriatim's extension of `/v1/completions` for the playground: with `"trace": true` and `logprobs: N`,
-each choice (each streamed chunk, and the whole response) carries a `trace` object next to OpenAI's fields:
+"""seriatim's extension of `/v1/completions` for the playground: with `"trace": true` (and `logprobs: N` for
+N alternatives), each choice (each streamed chunk, and the whole response) carries a `trace` object next to
+OpenAI's fields:
 
     {"pass": {"index": 12, "ms": 7.1, "tokens": 1},          # streamed chunks: the forward pass of its tokens
      "tokens": [{"id": 791, "text": " the", "logprob": -0.9, "processed_logprob": -0.4,
