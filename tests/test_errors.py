@@ -100,7 +100,7 @@ def test_cli_prompt_over_context(tiny_llama, capsys):
 
 def test_incomplete_hf_config_is_a_value_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(ValueError, match="config.json has no 'num_attention_heads', which a llama model needs"):
+    with pytest.raises(ValueError, match="config.json: has no 'num_attention_heads', which a llama model needs"):
         LLM(str(tmp_path), dtype="float32")
 
 

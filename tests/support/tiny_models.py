@@ -40,16 +40,16 @@ CORPUS = [
 ]
 
 
-def train_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE trained on a small corpus: deterministic, a few hundred tokens."""
+def train_tokenizer(vocab_size: int = 384, byte_alphabet: bool = True):
+    """A byte-level BPE trained on a small corpus: deterministic, a few hundred tokens. Without
+    `byte_alphabet`, only the bytes the corpus uses are tokens: smaller, but not every text encodes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if byte_alphabet else []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=alphabet)
     tok.train_from_iterator(CORPUS, trainer)
     return tok
 
@@ -179,9 +179,10 @@ def _quantize(a: np.ndarray, qtype: str) -> tuple[np.ndarray, object]:
     return gguf.quants.quantize(a, qt), qt
 
 
-def write_gguf(path: Path, model, tokenizer, qtype: str = "F32") -> Path:
+def write_gguf(path: Path, model, tokenizer, qtype: str = "F32", tokenizer_model: str = "gpt2") -> Path:
     """Write `model` (an HF Llama, Qwen2 or Gemma 3) as llama.cpp would; 2-D weights stored as `qtype`,
-    or "mixed" for the per-tensor types of MIXED_TYPES."""
+    or "mixed" for the per-tensor types of MIXED_TYPES. `tokenizer_model` "llama" labels the vocabulary
+    SentencePiece (for Gemma files), without merges."""
     import gguf
 
     cfg = model.config
@@ -204,7 +205,7 @@ def write_gguf(path: Path, model, tokenizer, qtype: str = "F32") -> Path:
         w.add_sliding_window(cfg.sliding_window)
     if arch == "llama":
         w.add_rope_dimension_count(cfg.head_dim)
-    _add_tokenizer(w, tokenizer)
+    _add_tokenizer(w, tokenizer, tokenizer_model)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -241,15 +242,39 @@ def build_tiny(root: Path, family: str, gguf_types: list[str], **config_override
     return root
 
 
-def _add_tokenizer(w, tokenizer) -> None:
+# The fuzzing seeds: (family, weight type, hidden size, GGUF tokenizer model); hidden 8 for the float types,
+# 32 (a block) for the others.
+FUZZ_SEEDS = [("llama", "F32", 8, "gpt2"), ("qwen2", "F16", 8, "gpt2"), ("gemma3", "BF16", 8, "llama"),
+              ("llama", "Q8_0", 32, "gpt2"), ("qwen2", "Q4_0", 32, "gpt2"), ("gemma3", "Q4_1", 32, "gpt2")]
+
+
+def write_fuzz_seeds(root: Path) -> list[Path]:
+    """Valid GGUF files of a few KB, one per FUZZ_SEEDS entry: one layer, two heads, a ~130-token vocabulary.
+    Their smallness keeps the fuzzer's mutations in the header, metadata and tensor table, not in weights."""
+    from transformers import AutoModelForCausalLM
+
+    tok = train_tokenizer(130, byte_alphabet=False)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for family, qtype, hidden, tokenizer_model in FUZZ_SEEDS:
+        torch.manual_seed(0)
+        cfg = FAMILIES[family](tok.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
+                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                               head_dim=hidden // 2, max_position_embeddings=64)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        paths.append(write_gguf(root / f"{family}-{qtype}.gguf", model, tok, qtype, tokenizer_model))
+    return paths
+
+
+def _add_tokenizer(w, tokenizer, model: str) -> None:
     spec = json.loads(tokenizer.to_str())
     vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
+    w.add_tokenizer_model(model)
     w.add_token_list([t for t, _ in vocab])
     w.add_token_types([3 if t in SPECIAL else 1 for t, _ in vocab])
-    w.add_token_merges(merges)
+    if model == "gpt2":
+        w.add_tokenizer_pre("gpt2")
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
     w.add_bos_token_id(tokenizer.token_to_id("<|im_start|>"))
     w.add_eos_token_id(tokenizer.token_to_id("<|im_end|>"))
     w.add_add_bos_token(False)

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import WordLevel
 
 from seriatim.text.chat_template import render_chat
-from seriatim.weights.gguf_metadata import read_gguf_metadata
+from seriatim.weights.gguf_file import read_gguf_metadata
 
 # SmolLM2-135M-Instruct's template, as its GGUF stores it.
 SMOLLM2_TEMPLATE = (

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
 from seriatim.text.tokenizer import Tokenizer
-from seriatim.weights.gguf_metadata import read_gguf_metadata
+from seriatim.weights.gguf_file import read_gguf_metadata
 from seriatim.weights.registry import REGISTRY, missing_packages, model_file
 
 CORPUS = [

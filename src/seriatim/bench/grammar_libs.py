@@ -379,7 +379,7 @@ def captured_stderr() -> Iterator[list[str]]:
 def load_vocabulary(model: str) -> Vocabulary:
     from ..model.config import gguf_vocab_size
     from ..text.tokenizer import Tokenizer
-    from ..weights.gguf_metadata import read_gguf_metadata
+    from ..weights.gguf_file import read_gguf_metadata
     from ..weights.registry import resolve_model
 
     # The metadata is read once for both the tokenizer and the logit width (which can exceed the

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -10,12 +9,13 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUFReader
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
-from ..weights.gguf_metadata import read_gguf_metadata
+from ..errors import ModelFileError, in_file
+from ..weights.fields import read_json, value
+from ..weights.gguf_file import read_gguf_metadata
 from .chat_template import render_chat, template_variables
 
 # llama.cpp's `tokenizer.ggml.token_type` values that matter here.
@@ -54,13 +54,13 @@ def byte_spelling() -> dict[int, str]:
     return spelling
 
 
-def _byte_level_bpe(meta: Mapping[str, Any]) -> HFTokenizer:
+def _byte_level_bpe(meta: Mapping[str, Any], tokens: list[str]) -> HFTokenizer:
     """`tokenizer.ggml.model == "gpt2"`: byte-level BPE (GPT-2, SmolLM, Qwen2, Llama 3)."""
-    pre = meta.get("tokenizer.ggml.pre", "gpt2")  # files older than the key: GPT-2's, as transformers reads them
+    # Files older than the key: GPT-2's, as transformers reads them.
+    pre = value(meta, "tokenizer.ggml.pre", str, "gpt2")
     if pre not in _BPE_SPLITS:
-        raise ValueError(f"Unsupported GGUF pre-tokenizer {pre!r}; supported: {sorted(_BPE_SPLITS)}.")
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    types: list[int] = meta.get("tokenizer.ggml.token_type") or []
+        raise ModelFileError(f"Unsupported GGUF pre-tokenizer {pre!r}; supported: {sorted(_BPE_SPLITS)}.")
+    types = _token_types(meta)
     spelling = byte_spelling()
     alphabet = frozenset(spelling.values())
     # Some files store added tokens as raw text; the BPE model must see them in the byte alphabet.
@@ -68,7 +68,7 @@ def _byte_level_bpe(meta: Mapping[str, Any]) -> HFTokenizer:
         token if set(token) <= alphabet else "".join(spelling[byte] for byte in token.encode()): index
         for index, token in enumerate(tokens)
     }
-    merges = [tuple(merge.split(" ", 1)) for merge in meta.get("tokenizer.ggml.merges", [])]
+    merges = [_merge(merge, vocab) for merge in value(meta, "tokenizer.ggml.merges", list[str], [])]
     hf = HFTokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False))
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in _BPE_SPLITS[pre]]
@@ -81,26 +81,38 @@ def _byte_level_bpe(meta: Mapping[str, Any]) -> HFTokenizer:
     return hf
 
 
+def _merge(merge: str, vocab: Mapping[str, int]) -> tuple[str, str]:
+    """A merge rule "left right", whose parts and their join must all be tokens (`tokenizers` panics, a
+    BaseException, on a join that is not)."""
+    left, space, right = merge.partition(" ")
+    if not (space and left in vocab and right in vocab and left + right in vocab):
+        raise ModelFileError(f"the merge {merge!r:.60} does not join two tokens into a third")
+    return left, right
+
+
+def _token_types(meta: Mapping[str, Any]) -> list[int]:
+    return value(meta, "tokenizer.ggml.token_type", list[int], [])
+
+
 # SentencePiece's stand-in for a space.
 _SPACE = "\u2581"
 # Architectures whose "llama" (SentencePiece) vocabularies are read the way transformers reads Gemma's.
 _GEMMA_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3"})
 
 
-def _sentencepiece_bpe(meta: Mapping[str, Any]) -> HFTokenizer:
+def _sentencepiece_bpe(meta: Mapping[str, Any], stored: list[str]) -> HFTokenizer:
     """`tokenizer.ggml.model == "llama"` in a Gemma file: SentencePiece BPE with byte fallback (`<0x0A>`),
     spaces written as ▁ and no prefix space, built as transformers' GGUF loader builds it."""
     architecture = meta.get("general.architecture")
     if architecture not in _GEMMA_ARCHITECTURES:
-        raise ValueError(
+        raise ModelFileError(
             f"SentencePiece GGUF vocabularies are supported for {sorted(_GEMMA_ARCHITECTURES)} files, "
             f"not {architecture!r}."
         )
-    stored: list[str] = meta["tokenizer.ggml.tokens"]
     # Runs of spaces are stored as real spaces, but BPE only ever sees ▁ (the normalizer below).
     tokens = [_SPACE * len(token) if token and not token.strip(" ") else token for token in stored]
     vocab = {token: index for index, token in enumerate(tokens)}
-    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk_id = _gguf_token_id(meta, "unknown", stored)
     hf = HFTokenizer(
         BPE(
             vocab=vocab,
@@ -113,7 +125,7 @@ def _sentencepiece_bpe(meta: Mapping[str, Any]) -> HFTokenizer:
     hf.normalizer = normalizers.Replace(" ", _SPACE)
     hf.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
     # The respelled space runs are reached through BPE, so (as in transformers) they are not matched whole.
-    types: list[int] = meta.get("tokenizer.ggml.token_type") or []
+    types = _token_types(meta)
     typed = [(token, kind) for token, kind, spelled in zip(stored, types, tokens) if token == spelled]
     _add_typed_tokens(hf, typed)
     return hf
@@ -140,7 +152,7 @@ def _add_typed_tokens(hf: HFTokenizer, typed: list[tuple[str, int]]) -> None:
 
 @dataclass(frozen=True)
 class _GGUFVocabulary:
-    build: Callable[[Mapping[str, Any]], HFTokenizer]
+    build: Callable[[Mapping[str, Any], list[str]], HFTokenizer]  # (metadata, tokens)
     add_bos_default: bool  # for files without `tokenizer.ggml.add_bos_token` (llama.cpp and transformers agree)
 
 
@@ -163,27 +175,36 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        return cls.from_gguf_metadata(read_gguf_metadata(path))
+        with in_file(path):
+            return cls.from_gguf_metadata(read_gguf_metadata(path))
 
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
         """From GGUF metadata as plain values (see `read_gguf_metadata`)."""
-        model = meta.get("tokenizer.ggml.model")
+        model = value(meta, "tokenizer.ggml.model", str, None)
         if model not in _GGUF_VOCABULARIES:
-            raise ValueError(f"Unsupported GGUF tokenizer model {model!r}; supported: {sorted(_GGUF_VOCABULARIES)}.")
+            raise ModelFileError(
+                f"Unsupported GGUF tokenizer model {model!r}; supported: {sorted(_GGUF_VOCABULARIES)}.")
         vocabulary = _GGUF_VOCABULARIES[model]
-        hf = vocabulary.build(meta)
-        bos_token_id = meta.get("tokenizer.ggml.bos_token_id")
-        if meta.get("tokenizer.ggml.add_bos_token", vocabulary.add_bos_default):
+        tokens = value(meta, "tokenizer.ggml.tokens", list[str], [])
+        if not tokens:
+            raise ModelFileError("The GGUF file has no tokenizer.ggml.tokens.")
+        hf = vocabulary.build(meta, tokens)
+        bos_token_id = _gguf_token_id(meta, "bos", tokens)
+        if value(meta, "tokenizer.ggml.add_bos_token", bool, vocabulary.add_bos_default):
             if bos_token_id is None:
-                raise ValueError("The GGUF file asks for a BOS token but names none.")
+                raise ModelFileError("The GGUF file asks for a BOS token but names none.")
             bos = hf.id_to_token(bos_token_id)
+            if bos is None:  # its token is listed again later, which took the id
+                raise ModelFileError(f"The BOS token id {bos_token_id} is not in the vocabulary.")
+            # The template names BOS by a fixed identifier: the token's own text may hold the template's ':' or '$'.
             hf.post_processor = processors.TemplateProcessing(
-                single=[f"{bos}:0", "$A:0"], special_tokens=[(bos, bos_token_id)]
+                single=["BOS:0", "$A:0"], special_tokens=[{"id": "BOS", "ids": [bos_token_id], "tokens": [bos]}]
             )
-        eos_token_id = meta.get("tokenizer.ggml.eos_token_id")
-        eos_ids = [eos_token_id, meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id")]
-        return cls(hf, bos_token_id, eos_token_id, _stop_ids(hf, eos_ids), meta.get("tokenizer.chat_template"))
+        eos_token_id = _gguf_token_id(meta, "eos", tokens)
+        eos_ids = [eos_token_id, _gguf_token_id(meta, "eot", tokens), _gguf_token_id(meta, "eom", tokens)]
+        template = value(meta, "tokenizer.chat_template", str, None)
+        return cls(hf, bos_token_id, eos_token_id, _stop_ids(hf, eos_ids), template)
 
     @classmethod
     def from_pretrained_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -193,11 +214,14 @@ class Tokenizer:
         As in transformers 5, tokenizer.json's post-processor alone decides whether BOS is added;
         tokenizer_config.json's `add_bos_token` is ignored."""
         path = Path(path)
-        hf = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        hf = _read_tokenizer_json(path / "tokenizer.json")
         config = _read_json(path / "tokenizer_config.json")
         template = _dir_chat_template(path, config)
         eos_token_id = _token_id(hf, config.get("eos_token"))
-        generation_eos = _read_json(path / "generation_config.json").get("eos_token_id")
+        generation = _read_json(path / "generation_config.json")
+        with in_file(path / "generation_config.json"):
+            kind = list[int] if isinstance(generation.get("eos_token_id"), list) else int
+            generation_eos = value(generation, "eos_token_id", kind, None)
         eos_ids = [eos_token_id, *(generation_eos if isinstance(generation_eos, list) else [generation_eos])]
         return cls(hf, _token_id(hf, config.get("bos_token")), eos_token_id, _stop_ids(hf, eos_ids), template)
 
@@ -251,8 +275,8 @@ def chat_template_of(path: Path) -> str | None:
     """The chat template of a .gguf file or an HF directory, from its metadata alone (no weights read)."""
     if path.is_dir():
         return _dir_chat_template(path, _read_json(path / "tokenizer_config.json"))
-    field = GGUFReader(path).fields.get("tokenizer.chat_template")
-    return None if field is None else field.contents()
+    with in_file(path):
+        return value(read_gguf_metadata(path), "tokenizer.chat_template", str, None)
 
 
 def _dir_chat_template(path: Path, config: Mapping[str, Any]) -> str | None:
@@ -275,8 +299,24 @@ def _stop_ids(hf: HFTokenizer, declared: Iterable[int | None]) -> frozenset[int]
 def _token_id(hf: HFTokenizer, token: str | Mapping[str, Any] | None) -> int | None:
     # tokenizer_config.json writes special tokens as strings or as serialized AddedTokens.
     content = token.get("content") if isinstance(token, Mapping) else token
-    return None if content is None else hf.token_to_id(content)
+    return hf.token_to_id(content) if isinstance(content, str) else None
+
+
+def _gguf_token_id(meta: Mapping[str, Any], role: str, tokens: list[str]) -> int | None:
+    """The id of the file's `role` token ("bos", "eos", ...), if it names one: an index into its tokens."""
+    key = f"tokenizer.ggml.{role}_token_id"
+    token_id = value(meta, key, int, None)
+    if token_id is not None and not 0 <= token_id < len(tokens):
+        raise ModelFileError(f"{key} is {token_id}, outside the {len(tokens)} tokens.")
+    return token_id
+
+
+def _read_tokenizer_json(path: Path) -> HFTokenizer:
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises plain Exceptions for whatever it cannot read
+        raise ModelFileError(f"is not a tokenizer that the tokenizers library reads: {e}", path) from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ModelFileError, in_file
 from ..kernels import isa, library
+from ..model.config import ModelConfig
 from ..model.quant import BlockWeight, compact_embedding, compact_linear, conversion_notice
 from ..model.transformer import RMSNorm, Transformer
 from ..text.tokenizer import Tokenizer
@@ -58,9 +60,25 @@ def choose_precision(mode: str, device: torch.device) -> Precision:
 def load(path: Path, precision: Precision, progress: Callable[[int, int], None] | None):
     """Read weights and tokenizer from a .gguf file or an HF directory."""
     if path.is_dir():
-        return load_hf_dir(path, progress), Tokenizer.from_pretrained_dir(path)
-    ckpt = load_gguf(path, progress, keep_blocks=precision.compact)
-    return ckpt, Tokenizer.from_gguf_metadata(ckpt.gguf_metadata)
+        ckpt, tokenizer = load_hf_dir(path, progress), Tokenizer.from_pretrained_dir(path)
+    else:
+        ckpt = load_gguf(path, progress, keep_blocks=precision.compact)
+        with in_file(path):
+            tokenizer = Tokenizer.from_gguf_metadata(ckpt.gguf_metadata)
+    with in_file(path):
+        _check_vocabulary(ckpt.config, tokenizer)
+    return ckpt, tokenizer
+
+
+def _check_vocabulary(cfg: ModelConfig, tokenizer: Tokenizer) -> None:
+    """Token ids index the embedding's rows: the tokenizer's must all be below the model's vocabulary size."""
+    ids = [*tokenizer.hf.get_vocab(with_added_tokens=True).values(), *tokenizer.eos_token_ids]
+    if tokenizer.bos_token_id is not None:
+        ids.append(tokenizer.bos_token_id)
+    outside = next((i for i in ids if not 0 <= i < cfg.vocab_size), None)
+    if outside is not None:
+        raise ModelFileError(f"the tokenizer has token id {outside}, outside the model's vocabulary of "
+                             f"{cfg.vocab_size}")
 
 
 def build_model(ckpt: Checkpoint, precision: Precision, device: torch.device) -> Transformer:
