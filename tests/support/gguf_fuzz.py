@@ -6,6 +6,11 @@ the vocabulary); it must load or raise ModelFileError. Any other exception, a ti
 growing past libFuzzer's -rss_limit_mb is a finding: libFuzzer saves the input under -artifact_prefix, and
 tests/weights/test_gguf_fuzz.py replays every input saved in tests/weights/fuzz_regressions/.
 
+libFuzzer reads the peak from getrusage, which Linux carries over from the process that started this one
+(across fork and exec): started by a test run that has loaded real models, it would report their gigabytes.
+There, set SERIATIM_FUZZ_PEAK_MB instead (with -rss_limit_mb=0): the process's own peak (VmHWM) is checked
+after every input, and passing it is a finding like any exception.
+
     python tests/support/gguf_fuzz.py seeds DIR                  # write the seed corpus (tiny valid GGUF files)
     python tests/support/gguf_fuzz.py fuzz DIR [libFuzzer flags]  # e.g. -runs=1000000 -rss_limit_mb=2048
 
@@ -22,6 +27,16 @@ from pathlib import Path
 
 import torch
 
+PEAK_MB = int(os.environ.get("SERIATIM_FUZZ_PEAK_MB", "0"))
+
+
+def own_peak_mb() -> int:
+    """This process's peak resident memory, its own (VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
 
 def load_bytes(data: bytes, scratch: Path) -> None:
     """Load `data`, written to the file `scratch` (removed after), as a GGUF model file (float32 weights: no
@@ -35,6 +50,8 @@ def load_bytes(data: bytes, scratch: Path) -> None:
             load(scratch, Precision(torch.float32, compact=False), None)
     finally:  # libFuzzer ends the process without running exit handlers
         scratch.unlink()
+    if PEAK_MB and own_peak_mb() > PEAK_MB:
+        raise MemoryError(f"loading this input took the process to {own_peak_mb()} MB (limit {PEAK_MB} MB)")
 
 
 def _fuzz(argv: list[str]) -> None:
