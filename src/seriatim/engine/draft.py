@@ -42,8 +42,15 @@ def check_pair(target: Transformer, target_tokenizer: Tokenizer, draft: Transfor
         raise ValueError(f"draft model {name} has sliding-window layers, which a draft model cannot have here")
 
 
-def weight_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+def weight_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def bytes_per_token(model: Transformer, head: nn.Module) -> int:
+    """The weight bytes a one-token pass reads with `head`: all but the embedding table, of which it reads a
+    row (a tied table is counted once, as the head)."""
+    rest = (child for name, child in model.named_children() if name not in ("embed", "lm_head"))
+    return sum(map(weight_bytes, rest)) + weight_bytes(head)
 
 
 @dataclass
@@ -73,13 +80,13 @@ class DraftModel:
     """Proposes a sequence's next tokens by decoding them with a smaller model.
 
     `relative_cost`: one draft token's cost against a one-row pass of the target, taken as the ratio of the
-    two models' weight bytes (a CPU's decode pass reads every weight once): how many drafts pay depends on
-    it (`Acceptance.drafts`). A fixed figure, not a timing, so that a sampled request's drafts, and with
-    them its draws, do not depend on the machine's load.
+    weight bytes the two models read per token (a CPU's decode pass reads each weight once): how many drafts
+    pay depends on it (`Acceptance.drafts`). A fixed figure, not a timing, so that a sampled request's
+    drafts, and with them its draws, do not depend on the machine's load.
 
     `vocab`: the draft proposes only the first `vocab` token ids (None: all). Its head is then a slice of its
-    own, sharing the weights: on a 0.5B model with 152k tokens the head is ~40% of a decode pass's bytes,
-    while a BPE vocabulary's first ids are its most frequent merges, which make most text."""
+    own, sharing the weights: on a 0.5B model with 152k tokens the head is about a third of a decode pass's
+    bytes, while a BPE vocabulary's first ids are its most frequent merges, which make most text."""
 
     def __init__(self, model: Transformer, target: Transformer, kv_dtype: torch.dtype, device: torch.device,
                  num_blocks: int, block_size: int, max_pass_tokens: int, batch_invariant: bool,
@@ -90,8 +97,8 @@ class DraftModel:
         self.blocks = BlockManager(num_blocks, block_size)
         self.runner = ModelRunner(model, self.cache, False, batch_invariant)
         self.max_pass_tokens = max_pass_tokens  # a long prompt catches up in chunks, as the target prefills it
-        unused = 0 if self.head is None else weight_bytes(model.lm_head) - weight_bytes(self.head)
-        self.relative_cost = (weight_bytes(model) - unused) / weight_bytes(target)
+        read = bytes_per_token(model, model.lm_head if self.head is None else self.head)
+        self.relative_cost = read / bytes_per_token(target, target.lm_head)
         self.states: dict[int, DraftState] = {}  # request id -> its cache
 
     def forget(self, request_id: int) -> None:
