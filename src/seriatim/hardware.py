@@ -64,16 +64,30 @@ def available_memory(device: str = "cpu") -> int:
     return 8 << 30
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> None:
     """Have glibc keep large freed blocks for reuse instead of unmapping them at once.
 
     A prefill pass allocates and frees tens of megabytes (expanded weights, activations); by default
     blocks over 128 KiB are fresh mmaps, so every pass paid page faults on all of them (prefill ran
     ~35% slower until something happened to raise glibc's adaptive threshold). No-op off glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    if (libc := _glibc()) is None:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters, from glibc's malloc.h
     libc.mallopt(m_mmap_threshold, 64 << 20)
     libc.mallopt(m_trim_threshold, 128 << 20)
+
+
+def release_freed_memory() -> None:
+    """Hand what glibc keeps of freed memory (`keep_freed_memory`: up to 128 MB an arena, in every thread's
+    arena) back to the system, for an engine that has gone idle: its resident memory is then what it holds.
+    No-op off glibc."""
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)

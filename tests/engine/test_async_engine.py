@@ -227,3 +227,26 @@ def test_prompt_logprobs_are_raw_model_logprobs(tiny_llm):
         assert lp.token_id == prompt[pos]
         assert lp.logprob == pytest.approx(ref[pos - 1, prompt[pos]].item(), abs=1e-4)
         assert [t for t, _ in lp.top] == ref[pos - 1].topk(3).indices.tolist()
+
+
+def test_freed_memory_goes_back_when_the_engine_goes_idle(tiny_llm, monkeypatch):
+    """Once per idle spell, not between steps or close requests: glibc keeps freed memory for the passes'
+    reuse, and a server idle for a while hands it back."""
+    import seriatim.engine.async_engine as module
+
+    releases = []
+    monkeypatch.setattr(module, "release_freed_memory", lambda: releases.append(threading.get_ident()))
+    monkeypatch.setattr(module, "RELEASE_AFTER_IDLE_S", 0.05)
+
+    async def main():
+        rec = RecordingEngine(tiny_llm.engine)
+        async with running(rec) as ae:
+            await ae.run_in_engine_thread(lambda: None)
+            await asyncio.sleep(0.1)
+            before = len(releases)
+            await collect(ae, [5, 6], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+            await asyncio.sleep(0.3)
+            assert len(releases) == before + 1 and rec.log.count("step") >= 8
+            assert set(releases) == rec.threads  # in the engine thread
+
+    asyncio.run(main())

@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..engine.async_engine import RELEASE_AFTER_IDLE_S
 from .serve import ServerProcess
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
@@ -182,11 +183,13 @@ def gauges(url: str) -> dict[str, float]:
 
 
 def wait_idle(url: str, timeout: float = 120.0) -> dict[str, float]:
-    """The gauges once every request has left the engine (or at `timeout`)."""
+    """The gauges once every request has left the engine (or at `timeout`), and a moment more: an idle
+    engine hands freed memory back after a second (async_engine.RELEASE_AFTER_IDLE_S)."""
     end = time.perf_counter() + timeout
     while True:
         values = gauges(url)
         if not any(values.values()) or time.perf_counter() > end:
+            time.sleep(2 * RELEASE_AFTER_IDLE_S)
             return values
         time.sleep(0.2)
 

@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ..hardware import release_freed_memory
 from ..outputs import Delta
 from ..sampling import SamplingParams
 from .engine import Engine, EngineMetrics, ValidPrompt
@@ -34,6 +35,11 @@ class EngineShutDown(RuntimeError):
 
 class QueueFull(RuntimeError):
     """More requests are in flight than the engine was told to hold."""
+
+
+# Idle this long, the engine hands freed memory back to the system (hardware.release_freed_memory): not
+# between requests that follow each other closely, whose passes would pay the page faults again.
+RELEASE_AFTER_IDLE_S = 1.0
 
 
 class EngineError(RuntimeError):
@@ -194,12 +200,16 @@ class AsyncEngine:
 
     def _run(self) -> None:
         self._running.set()
+        released = True  # nothing ran since freed memory was last handed back
         try:
             while True:
                 with self._cond:
                     while not self._inbox and not self._streams and not self._stopping:
-                        self._cond.wait()
+                        if not self._cond.wait(None if released else RELEASE_AFTER_IDLE_S):
+                            release_freed_memory()  # a few milliseconds
+                            released = True
                     work, self._inbox = self._inbox, []
+                released = False
                 for fn in work:
                     fn()
                 if self._streams:
