@@ -65,7 +65,7 @@ def _seriatim(path: str, threads: int, device: str, deterministic: bool, batch_i
 
     # The steady state is measured for the default mode only: at 64 in flight it would take minutes serialised.
     steady = None if deterministic else functools.partial(closed_loop, llm.engine)
-    return Runner(first, decode, weight_bytes_read_per_token(llm.model), projection_flops_per_token(llm.model),
+    return Runner(first, decode, llm.model.bytes_per_token(), projection_flops_per_token(llm.model),
                   batch, steady)
 
 
@@ -154,16 +154,6 @@ def _transformers(path: str, threads: int, device: str, dtype: str) -> Runner:
             return run(n), run(1)
 
     return Runner(lambda ids: generate(ids, 1), lambda ids, n: generate(ids, n) - generate(ids, 1), batch=batch)
-
-
-def weight_bytes_read_per_token(model) -> int:
-    """Bytes of weights one decode step reads: everything but the embedding table (one row) and rope tables."""
-    skip = {id(t) for t in model.rotary.buffers()}
-    embed = getattr(model.embed, "weight", None)
-    if embed is not None:
-        skip.add(id(embed))
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in skip}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def projection_flops_per_token(model) -> int:

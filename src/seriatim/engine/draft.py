@@ -15,7 +15,6 @@ import itertools
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from ..model.paged_kv import PagedKVCache
 from ..model.quant import leading_rows
@@ -40,17 +39,6 @@ def check_pair(target: Transformer, target_tokenizer: Tokenizer, draft: Transfor
                          "tokenizer (e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b)")
     if any(draft.cfg.layer_window(i) is not None for i in range(draft.cfg.num_layers)):
         raise ValueError(f"draft model {name} has sliding-window layers, which a draft model cannot have here")
-
-
-def weight_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in itertools.chain(module.parameters(), module.buffers()))
-
-
-def bytes_per_token(model: Transformer, head: nn.Module) -> int:
-    """The weight bytes a one-token pass reads with `head`: all but the embedding table, of which it reads a
-    row (a tied table is counted once, as the head)."""
-    rest = (child for name, child in model.named_children() if name not in ("embed", "lm_head"))
-    return sum(map(weight_bytes, rest)) + weight_bytes(head)
 
 
 @dataclass
@@ -97,8 +85,7 @@ class DraftModel:
         self.blocks = BlockManager(num_blocks, block_size)
         self.runner = ModelRunner(model, self.cache, False, batch_invariant)
         self.max_pass_tokens = max_pass_tokens  # a long prompt catches up in chunks, as the target prefills it
-        read = bytes_per_token(model, model.lm_head if self.head is None else self.head)
-        self.relative_cost = read / bytes_per_token(target, target.lm_head)
+        self.relative_cost = model.bytes_per_token(self.head) / target.bytes_per_token()
         self.states: dict[int, DraftState] = {}  # request id -> its cache
 
     def forget(self, request_id: int) -> None:

@@ -192,6 +192,15 @@ class Transformer(nn.Module):
         """Each rotary base's (cos, sin) [T, 1, Dh] for `positions` [T]; layer i uses rope_of_layer[i]."""
         return [rotary(positions, dtype) for rotary in self.rotary]
 
+    def bytes_per_token(self, head: nn.Module | None = None) -> int:
+        """Weight bytes one decode pass reads, with `head` (a part of the head's rows) for the model's own: all
+        but the embedding table, of which it reads a row (a table tied to the head counts as the head), and
+        the rotary tables."""
+        modules = [m for name, m in self.named_children() if name not in ("embed", "rotary", "lm_head")]
+        modules.append(self.lm_head if head is None else head)
+        tensors = {id(t): t for m in modules for t in [*m.parameters(), *m.buffers()]}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
     def logits(self, hidden: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
         """hidden: [N, D] -> float32 logits [N, V], or over the first V' ids by `head`, a part of the head's rows"""
         head = self.lm_head if head is None else head
