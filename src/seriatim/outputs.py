@@ -7,7 +7,8 @@ from typing import Literal
 
 from .sampling import TokenLogprobs
 
-FinishReason = Literal["stop", "length", "abort"]
+# "error": the request could not go on (a grammar llguidance gave up on); the output says why.
+FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Delta:
     finish_reason: FinishReason | None = None
     metrics: RequestMetrics | None = None  # set on the last delta of a request
     forward_pass: Pass | None = None
+    error: str | None = None  # with finish_reason "error": why
 
 
 @dataclass
@@ -76,3 +78,4 @@ class CompletionOutput:
     finish_reason: FinishReason | None
     logprobs: list[TokenLogprobs] | None = None
     metrics: RequestMetrics | None = field(default=None, repr=False)
+    error: str | None = None  # with finish_reason "error": why

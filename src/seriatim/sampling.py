@@ -211,11 +211,11 @@ class SamplingState:
             self.bias_values = torch.tensor(list(params.logit_bias.values()), device=self.device)
 
     def append(self, token_id: int) -> None:
-        """Record a chosen output token."""
-        if self.counts is not None:
-            self.counts[token_id] += 1
+        """Record a chosen output token (GrammarError, recording nothing, if its grammar gives up on it)."""
         if self.grammar is not None:
             self.grammar.accept(token_id)
+        if self.counts is not None:
+            self.counts[token_id] += 1
 
     def ahead(self, tokens: Sequence[int]) -> SamplingState:
         """This state as it will be once `tokens` are appended (a speculation's drafts), for processing

@@ -191,3 +191,17 @@ def test_logprobs_stay_the_models_raw_ones(tiny_llm):
     assert torch.allclose(torch.tensor([lp.logprob for lp in out.logprobs]),
                           torch.tensor([s.logprob for s in scored]), atol=1e-4)
     assert sum(lp.logprob for lp in out.logprobs) < 0
+
+
+# Compiles, but its first token takes llguidance past its limit on Earley items: it gives up mid-generation.
+GIVES_UP = 'start: x{1000}\nx: "a"{1000}'
+
+
+def test_a_grammar_llguidance_gives_up_on_ends_its_request_alone(tiny_llm):
+    params = [SamplingParams(temperature=0, max_tokens=8, grammar=GIVES_UP),
+              SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)]
+    failed, plain = tiny_llm.generate(["one", "two"], params)
+    assert failed.finish_reason == "error" and failed.token_ids == [] and failed.text == ""
+    assert failed.error.startswith("llguidance gave up on it at token ") and "Too many items" in failed.error
+    assert plain.finish_reason == "length" and plain.token_ids == tiny_llm.generate("two", params[1])[0].token_ids
+    assert not tiny_llm.engine.has_unfinished()

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import ParameterError, PromptTooLong
 from ..grammar.compiler import GrammarCompiler
+from ..grammar.state import GrammarError
 from ..model.paged_kv import PagedKVCache
 from ..model.transformer import Transformer
 from ..outputs import Delta, Pass
@@ -206,21 +207,37 @@ class Engine:
         if decoding:  # decodes and verifications: what drafts cost
             self.pass_cost.record(sum(c.length for c in chunks), seconds)
         results = []
-        for (c, _), (tokens, lps) in zip(ready, taken):
+        for (c, _), took in zip(ready, taken):
             seq = c.seq
-            delta = seq.extend(tokens[1:], seq.append(tokens[0], lps[0]), lps[1:])
-            if not seq.finished and (forced := seq.sampling.forced()):
-                delta = seq.extend(forced, delta)
-                self.stats.forced_tokens += len(forced)
+            delta = self._advance(seq, took)
             delta.forward_pass = Pass(self.stats.steps, seconds, c.length)
             self.stats.generated_tokens += len(delta.token_ids)
             if seq.finished:
                 self._drop(seq)
-                self.stats.finished += 1
+                if seq.finish_reason == "error":
+                    self.stats.aborted += 1
+                else:
+                    self.stats.finished += 1
             results.append((delta, seq))
         if self.speculation is not None:
             self._propose(self.speculation, [seq for _, seq in results if not seq.finished])
         return results
+
+    def _advance(self, seq: Sequence, took: Taken | GrammarError) -> Delta:
+        """Append what `seq` took this step, and any tokens its grammar then forces; one delta for them all. A
+        grammar that gives up (while verifying drafts, or on a token) ends this request alone, with an error."""
+        delta = Delta(seq.request_id, "", [], [] if seq.logprobs is not None else None)
+        try:
+            if isinstance(took, GrammarError):
+                raise took
+            tokens, logprobs = took
+            seq.extend(tokens, delta, logprobs)
+            if not seq.finished and (forced := seq.sampling.forced()):
+                seq.extend(forced, delta)
+                self.stats.forced_tokens += len(forced)
+        except GrammarError as e:
+            seq.fail(str(e), delta)
+        return delta
 
     def _drop(self, seq: Sequence) -> None:
         """Forget a finished or aborted request and free its caches."""
@@ -229,12 +246,12 @@ class Engine:
         if self.drafter is not None:
             self.drafter.forget(seq.request_id)
 
-    def _take(self, ready: list[tuple[Chunk, int]], logits: torch.Tensor) -> list[Taken]:
+    def _take(self, ready: list[tuple[Chunk, int]], logits: torch.Tensor) -> list[Taken | GrammarError]:
         """The tokens each ready sequence takes, with their logprobs where asked for: sampled from its row, or its
         drafts' verdict from its rows (whose rejected positions leave the cache)."""
         firsts = [0, *itertools.accumulate(len(c.seq.draft) + 1 for c, _ in ready)][:-1]
         plain = [i for i, (c, _) in enumerate(ready) if not c.seq.draft]
-        taken: list[Taken] = [([], [])] * len(ready)
+        taken: list[Taken | GrammarError] = [([], [])] * len(ready)
         if plain:
             out = sample(logits[[firsts[i] for i in plain]], [ready[i][0].seq.sampling for i in plain])
             for i, token, lp in zip(plain, out.token_ids, out.logprobs):
@@ -242,7 +259,11 @@ class Engine:
         for i, (c, _) in enumerate(ready):
             if c.seq.draft:
                 rows = logits[firsts[i] : firsts[i] + len(c.seq.draft) + 1]
-                tokens = self._verify(c.seq, rows)
+                try:
+                    tokens = self._verify(c.seq, rows)
+                except GrammarError as e:  # its grammar gave up on a draft it had allowed: the request ends
+                    taken[i] = e
+                    continue
                 taken[i] = (tokens, token_logprobs(rows[: len(tokens)], [c.seq.sampling] * len(tokens), tokens))
         return taken
 

@@ -34,6 +34,7 @@ class Sequence:
     text: str = ""
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: FinishReason | None = None
+    error: str | None = None  # with finish_reason "error": why
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
 
     def __post_init__(self) -> None:
@@ -66,7 +67,9 @@ class Sequence:
         return self.output_ids[done - len(self.prompt_ids) :] + self.draft
 
     def append(self, token: int, logprobs: TokenLogprobs | None) -> Delta:
-        """Take one sampled token; return the text it releases and whether the request is done."""
+        """Take one sampled token; return the text it releases and whether the request is done. GrammarError,
+        taking nothing, if the request's grammar gives up on it."""
+        self.sampling.append(token)
         now = time.perf_counter()
         if self.metrics.first_token is None:
             self.metrics.first_token = now
@@ -75,7 +78,6 @@ class Sequence:
         self.metrics.last_token = now
         self.output_ids.append(token)
         self.metrics.output_tokens = len(self.output_ids)
-        self.sampling.append(token)
         if self.logprobs is not None and logprobs is not None:
             self.logprobs.append(logprobs)
 
@@ -111,6 +113,15 @@ class Sequence:
     def abort(self) -> None:
         self._finish("abort", "")
 
+    def fail(self, error: str, delta: Delta) -> Delta:
+        """End the request because it cannot go on, adding to `delta` (this step's) why, and any text held back."""
+        text = self._finish("error", "")
+        self.text += text
+        self.error = delta.error = error
+        delta.text += text
+        delta.finish_reason, delta.metrics = "error", self.metrics
+        return delta
+
     def _finish(self, reason: FinishReason, text: str) -> str:
         """Mark finished; return `text` plus anything the stop filter still held (unless a stop matched)."""
         self.finish_reason = reason
@@ -125,4 +136,5 @@ class Sequence:
             finish_reason=self.finish_reason,
             logprobs=self.logprobs,
             metrics=self.metrics,
+            error=self.error,
         )

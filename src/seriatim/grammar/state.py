@@ -11,6 +11,11 @@ import torch
 from ..kernels import library
 
 
+class GrammarError(ValueError):
+    """llguidance gave up on a request's grammar part-way (one of its limits on the work a token may take):
+    the fault of that request's constraint, which ends it alone."""
+
+
 @dataclass
 class GrammarState:
     matcher: object  # llguidance.LLMatcher, advanced by every token the request takes
@@ -19,7 +24,8 @@ class GrammarState:
     def accept(self, token: int) -> None:
         """Advance past `token`, which the last mask allowed."""
         if not self.matcher.consume_token(token):
-            raise RuntimeError(f"token {token} breaks the request's grammar: {self.matcher.get_error()}")
+            problem = self.matcher.get_error().strip().splitlines()[0]
+            raise GrammarError(f"llguidance gave up on it at token {token}: {problem}")
 
     def valid_prefix(self, tokens: list[int]) -> int:
         """How many of `tokens`, taken in order from here, the grammar allows (a speculation's drafts)."""

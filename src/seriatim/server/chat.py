@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from .completions import check_model
-from .constraints import compile_constraint, constraint_fields
+from .constraints import compile_constraint, constraint_fields, constraint_param
 from .errors import invalid
 from .formatting import TokenTexts, chat_logprobs
 from .generation import Choice, Job, check_n, check_prompt, max_new_tokens, param_error, sampling_params
@@ -43,11 +43,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     requested = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
     max_tokens = max_new_tokens(requested, None, len(ids), ctx, config)
     choices = [Choice(j, ids, sampling_params(body, max_tokens, logprobs, j, plan.grammar)) for j in range(n)]
-    await compile_constraint(engine, choices[0].params, constraint_fields(body, plan.grammar))
+    fields = constraint_fields(body, plan.grammar)
+    await compile_constraint(engine, choices[0].params, fields)
 
     texts = TokenTexts(llm.tokenizer)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), config.model_name
-    job = Job(engine, metrics, choices, config.request_timeout)
+    job = Job(engine, metrics, choices, config.request_timeout, constraint_param(choices[0].params, fields))
     await job.start()
 
     if body.stream:

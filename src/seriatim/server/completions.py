@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from ..engine.async_engine import EngineShutDown
-from .constraints import compile_constraint, constraint_fields
+from .constraints import compile_constraint, constraint_fields, constraint_param
 from .errors import APIError
 from .formatting import TextOffsets, TokenTexts, completion_logprobs
 from .generation import Choice, Job, check_n, check_prompt, max_new_tokens, sampling_params
@@ -36,12 +36,13 @@ async def create_completion(body: CompletionRequest, request: Request, state, me
                for text, ids in parse_prompts(body.prompt, llm.tokenizer)]
     n = check_n(body.n, len(prompts), state.config)
     choices = _choices(body, prompts, n, llm, state.config)
-    await compile_constraint(engine, choices[0].params, constraint_fields(body))
+    fields = constraint_fields(body)
+    await compile_constraint(engine, choices[0].params, fields)
     texts = TokenTexts(llm.tokenizer)
     prompt_texts = [text if text is not None else llm.tokenizer.decode(ids) for text, ids in prompts]
     prompt_lps = await _prompt_logprobs(body, prompts, texts, llm, engine)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.config.model_name
-    job = Job(engine, metrics, choices, state.config.request_timeout)
+    job = Job(engine, metrics, choices, state.config.request_timeout, constraint_param(choices[0].params, fields))
     await job.start()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

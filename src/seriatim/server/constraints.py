@@ -42,6 +42,11 @@ def constraint_error(e: ParameterError, fields: dict[str, tuple[str, object]]) -
     return invalid(str(e), field, "invalid_constraint")
 
 
+def constraint_param(params: SamplingParams, fields: dict[str, tuple[str, object]]) -> str | None:
+    """The request field `params`' constraint came from (None: it has none)."""
+    return None if params.constraint is None else fields[params.constraint.kind][0]
+
+
 async def compile_constraint(engine, params: SamplingParams, fields: dict[str, tuple[str, object]]) -> None:
     """Compile `params`' constraint into the engine's cache from a worker thread, so the engine thread only
     copies it; a 400 if it does not compile or takes longer than COMPILE_TIMEOUT."""
@@ -52,6 +57,6 @@ async def compile_constraint(engine, params: SamplingParams, fields: dict[str, t
     except ParameterError as e:
         raise constraint_error(e, fields) from None
     except TimeoutError:
-        field = fields[params.constraint.kind][0]
+        field = constraint_param(params, fields)
         raise invalid(f"{field} took longer than {COMPILE_TIMEOUT:g} s to compile; simplify it", field,
                       "constraint_timeout") from None

@@ -122,8 +122,10 @@ class Job:
     waits for the response: client gone, timeout, error) aborts whatever has not finished.
     """
 
-    def __init__(self, engine: AsyncEngine, metrics: Metrics, choices: list[Choice], timeout: float | None):
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, choices: list[Choice], timeout: float | None,
+                 constraint: str | None = None):
         self.engine, self.metrics, self.choices = engine, metrics, choices
+        self.constraint = constraint  # the request field its constraint came from, if any
         self.arrival = time.perf_counter()
         self.deadline = None if timeout is None else self.arrival + timeout
         self.timeout = timeout
@@ -178,6 +180,10 @@ class Job:
             if item.finish_reason == "abort":
                 choice.finish_reason = "abort"
                 raise APIError(503, "the request was aborted: the server is shutting down")
+            if item.finish_reason == "error":  # its constraint, which compiled, proved too complex to follow
+                choice.finish_reason = "error"
+                raise invalid(f"{self.constraint} could not be followed: {item.error}", self.constraint,
+                              "invalid_constraint")
             self._account(choice, item)
             if item.finish_reason is not None:
                 choice.finish_reason = item.finish_reason

@@ -32,7 +32,7 @@ class _EngineCollector(Collector):
         yield _metric(CounterMetricFamily, "seriatim_requests_finished", "Requests that ended with stop or length",
                       m.stats.finished)
         yield _metric(CounterMetricFamily, "seriatim_requests_aborted",
-                      "Requests aborted (disconnect, timeout, shutdown)",
+                      "Requests aborted (disconnect, timeout, shutdown, a grammar llguidance gave up on)",
                       m.stats.aborted)
         blocks = m.kv_blocks_used + m.kv_blocks_free
         yield _metric(CounterMetricFamily, "seriatim_engine_steps", "Forward passes run by the engine", m.stats.steps)
