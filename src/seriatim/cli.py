@@ -356,6 +356,8 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--max-n", type=int, default=16, help="upper bound for n")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     serve.add_argument("--request-timeout", type=float, default=None, help="seconds per request, queueing included")
+    serve.add_argument("--read-timeout", type=float, default=30.0,
+                       help="seconds a client has to send a request's head, and then its body (408 after)")
     serve.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
                        help="uvicorn's log level (info shows each request)")
 
@@ -368,8 +370,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             model=args.model, dtype=args.dtype, device=args.device, threads=args.threads,
             served_model_name=args.served_model_name, api_key=args.api_key, max_queue=args.max_queue,
             max_tokens_cap=args.max_tokens_cap, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
-            request_timeout=args.request_timeout, speculative=args.speculative, batch_invariant=args.batch_invariant,
-            kv_cache_memory=args.kv_cache_memory,
+            request_timeout=args.request_timeout, read_timeout=args.read_timeout, speculative=args.speculative,
+            batch_invariant=args.batch_invariant, kv_cache_memory=args.kv_cache_memory,
         )
         serve(config, args.host, args.port, log_level=args.log_level)
 

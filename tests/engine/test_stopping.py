@@ -40,3 +40,18 @@ def test_earliest_of_several_stops_wins():
 def test_no_stops_passes_through(stops):
     out, stopped = feed(stops, ["a", "b"])
     assert out[:2] == ["a", "b"] and not stopped
+
+
+def test_the_held_back_prefix_is_the_longest_suffix_that_begins_a_stop():
+    import random
+
+    from seriatim.engine.stopping import held_prefix
+
+    def by_definition(text: str, stop: str) -> int:
+        return max((k for k in range(min(len(stop) - 1, len(text)) + 1) if text.endswith(stop[:k])), default=0)
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
+        stop = "".join(rng.choice("ab") for _ in range(rng.randint(1, 8)))
+        assert held_prefix(text, stop) == by_definition(text, stop), (text, stop)

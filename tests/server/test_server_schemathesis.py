@@ -5,17 +5,20 @@ one refused. The CLI runs in a subprocess (schemathesis' pytest integration fail
 its deterministic mode, so every run sends the same requests.
 
 Two of the server's rules are beyond JSON Schema: a grammar must compile, and a prompt must leave room in the
-model's context. The model here has a context no generated prompt fills; no grammar this run draws happens to
-be refused, and one that were would be such a rule, not a lie of the document.
+model's context. The model here has a context no generated prompt fills; grammars are the document's own
+`format: "grammar"`, which schemathesis is taught to write (support/schemathesis_hooks.py) as it knows
+`format: "regex"`.
 
 Then the messages of the errors validation finds: one sentence naming the field, in the API's words."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -42,7 +45,9 @@ def live(tmp_path_factory):
 def test_schemathesis_finds_nothing(live, tmp_path):
     command = [sys.executable, "-m", "schemathesis.cli", "run", live.url + "/openapi.json", "--checks", "all",
                "--max-examples", "10", "--workers", "1", "--generation-deterministic", "--no-color"]
-    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    hooks = {"SCHEMATHESIS_HOOKS": "support.schemathesis_hooks", "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **hooks})
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
     assert re.search(r"Tested: 8\b", run.stdout) and re.search(r"✅ Stateful", run.stdout), run.stdout
     assert live.state.llm.engine.has_unfinished() is False

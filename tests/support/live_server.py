@@ -9,7 +9,6 @@ import threading
 import time
 
 import httpx
-import uvicorn
 
 from seriatim.server import ServerConfig, create_app
 from seriatim.server.runner import Server
@@ -21,8 +20,7 @@ class LiveServer:
         self.slow = SlowSteps()
         self.app = create_app(config, load or self.slow.load)
         self.state = self.app.state.seriatim
-        self.server = Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                            lifespan="on", timeout_graceful_shutdown=5), self.state)
+        self.server = Server.of(self.app, "127.0.0.1", 0, graceful_s=5)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def start(self, wait_ready: bool = True) -> LiveServer:

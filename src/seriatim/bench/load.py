@@ -267,7 +267,8 @@ def soak(url: str, pid: int, clients: int, seconds: float, warmup: float, window
 
     tallies = asyncio.run(run())
     for i, t in enumerate(tallies):
-        print(f"window {i + 1} ({window:g} s): {t.summary()}", flush=True)
+        held = [mb for at, mb in rss if at < (i + 1) * window] or [rss[0][1]]
+        print(f"window {i + 1} ({window:g} s): {t.summary()}; RSS {held[-1]:.0f} MB", flush=True)
     settled = [mb for at, mb in rss if at >= warmup] or [rss[-1][1]]
     measured = tallies[int(warmup // window):] or tallies
     return Soak(sum(len(t.outcomes) for t in tallies), sum(len(t.failures) for t in tallies),

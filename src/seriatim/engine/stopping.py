@@ -36,10 +36,17 @@ class StopStringFilter:
 
     def _partial_match_len(self) -> int:
         """Length of the longest suffix of `pending` that is a proper prefix of a stop string."""
-        best = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.pending)), best, -1):
-                if self.pending.endswith(s[:k]):
-                    best = k
-                    break
-        return best
+        return max((held_prefix(self.pending, s) for s in self.stops), default=0)
+
+
+def held_prefix(text: str, stop: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `stop`. Only suffixes that start
+    with stop's first character can be one, so the scan visits those alone, longest first: a token's cost
+    stays near one pass over the stop strings, however many and long they are."""
+    n = len(text)
+    i = text.find(stop[0], max(0, n - len(stop) + 1))
+    while i != -1:
+        if stop.startswith(text[i:]):
+            return n - i
+        i = text.find(stop[0], i + 1)
+    return 0

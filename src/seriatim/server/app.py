@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Callable
@@ -39,7 +40,7 @@ _EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "require
 _GENERATION = {200: {"description": "The completion; with `stream`, server-sent events of its chunks",
                      "content": {"text/event-stream": {"itemSchema": _EVENT}}},
                **error_responses(400, 404, 408, 413, 429, 500, 503)}
-_TOKENS = error_responses(400, 404, 413, 503)
+_TOKENS = error_responses(400, 404, 408, 413, 503)
 
 
 class Health(BaseModel):
@@ -196,21 +197,22 @@ class _Guard:
                 await _send_error(send, invalid("the Content-Length header is not a number"))
                 return
             if int(length) > limit:
-                await _send_error(send, _too_large(limit))
+                await _send_error(send, _too_large(limit), close=True)
                 return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":  # gone before its body arrived
-                status[0] = 499
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await _send_error(send, _too_large(limit))
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
+        seconds = self.state.config.read_timeout
+        try:
+            async with asyncio.timeout(seconds):  # a trickled body must not hold the connection
+                chunks = await _read_body(receive, limit)
+        except TimeoutError:
+            await _send_error(send, APIError(408, f"the request body did not arrive within {seconds:g} s",
+                                             code="request_timeout"), close=True)
+            return
+        except APIError as e:
+            await _send_error(send, e, close=True)
+            return
+        if chunks is None:  # gone before its body arrived
+            status[0] = 499
+            return
         replayed = False
 
         async def replay():
@@ -228,6 +230,22 @@ class _Guard:
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key)
 
 
+async def _read_body(receive, limit: int) -> list[bytes] | None:
+    """The body's chunks, or None if the client disconnects first; a 413 past `limit` bytes."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return chunks
+
+
 def _too_large(limit: int) -> APIError:
     return APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
                     code="request_too_large")
@@ -240,9 +258,13 @@ def _header(scope, name: bytes) -> str | None:
     return None
 
 
-async def _send_error(send, err: APIError) -> None:
+async def _send_error(send, err: APIError, close: bool = False) -> None:
+    """Answer `err`; `close`: and end the connection (its body was not read to the end, so the next bytes on it
+    would not begin a request)."""
     body = json.dumps(error_body(err.message, err.type, err.param, err.code)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
     if err.status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": err.status, "headers": headers})

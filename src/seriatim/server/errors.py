@@ -71,7 +71,7 @@ _WHEN = {
     400: "An invalid request: the message names the problem, `param` the field",
     401: "A missing or wrong API key",
     404: "An unknown model",
-    408: "The request took longer than the server's --request-timeout",
+    408: "The request took longer than the server's --request-timeout, or its body than --read-timeout to arrive",
     413: "A body larger than the server's --max-body-bytes",
     429: "The server's queue (--max-queue) is full",
     500: "An error in the engine",
@@ -149,6 +149,7 @@ def _predicate(kind: str, ctx: dict, given: Any, msg: str) -> str:
         return f"must be {op} {_number(ctx[key])}, got {json.dumps(given)}"
     if kind in _SIZES:
         most, key, unit = _SIZES[kind]
+        unit = "characters" if isinstance(given, str) else unit  # a bound after a validator is pydantic's generic one
         if kind.endswith("short") and ctx[key] == 1:
             return "must be non-empty"
         if kind.endswith("long") and ctx[key] == 0:  # a field taken only empty, for clients that send it
@@ -178,6 +179,8 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no route {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
+        elif isinstance(exc.__cause__, RecursionError):  # FastAPI's "error parsing the body", from json.loads
+            message = "the body is not valid JSON: it is nested too deeply"
         else:
             message = str(exc.detail)
         return JSONResponse(error_body(message, _TYPES.get(exc.status_code, "invalid_request_error"), None, None),

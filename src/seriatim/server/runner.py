@@ -9,6 +9,7 @@ from typing import TextIO
 import uvicorn
 
 from .app import create_app
+from .connection import deadline_protocol, raise_open_file_limit
 from .state import ServerConfig, ServerState
 
 
@@ -21,6 +22,15 @@ class Server(uvicorn.Server):
         self.state = state
         self.listening = threading.Event()
         self.on_listening = None  # called once the sockets are bound
+
+    @classmethod
+    def of(cls, app, host: str, port: int, *, log_level: str = "warning", graceful_s: float = 10) -> Server:
+        """The server for `create_app`'s app: its clients have ServerConfig.read_timeout to send a request."""
+        state: ServerState = app.state.seriatim
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                                timeout_graceful_shutdown=graceful_s,
+                                http=deadline_protocol(state.config.read_timeout))
+        return cls(config, state)
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -69,10 +79,10 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, *, lo
     warning = exposure_warning(host, config.api_key)
     if warning:
         print(f"seriatim: warning: {warning}", file=sys.stderr, flush=True)
+    raise_open_file_limit()
     app = create_app(config)
-    state: ServerState = app.state.seriatim
-    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10,
-                                   lifespan="on"), state)
+    server = Server.of(app, host, port, log_level=log_level)
+    state = server.state
     lock = threading.Lock()
     said: set[str] = set()
 

@@ -90,6 +90,9 @@ TopK = integer(ge=-1)  # 0, and vLLM's -1, turn it off
 BestOf = integer(ge=1, le=1)  # one candidate per choice: more are not supported
 TokenId = Annotated[NonNegative, server_bound(maximum="max_token_id")]
 Regex = Annotated[NonEmptyText, Field(json_schema_extra={"format": "regex"})]
+# A grammar in llguidance's Lark syntax or llama.cpp's GBNF: a format of our own naming, which validators
+# that do not know it ignore and generators may be taught (tests/support/schemathesis_hooks.py).
+Grammar = Annotated[NonEmptyText, Field(json_schema_extra={"format": "grammar"})]
 Choices = Annotated[list[NonEmptyText], Field(min_length=1)]
 # JSON text of an object, which the server parses: a tool call's arguments, as OpenAI writes them.
 JsonObjectText = Annotated[StrictStr, Field(pattern=r"^[ \t\n\r]*\{",
@@ -101,7 +104,12 @@ JsonObjectText = Annotated[StrictStr, Field(pattern=r"^[ \t\n\r]*\{",
 JsonSchema = Annotated[dict | Text, WithJsonSchema({"type": "object",
                                                     "description": "A JSON schema (or, from vLLM's clients, its "
                                                                    "JSON text)"})]
-Stop = one_of({"string": NonEmptyText, "array": list[NonEmptyText]}, "must be a string or a list of strings")
+# Each stop string is checked against every new token's text, on the engine thread: a bounded number, of a
+# bounded length (OpenAI takes 4; vLLM's clients may send more).
+MAX_STOPS, MAX_STOP_CHARS = 64, 1000
+StopText = Annotated[NonEmptyText, Field(max_length=MAX_STOP_CHARS)]
+Stop = one_of({"string": StopText, "array": Annotated[list[StopText], Field(max_length=MAX_STOPS)]},
+              "must be a string or a list of strings")
 
 
 # ---- rules between fields --------------------------------------------------------------------------------
@@ -218,7 +226,7 @@ class StructuredOutputs(_Strict):
     json_: JsonSchema | None = Field(default=None, alias="json")
     regex: Regex | None = None
     choice: Choices | None = None
-    grammar: NonEmptyText | None = None
+    grammar: Grammar | None = None
     json_object: StrictBool | None = None
 
     rules = exclusive(_STRUCTURED, _one_constraint)
@@ -272,7 +280,7 @@ class _Sampling(_Strict):
     guided_json: JsonSchema | None = None
     guided_regex: Regex | None = None
     guided_choice: Choices | None = None
-    guided_grammar: NonEmptyText | None = None
+    guided_grammar: Grammar | None = None
 
 
 def _prompt_form(prompt: object) -> str | None:

@@ -32,6 +32,7 @@ class ServerConfig:
     max_choices: int = 64  # prompts x n in one request
     max_body_bytes: int = 1 << 20
     request_timeout: float | None = None  # seconds for one request, queue time included
+    read_timeout: float = 30.0  # seconds a client has to send a request's head, and then its body
     speculative: str | dict | None = None  # LLM's `speculative`: "ngram" or its settings
     batch_invariant: bool = True  # LLM's `batch_invariant`
     kv_cache_memory: int | None = None  # LLM's `kv_cache_memory` (bytes): the most the KV cache may hold
@@ -42,8 +43,10 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
             raise ValueError(f"max_tokens_cap must be >= 1, got {self.max_tokens_cap}")
-        if self.request_timeout is not None and not self.request_timeout > 0:
-            raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
+        for name in ("request_timeout", "read_timeout"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
 
     @property
     def model_name(self) -> str:
