@@ -149,3 +149,17 @@ def test_a_draft_limited_to_the_first_ids_proposes_only_those(models):
     assert drafts and max(drafts) < 128
     sampled = SamplingParams(temperature=0.9, seed=2, max_tokens=20, ignore_eos=True)
     assert spec.generate(ps[0], sampled)[0].token_ids == spec.generate(ps[0], sampled)[0].token_ids
+
+
+def test_greedy_requests_weigh_drafts_by_their_measured_cost_and_sampled_ones_by_weight_bytes(models):
+    from seriatim.engine.speculation import PRIOR_COST
+
+    path = str(models[0] / "Q8_0.gguf")
+    spec = LLM(path, speculative=drafting(path))
+    drafter = spec.engine.drafter
+    assert drafter.cost(spec.engine.pass_cost, 1) == drafter.relative_cost  # nothing measured yet
+    spec.generate(prompts(spec, 1), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    assert drafter.pass_cost.seconds and spec.engine.pass_cost.seconds
+    measured = drafter.cost(spec.engine.pass_cost, 1)
+    assert measured == drafter.pass_cost.estimate(1) / spec.engine.pass_cost.estimate(1) != drafter.relative_cost
+    assert drafter.cost(PRIOR_COST, 1) == drafter.relative_cost

@@ -128,6 +128,16 @@ def test_drafts_follow_acceptance_and_the_cost_of_wider_passes():
     assert cost.ratio(1, 2) == 1.0 and cost.ratio(1, 4) == pytest.approx(1 + 0.14 * 4)
 
 
+
+def test_a_pass_time_is_estimated_from_the_nearest_row_count_measured():
+    cost = PassCost(slope=0.5)
+    assert cost.estimate(1) is None  # nothing measured
+    cost.record(3, 0.02)
+    assert cost.estimate(3) == 0.02
+    assert cost.estimate(1) == pytest.approx(0.02 / 2) and cost.estimate(5) == pytest.approx(0.02 * 3 / 2)
+    cost.record(1, 0.012)
+    assert cost.estimate(1) == 0.012 and cost.estimate(2) == pytest.approx(0.012 * 1.5)  # nearest: 1 before 3
+
 def test_a_request_that_stopped_drafting_probes_again():
     missed = Acceptance(probe_after=4)
     for _ in range(10):

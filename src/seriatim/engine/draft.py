@@ -12,6 +12,7 @@ it compares tokens. Only a request's end does (`forget`), to free its blocks.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,7 @@ from ..text.tokenizer import Tokenizer
 from .block_manager import BlockManager, BlockTable
 from .runner import Feed, ModelRunner, StepBatch
 from .sequence import Sequence
-from .speculation import draw
+from .speculation import PassCost, draw
 
 
 def check_pair(target: Transformer, target_tokenizer: Tokenizer, draft: Transformer, draft_tokenizer: Tokenizer,
@@ -70,7 +71,8 @@ class DraftModel:
     `relative_cost`: one draft token's cost against a one-row pass of the target, taken as the ratio of the
     weight bytes the two models read per token (a CPU's decode pass reads each weight once): how many drafts
     pay depends on it (`Acceptance.drafts`). A fixed figure, not a timing, so that a sampled request's
-    drafts, and with them its draws, do not depend on the machine's load.
+    drafts, and with them its draws, do not depend on the machine's load. Greedy requests, whose output no
+    number of drafts changes, go by the passes' measured times instead (`cost`).
 
     `vocab`: the draft proposes only the first `vocab` token ids (None: all). Its head is then a slice of its
     own, sharing the weights: on a 0.5B model with 152k tokens the head is about a third of a decode pass's
@@ -86,7 +88,15 @@ class DraftModel:
         self.runner = ModelRunner(model, self.cache, False, batch_invariant)
         self.max_pass_tokens = max_pass_tokens  # a long prompt catches up in chunks, as the target prefills it
         self.relative_cost = model.bytes_per_token(self.head) / target.bytes_per_token()
+        self.pass_cost = PassCost()  # the draft's own passes, by the rows (drafting requests) in them
         self.states: dict[int, DraftState] = {}  # request id -> its cache
+
+    def cost(self, target: PassCost, rows: int) -> float:
+        """One draft token's cost against a pass of the target's: a draft pass over `rows` rows against a target
+        pass over as many, as both have been measured (`target` PRIOR_COST, which measures nothing: the
+        fixed `relative_cost`)."""
+        mine, theirs = self.pass_cost.estimate(rows), target.estimate(rows)
+        return self.relative_cost if mine is None or theirs is None else mine / theirs
 
     def forget(self, request_id: int) -> None:
         """Free a finished or aborted request's cache."""
@@ -109,7 +119,12 @@ class DraftModel:
             feeds.append(tokens[start:])
         active = drafting
         while active:
+            start = time.perf_counter()
             logits = self._run([(d.state, tokens) for d, tokens in zip(active, feeds)])
+            # A draft's pass feeds one or two tokens a request (the target's, and the last draft kept); one that
+            # catches up on a prompt costs more, and is not what a draft costs.
+            if all(len(tokens) <= 2 for tokens in feeds):
+                self.pass_cost.record(len(active), time.perf_counter() - start)
             for d, row in zip(active, logits):
                 d.take(*self._pick(d.seq, row, d.tokens))
             active = [d for d in active if len(d.tokens) < d.n]

@@ -307,7 +307,8 @@ class Engine:
                 seq.draft = spec.propose(seq.all_tokens(), most, seq.drafting, cost, running)
                 if (grammar := seq.sampling.grammar) is not None:  # verification masks along the drafts
                     seq.draft = seq.draft[: grammar.valid_prefix(seq.draft)]
-            elif n := spec.wanted(seq.drafting, seq.drafting.model, most, cost, running, self.drafter.relative_cost):
+            elif n := spec.wanted(seq.drafting, seq.drafting.model, most, cost, running,
+                                  self.drafter.cost(cost, running)):
                 wanted.append((seq, n))
         if wanted:
             start = time.perf_counter()

@@ -120,7 +120,18 @@ class PassCost:
         measured = self.seconds.get(rows), self.seconds.get(rows + extra)
         if None not in measured:
             return measured[1] / measured[0]
-        return (1 + self.slope * (rows + extra - 1)) / (1 + self.slope * (rows - 1))
+        return self._line(rows + extra) / self._line(rows)
+
+    def estimate(self, rows: int) -> float | None:
+        """Seconds of a pass over `rows` rows: measured, or else the nearest row count measured scaled along the
+        prior's line; None before any pass is measured."""
+        if rows in self.seconds or not self.seconds:
+            return self.seconds.get(rows)
+        near = min(self.seconds, key=lambda r: (abs(r - rows), r))
+        return self.seconds[near] * self._line(rows) / self._line(near)
+
+    def _line(self, rows: int) -> float:
+        return 1 + self.slope * (rows - 1)
 
 
 PRIOR_COST = PassCost()  # never records: the same answer on every machine and in every run
