@@ -250,23 +250,3 @@ def test_freed_memory_goes_back_when_the_engine_goes_idle(tiny_llm, monkeypatch)
             assert set(releases) == rec.threads  # in the engine thread
 
     asyncio.run(main())
-
-
-def test_a_never_idle_engine_hands_freed_memory_back_now_and_then(tiny_llm, monkeypatch):
-    """A server that is never idle for RELEASE_AFTER_IDLE_S still hands freed memory back, every
-    RELEASE_WHILE_BUSY_S, so that what glibc keeps does not build up over hours."""
-    import seriatim.engine.async_engine as module
-
-    releases = []
-    monkeypatch.setattr(module, "release_freed_memory", lambda: releases.append(time.monotonic()))
-    monkeypatch.setattr(module, "RELEASE_AFTER_IDLE_S", 60.0)
-    monkeypatch.setattr(module, "RELEASE_WHILE_BUSY_S", 0.2)
-
-    async def main():
-        async with running(RecordingEngine(tiny_llm.engine)) as ae:
-            start = time.monotonic()
-            while time.monotonic() - start < 1.5:  # back to back: never idle
-                await collect(ae, [5, 6], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-            assert 3 <= len(releases) <= 8, releases
-
-    asyncio.run(main())

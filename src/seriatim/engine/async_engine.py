@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
@@ -39,11 +38,8 @@ class QueueFull(RuntimeError):
 
 
 # Idle this long, the engine hands freed memory back to the system (hardware.release_freed_memory): not
-# between requests that follow each other closely, whose passes would pay the page faults again. A server
-# that is never idle hands it back this often instead, so that what glibc keeps (up to 128 MB an arena)
-# does not build up over hours; one pass a minute pays the faults.
+# between requests that follow each other closely, whose passes would pay the page faults again.
 RELEASE_AFTER_IDLE_S = 1.0
-RELEASE_WHILE_BUSY_S = 60.0
 
 
 class EngineError(RuntimeError):
@@ -205,7 +201,6 @@ class AsyncEngine:
     def _run(self) -> None:
         self._running.set()
         released = True  # nothing ran since freed memory was last handed back
-        last_release = time.monotonic()
         try:
             while True:
                 with self._cond:
@@ -214,12 +209,6 @@ class AsyncEngine:
                             release_freed_memory()  # a few milliseconds
                             released = True
                     work, self._inbox = self._inbox, []
-                now = time.monotonic()
-                if released:  # busy again since the last release
-                    last_release = now
-                elif now - last_release > RELEASE_WHILE_BUSY_S:
-                    release_freed_memory()
-                    last_release = now
                 released = False
                 for fn in work:
                     fn()
