@@ -30,4 +30,4 @@ def test_load_at_four_times_saturation_loses_nothing(server, capsys):
 def test_a_short_soak_has_no_failure(server):
     result = soak(server.url, server.proc.pid, clients=8, seconds=12, warmup=3, window=3)
     assert result.requests > 20 and result.failures == 0, result.summary()
-    assert abs(result.drift) <= 0.05, result.summary()
+    assert abs(result.drift) <= 0.05 and abs(result.idle_drift) <= 0.05, result.summary()
