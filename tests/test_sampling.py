@@ -1,6 +1,7 @@
 """Sampler tests: exact distributions against an independent numpy reference, determinism,
 batch invariance, validation and raw logprobs."""
 
+import math
 from collections import Counter
 from dataclasses import replace
 
@@ -335,3 +336,21 @@ def test_extreme_parameters_stay_finite_and_tend_to_greedy(logits, extreme):
     else:
         boosted = [t for t in set(PROMPT) | set(OUTPUT) if logits[t] > 0]
         assert set(tokens) <= set(boosted)
+
+
+def test_parameters_beyond_float32_and_int64_are_their_limits(logits):
+    """A temperature or repetition penalty too large for float32 (inf there), or a top_k too large for int64,
+    is its limit: a uniform distribution over the tokens not cut (a grammar's -inf stays -inf, never NaN),
+    a seen logit of 0 stays 0, no top-k cut."""
+    vocab = logits.shape[-1]
+    masked = logits.clone()
+    masked[:10] = -math.inf  # as a grammar's mask leaves them
+    hot = process_logits(masked, make_states(SamplingParams(temperature=1e308), 1)[0])
+    assert torch.equal(hot[:10], torch.full((10,), -math.inf))
+    assert torch.allclose(hot[10:], torch.full((vocab - 10,), -math.log(vocab - 10)))
+    wide = process_logits(logits, make_states(SamplingParams(top_k=2**100), 1)[0])
+    assert torch.equal(wide, process_logits(logits, make_states(SamplingParams(), 1)[0]))
+    zero = logits.clone()
+    zero[0] = 0.0
+    harsh = process_logits(zero, make_states(SamplingParams(repetition_penalty=1e308), 1, prompt=[0, 1, 2])[0])
+    assert not harsh.isnan().any() and harsh[3:].isfinite().all()

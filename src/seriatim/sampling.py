@@ -296,9 +296,10 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch
     counts = torch.stack([s.counts for s in sub])
     in_output = counts > 0
     seen = in_output | torch.stack([s.prompt_mask for s in sub])
-    rep = _column(sub, "repetition_penalty", dev)
-    # Clamped: a penalty near 0 would send seen logits to inf, and inf - inf to NaN further on.
+    # Clamped: a penalty near 0 would send seen logits to inf, and inf - inf to NaN further on; one beyond
+    # float32's range would be inf, and a logit of 0 times it NaN.
     big = torch.finfo(x.dtype).max
+    rep = _column(sub, "repetition_penalty", dev).clamp(max=big)
     x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x).clamp(-big, big)
     x = x - _column(sub, "frequency_penalty", dev) * counts - _column(sub, "presence_penalty", dev) * in_output
     logits = logits.clone()
@@ -327,7 +328,7 @@ def _cuts(logits: torch.Tensor, states: list[SamplingState]) -> tuple[torch.Tens
     """Temperature-scaled logits in descending order, their ids, and what top-k, top-k + top-p and
     top-k + top-p + min-p drop from them ([B, C] each)."""
     dev, vocab = logits.device, logits.shape[-1]
-    top_k = torch.tensor([[s.params.top_k or vocab] for s in states], device=dev)
+    top_k = torch.tensor([[min(s.params.top_k, vocab) or vocab] for s in states], device=dev)  # int64
     top_p = _column(states, "top_p", dev)
     min_p = _column(states, "min_p", dev)
     # Among equal logits the lower id ranks first, so cuts are deterministic.
@@ -366,7 +367,9 @@ def _process(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         is_max = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.argmax(-1, keepdim=True), True)
         x = x.masked_fill(greedy & ~is_max, -math.inf)
     # Greedy rows divide by 1: their single finite logit survives every cut below.
-    temperature = torch.tensor([[s.params.temperature or 1.0] for s in states], device=x.device)
+    # At most float32's largest: a larger one would round to inf, and -inf / inf is NaN.
+    temperature = torch.tensor([[s.params.temperature or 1.0] for s in states], device=x.device).clamp(
+        max=torch.finfo(torch.float32).max)
     # Shifted by the row's maximum first: the same distribution, and a tiny temperature sends the other
     # tokens to -inf (greedy, its limit) instead of overflowing the top ones to inf.
     x = (x - x.amax(-1, keepdim=True)) / temperature
