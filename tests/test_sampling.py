@@ -339,9 +339,9 @@ def test_extreme_parameters_stay_finite_and_tend_to_greedy(logits, extreme):
 
 
 def test_parameters_beyond_float32_and_int64_are_their_limits(logits):
-    """A temperature or repetition penalty too large for float32 (inf there), or a top_k too large for int64,
-    is its limit: a uniform distribution over the tokens not cut (a grammar's -inf stays -inf, never NaN),
-    a seen logit of 0 stays 0, no top-k cut."""
+    """A temperature or repetition penalty too large for float32 (inf there), a top_k too large for int64, or
+    a top_p too small for float32 (0 there), is its limit: a uniform distribution over the tokens not cut (a
+    grammar's -inf stays -inf, never NaN), a seen logit of 0 stays 0, no top-k cut, the top token alone."""
     vocab = logits.shape[-1]
     masked = logits.clone()
     masked[:10] = -math.inf  # as a grammar's mask leaves them
@@ -350,6 +350,8 @@ def test_parameters_beyond_float32_and_int64_are_their_limits(logits):
     assert torch.allclose(hot[10:], torch.full((vocab - 10,), -math.log(vocab - 10)))
     wide = process_logits(logits, make_states(SamplingParams(top_k=2**100), 1)[0])
     assert torch.equal(wide, process_logits(logits, make_states(SamplingParams(), 1)[0]))
+    narrow = process_logits(logits, make_states(SamplingParams(top_p=5e-324), 1)[0])  # 0.0 as a float32
+    assert narrow.isfinite().sum() == 1 and narrow[logits.argmax()] == 0
     zero = logits.clone()
     zero[0] = 0.0
     harsh = process_logits(zero, make_states(SamplingParams(repetition_penalty=1e308), 1, prompt=[0, 1, 2])[0])

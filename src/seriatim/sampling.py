@@ -329,7 +329,8 @@ def _cuts(logits: torch.Tensor, states: list[SamplingState]) -> tuple[torch.Tens
     top-k + top-p + min-p drop from them ([B, C] each)."""
     dev, vocab = logits.device, logits.shape[-1]
     top_k = torch.tensor([[min(s.params.top_k, vocab) or vocab] for s in states], device=dev)  # int64
-    top_p = _column(states, "top_p", dev)
+    # At least float32's smallest normal: a smaller top_p (> 0) would round to 0 and cut every token.
+    top_p = _column(states, "top_p", dev).clamp(min=torch.finfo(torch.float32).tiny)
     min_p = _column(states, "min_p", dev)
     # Among equal logits the lower id ranks first, so cuts are deterministic.
     sorted_logits, order = _ranked(logits, top_k)
