@@ -227,9 +227,9 @@ class Engine:
         """Append what `seq` took this step, and any tokens its grammar then forces; one delta for them all. A
         grammar that gives up (while verifying drafts, or on a token) ends this request alone, with an error."""
         delta = Delta(seq.request_id, "", [], [] if seq.logprobs is not None else None)
+        if isinstance(took, GrammarError):
+            return seq.fail(str(took), delta)
         try:
-            if isinstance(took, GrammarError):
-                raise took
             tokens, logprobs = took
             seq.extend(tokens, delta, logprobs)
             if not seq.finished and (forced := seq.sampling.forced()):
