@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import jsonschema
 import pytest
@@ -121,6 +123,21 @@ def test_forced_tokens_are_appended_without_sampling(tiny_llm):
     assert len(with_lp.logprobs) == len(with_lp.token_ids) and _valid(params, with_lp.text)
 
 
+@pytest.mark.parametrize("grammar", ['start: / +/ / +/ "x"', "start: /a+/ /a+/"])
+def test_a_grammar_whose_forced_text_never_ends_does_not_hold_the_engine(tiny_llama, grammar):
+    """After its first byte, each grammar allows one byte only, for ever (the first greedy lexeme never lets the
+    second begin): jump-forward would never return, inside a call that holds the GIL, so the request runs in a
+    child process with a deadline. Written grammars are generated a masked token at a time and end by length."""
+    code = ("import sys; from seriatim import LLM, SamplingParams; "
+            f"llm = LLM({str(tiny_llama[0] / 'hf')!r}, dtype='float32'); "
+            "out = llm.generate('x', SamplingParams(temperature=0, max_tokens=6, grammar=sys.argv[1]))[0]; "
+            "print(out.finish_reason, len(out.token_ids), repr(out.text))")
+    run = subprocess.run([sys.executable, "-c", code, grammar], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    reason, count, text = run.stdout.split(maxsplit=2)
+    assert (reason, count) == ("length", "6") and set(eval(text)) == {grammar[8]}
+
+
 def test_seeded_constrained_requests_reproduce_and_stream_alike(tiny_llm):
     params = SamplingParams(temperature=1.0, seed=9, max_tokens=200, json_schema=PERSON)
     first, again = (tiny_llm.generate("seed", params)[0] for _ in range(2))
@@ -193,8 +210,9 @@ def test_logprobs_stay_the_models_raw_ones(tiny_llm):
     assert sum(lp.logprob for lp in out.logprobs) < 0
 
 
-# Compiles, but its first token takes llguidance past its limit on Earley items: it gives up mid-generation.
-GIVES_UP = 'start: x{1000}\nx: "a"{1000}'
+# Compiles, but after its first token ("a") llguidance's next Earley row would hold 2,500 items, past its
+# limit of 2,000: it gives up mid-generation.
+GIVES_UP = "start: x+\nx: " + " | ".join(f'"a{i}"' for i in range(2500))
 
 
 def test_a_grammar_llguidance_gives_up_on_ends_its_request_alone(tiny_llm):
@@ -202,6 +220,6 @@ def test_a_grammar_llguidance_gives_up_on_ends_its_request_alone(tiny_llm):
               SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)]
     failed, plain = tiny_llm.generate(["one", "two"], params)
     assert failed.finish_reason == "error" and failed.token_ids == [] and failed.text == ""
-    assert failed.error.startswith("llguidance gave up on it at token ") and "Too many items" in failed.error
+    assert failed.error.startswith("llguidance gave up on it at token ") and "items; max is 2000" in failed.error
     assert plain.finish_reason == "length" and plain.token_ids == tiny_llm.generate("two", params[1])[0].token_ids
     assert not tiny_llm.engine.has_unfinished()

@@ -17,6 +17,13 @@ KINDS: tuple[Kind, ...] = ("json_schema", "json_object", "regex", "grammar", "ch
 # JSON fails to finish.
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
+# A grammar as written can have a dead end that llguidance does not see: after "a", `start: /a+/ /a+/` allows
+# only more "a"s, for ever (a greedy lexeme never lets the next one begin). Jump-forward would force those bytes
+# without end, inside one call that holds the engine thread and the GIL, so the model writes a written grammar's
+# fixed text itself, a masked token at a time. Schemas, regexes and choices, whose grammars llguidance builds
+# and checks for emptiness, keep jump-forward.
+NO_FORCING = '%llguidance {"no_forcing": true}\n'
+
 
 @dataclass(frozen=True)
 class Constraint:
@@ -61,7 +68,7 @@ class Constraint:
             lark = any_to_lark(self.spec)
         except GbnfToLarkError as e:  # not a ValueError, but as much the grammar's fault
             raise ValueError(str(e)) from None
-        return LLMatcher.grammar_from_lark(lark)
+        return LLMatcher.grammar_from_lark(NO_FORCING + lark)
 
 
 def _schema_text(value: object) -> str:
