@@ -109,9 +109,11 @@ def test_tool_misuse_is_a_400_naming_the_field(tools_server, body, param, words)
     assert err["param"] == param and words in err["message"], err
 
 
-def test_a_template_without_tools_refuses_them(server):
-    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "hf", "messages": ASK, "tools": [ADD]},
-                   timeout=30)
+@pytest.mark.parametrize("choice", [None, "none"])
+def test_a_template_without_tools_refuses_them(server, choice):
+    """Even with tool_choice "none", as the OpenAPI document says (tools: maxItems 0)."""
+    body = {"model": "hf", "messages": ASK, "tools": [ADD], **({"tool_choice": choice} if choice else {})}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
     assert "cannot offer tools" in r.json()["error"]["message"]
 

@@ -35,7 +35,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     config = state.config
     check_model(body.model, state)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    plan = plan_tools(body)
+    plan = plan_tools(body, llm.tokenizer.takes_tools)
     ids = chat_prompt_ids(llm, body.messages, plan.offered)
     n = check_n(body.n, 1, config)
     ctx = llm.config.context_length
