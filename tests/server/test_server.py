@@ -433,3 +433,13 @@ def test_serving_beyond_this_machine_without_a_key_is_warned_about(host, key, wa
     assert (warning is not None) == warned
     if warned:
         assert host in warning and "--api-key" in warning
+
+
+def test_an_event_stays_one_line_for_clients_that_split_like_splitlines():
+    """A model may write U+2028, U+2029 or U+0085, which JSON leaves raw but str.splitlines() (httpx's
+    aiter_lines) ends lines at; the soak's client once got half an event. They go out escaped."""
+    from seriatim.server.streaming import sse
+
+    text = "a\u2028b\x85c\u2029d"
+    line, blank = sse({"text": text}).splitlines()
+    assert blank == "" and json.loads(line.removeprefix("data: ")) == {"text": text}

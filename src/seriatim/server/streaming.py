@@ -20,8 +20,15 @@ log = logging.getLogger("seriatim.server")
 DONE = "data: [DONE]\n\n"
 
 
+# Characters JSON leaves unescaped that str.splitlines() (and so httpx's aiter_lines) ends a line at: a model
+# that writes one would split its event in two for such a client. JSON has them only inside strings, where
+# their escapes mean the same.
+_LINE_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
+
+
 def sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
+    return f"data: {data}\n\n"
 
 
 def event_stream(events: AsyncIterator[str], on_close) -> StreamingResponse:
