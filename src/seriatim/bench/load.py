@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -227,13 +228,13 @@ def load_test(url: str, pid: int, multiples: list[float], seconds: float, client
 class Soak:
     requests: int
     failures: int
-    rss_mb: tuple[float, float]  # under load: after the warm-up, at the end
+    rss_mb: tuple[float, float]  # under load, medians: the first window after the warm-up, the last window
     idle_rss_mb: tuple[float, float]  # idle (freed memory handed back): before the soak, after it
     p99_ttft: list[float]  # seconds, by window after the warm-up
 
     @property
     def drift(self) -> float:
-        """Resident memory under load at the end against after the warm-up."""
+        """Resident memory under load in the last window against the first after the warm-up."""
         return _change(self.rss_mb)
 
     @property
@@ -250,7 +251,7 @@ class Soak:
         return self.failures == 0 and abs(self.drift) <= 0.05 and abs(self.idle_drift) <= 0.05 and stable
 
     def summary(self) -> str:
-        return (f"soak: {self.requests} requests, {self.failures} failures; RSS under load after warm-up "
+        return (f"soak: {self.requests} requests, {self.failures} failures; RSS under load (window medians) "
                 f"{self.rss_mb[0]:.0f} -> {self.rss_mb[1]:.0f} MB ({self.drift:+.1%}); idle RSS before "
                 f"{self.idle_rss_mb[0]:.0f} -> after {self.idle_rss_mb[1]:.0f} MB ({self.idle_drift:+.1%}); "
                 f"p99 TTFT by window after warm-up (ms): {', '.join(f'{1000 * v:.0f}' for v in self.p99_ttft)}")
@@ -287,10 +288,12 @@ def soak(url: str, pid: int, clients: int, seconds: float, warmup: float, window
     for i, t in enumerate(tallies):
         held = [mb for at, mb in rss if at < (i + 1) * window] or [rss[0][1]]
         print(f"window {i + 1} ({window:g} s): {t.summary()}; RSS {held[-1]:.0f} MB", flush=True)
-    settled = [mb for at, mb in rss if at >= warmup] or [rss[-1][1]]
+    # Resident memory under load rises and falls with what is in flight: a window's median, not one sample.
+    first = [mb for at, mb in rss if warmup <= at < warmup + window] or [rss[-1][1]]
+    last = [mb for at, mb in rss if at >= seconds - window] or [rss[-1][1]]
     measured = tallies[int(warmup // window):] or tallies
     return Soak(sum(len(t.outcomes) for t in tallies), sum(len(t.failures) for t in tallies),
-                (settled[0], settled[-1]), (idle_before, idle_after),
+                (statistics.median(first), statistics.median(last)), (idle_before, idle_after),
                 [_pct(t.ttfts(), 0.99) for t in measured if t.ttfts()])
 
 
