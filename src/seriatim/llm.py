@@ -217,14 +217,18 @@ class LLM:
         generation prompt. Content may be a string or OpenAI's text parts; ParameterError (param "messages",
         or "tools" for a template that cannot offer tools) for anything the template cannot take."""
         checked = text_messages(messages)
-        if tools and not self.tokenizer.takes_tools:
-            raise ParameterError("tools", "this model's chat template cannot offer tools (it never reads `tools`)")
+        self.check_tools(tools)
         try:
             text = self.tokenizer.apply_chat_template(checked, tools=tools or None)
         except (ValueError, TemplateError) as e:
             raise ParameterError("messages", f"the chat template could not render these messages: {e}") from None
         # The template writes any BOS itself, so the tokenizer must not add another.
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def check_tools(self, tools: list | None) -> None:
+        """ParameterError (param "tools") if tools are given to a model whose chat template never reads them."""
+        if tools and not self.tokenizer.takes_tools:
+            raise ParameterError("tools", "this model's chat template cannot offer tools (it never reads `tools`)")
 
     def prompt_logprobs(self, prompt: Prompt, top_n: int = 0) -> list[TokenLogprobs | None]:
         """Each prompt token's raw log-probability given the tokens before it, with the `top_n` most likely

@@ -8,6 +8,7 @@ import uuid
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from ..errors import ParameterError
 from .completions import check_model
 from .constraints import compile_constraint, constraint_fields, constraint_param
 from .errors import invalid
@@ -35,7 +36,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     config = state.config
     check_model(body.model, state)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    plan = plan_tools(body, llm.tokenizer.takes_tools)
+    try:  # even with tool_choice "none": the OpenAPI document gives such a model's tools maxItems 0
+        llm.check_tools(body.tools)
+    except ParameterError as e:
+        raise param_error(e) from None
+    plan = plan_tools(body)
     ids = chat_prompt_ids(llm, body.messages, plan.offered)
     n = check_n(body.n, 1, config)
     ctx = llm.config.context_length

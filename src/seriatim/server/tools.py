@@ -22,15 +22,11 @@ class ToolPlan:
         return ToolCallParser(self.names) if self.names else None
 
 
-def plan_tools(body: ChatCompletionRequest, takes_tools: bool) -> ToolPlan:
+def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
     """The request's tools and tool_choice, checked (400s naming the field). With "none" the tools are not
     offered; with "auto" (the default) the model may call them; with "required" or a named function its
-    reply is held to calls (one, or with parallel_tool_calls one or more) with schema-valid arguments.
-    `takes_tools`: whether the chat template reads tools at all; if not, none may be given (the OpenAPI
-    document's `maxItems: 0`), whatever the tool_choice."""
+    reply is held to calls (one, or with parallel_tool_calls one or more) with schema-valid arguments."""
     tools, choice = body.tools or [], body.tool_choice  # "required" or a named one comes with tools (schemas.py)
-    if tools and not takes_tools:
-        raise invalid("this model's chat template cannot offer tools (it never reads `tools`)", "tools")
     if not tools or choice == "none":
         return ToolPlan(None, (), None)
     offered = [t.model_dump(exclude_none=True) for t in tools]
