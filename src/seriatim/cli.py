@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .bench.run import CONCURRENCY_ENGINES, ENGINES
+from .hardware import exec_with_tcmalloc, unblock_start_signals
 from .weights.registry import DEFAULT_MODEL, REGISTRY, installed_path, registry_entry
 
 if TYPE_CHECKING:  # PyTorch is imported by the commands that need it, inside main's error handling
@@ -387,6 +388,7 @@ def _stopped_by_signals() -> Iterator[None]:
         os._exit(0)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    unblock_start_signals()
     try:
         yield
     finally:
@@ -396,6 +398,8 @@ def _stopped_by_signals() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve" and argv is None:  # argv given: called in-process, which must not be replaced
+        exec_with_tcmalloc()
     handler = {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models, "pull": cmd_pull,
                "bench": cmd_bench, "serve": cmd_serve}[args.command]
     try:

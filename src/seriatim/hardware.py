@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import functools
 import os
+import signal
+import sys
 from pathlib import Path
 
 
@@ -86,8 +89,34 @@ def keep_freed_memory() -> None:
 
 
 def release_freed_memory() -> None:
-    """Hand what glibc keeps of freed memory (`keep_freed_memory`: up to 128 MB an arena, in every thread's
-    arena) back to the system, for an engine that has gone idle: its resident memory is then what it holds.
-    No-op off glibc."""
-    if (libc := _glibc()) is not None:
-        libc.malloc_trim(0)
+    """Hand what the allocator keeps of freed memory (glibc: `keep_freed_memory`, up to 128 MB an arena, in
+    every thread's arena; tcmalloc: its page heap) back to the system, for an engine that has gone idle: its
+    resident memory is then what it holds. No-op off glibc."""
+    if (libc := _glibc()) is None:
+        return
+    libc.malloc_trim(0)
+    if (release := getattr(ctypes.CDLL(None), "MallocExtension_ReleaseFreeMemory", None)) is not None:
+        release()
+
+
+# Blocked by `exec_with_tcmalloc`, across its exec, until `unblock_start_signals`.
+START_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def exec_with_tcmalloc() -> None:
+    """Start this command again, same process, with tcmalloc preloaded, where it is installed (Debian:
+    libtcmalloc-minimal4) and nothing else is: for `serve`, whose glibc heaps fragment under hours of
+    mixed requests (resident memory +6-10% in a 20-minute soak) where tcmalloc's stay flat at the same
+    speed. SERIATIM_MALLOC=system keeps glibc's. SIGINT and SIGTERM stay blocked across the exec, so that
+    one sent meanwhile waits for the handlers the new start installs instead of killing it half-started."""
+    if "LD_PRELOAD" in os.environ or os.environ.get("SERIATIM_MALLOC") == "system" or sys.platform != "linux":
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, START_SIGNALS)  # until unblock_start_signals, exec or not
+    if (library := ctypes.util.find_library("tcmalloc_minimal")) is not None:
+        os.execve(sys.executable, sys.orig_argv, {**os.environ, "LD_PRELOAD": library})
+
+
+def unblock_start_signals() -> None:
+    """Deliver a SIGINT or SIGTERM that arrived while `exec_with_tcmalloc` had them blocked (if it did), to
+    the handlers installed by now."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, START_SIGNALS)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import os
 import select
@@ -21,9 +22,11 @@ from seriatim.cli import main
 
 
 @contextmanager
-def serving(model: Path, *args: str) -> Iterator[subprocess.Popen]:
-    """`seriatim serve` on the tiny model in a child process, killed on the way out if it is still running."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def serving(model: Path, *args: str, env: dict[str, str | None] | None = None) -> Iterator[subprocess.Popen]:
+    """`seriatim serve` on the tiny model in a child process, killed on the way out if it is still running.
+    `env` adds to the environment, or with None removes from it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    env = {name: value for name, value in env.items() if value is not None}
     proc = subprocess.Popen(
         [sys.executable, "-m", "seriatim.cli", "serve", "--model", str(model), "--dtype", "float32", "--device",
          "cpu", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -78,11 +81,12 @@ def cpu_seconds(pid: int) -> float:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the child's CPU time from /proc")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("cpu", [0.3, 0.8, 1.3, 1.8])
+@pytest.mark.parametrize("cpu", [0.2, 0.3, 0.8, 1.3, 1.8])
 def test_a_signal_during_start_up_exits_0(tiny_llama, cpu, sig):
     """SIGINT or SIGTERM while `serve` imports PyTorch and numpy (~2 CPU seconds), builds the app, starts
-    uvicorn or loads the model: the process ends with code 0 and no traceback. (Its first ~0.1 s, before
-    seriatim's code runs, is the interpreter's: there the signals have Python's default effect.)"""
+    uvicorn or loads the model: the process ends with code 0 and no traceback. 0.2 s is about when it starts
+    again on tcmalloc (hardware.exec_with_tcmalloc), if installed. (Its first ~0.1 s, before seriatim's code
+    runs, is the interpreter's: there the signals have Python's default effect.)"""
     with serving(tiny_llama[0] / "hf", "--port", "0") as proc:
         deadline = time.monotonic() + 10  # a fast machine may finish starting first: then uvicorn has it
         while cpu_seconds(proc.pid) < cpu and time.monotonic() < deadline and proc.poll() is None:
@@ -107,6 +111,22 @@ def test_serve_comes_back_after_kill_9_while_loading(tiny_llama):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
+
+
+@pytest.mark.skipif(ctypes.util.find_library("tcmalloc_minimal") is None or not Path("/proc/self/maps").exists(),
+                    reason="tcmalloc is not installed (Debian: libtcmalloc-minimal4), or no /proc to see it in")
+@pytest.mark.parametrize(("env", "on_tcmalloc"), [
+    ({"LD_PRELOAD": None, "SERIATIM_MALLOC": None}, True), ({"LD_PRELOAD": None, "SERIATIM_MALLOC": "system"}, False),
+    ({"LD_PRELOAD": "", "SERIATIM_MALLOC": None}, False)], ids=["default", "system", "preload"])
+def test_serve_runs_on_tcmalloc_unless_told_otherwise(tiny_llama, env, on_tcmalloc):
+    """`serve` starts again on tcmalloc where it is installed, unless SERIATIM_MALLOC=system or LD_PRELOAD
+    already says what to preload; either way it serves."""
+    with serving(tiny_llama[0] / "hf", "--port", "0", env=env) as proc:
+        url = wait_until_ready(proc)
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        body = {"model": "hf", "prompt": "hi", "max_tokens": 4, "ignore_eos": True}
+        assert httpx.post(url + "/v1/completions", json=body, timeout=30).json()["usage"]["completion_tokens"] == 4
+    assert ("libtcmalloc_minimal" in maps) == on_tcmalloc
 
 
 def test_serve_unknown_model_is_an_error(capsys):
