@@ -103,6 +103,41 @@ def test_sampled_drafting_is_seeded_and_streams_the_same(pair):
     assert [t for d in spec.stream(ids, params) for t in d.token_ids] == first.token_ids
 
 
+@pytest.mark.parametrize("kw", [
+    dict(regex=r"((one|two|three|four|five) )+six", max_tokens=40),  # may end: EOS drafted as the grammar ends
+    dict(json_schema={"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+         max_tokens=24),
+])
+def test_constrained_requests_draft_within_their_grammar(pair, kw):
+    """The draft decodes under the request's grammar, advanced along its own drafts and taken back after:
+    greedy output is plain decoding's, sampled output keeps to the grammar, and the request's grammar is
+    where its output is."""
+    plain, spec = pair
+    ids = plain.tokenizer.encode(REPEAT)
+    greedy = SamplingParams(temperature=0, **kw)
+    before = spec.engine.stats.drafted
+    assert spec.generate(ids, greedy)[0].token_ids == plain.generate(ids, greedy)[0].token_ids
+    assert spec.engine.stats.drafted > before
+    sampled = SamplingParams(temperature=0.9, seed=3, **kw)
+    outputs = spec.generate([ids] * 4, sampled)
+    for out in outputs:
+        replay = spec.engine.grammars.state(sampled.constraint)
+        for token in out.token_ids:  # raises at a token the grammar does not allow
+            replay.accept(token)
+
+
+def test_a_grammar_that_leaves_the_draft_nothing_gets_no_drafts(models):
+    """With `draft_vocab`, the draft proposes only the first ids: a grammar that allows none of them leaves it
+    nothing to draw, and the request decodes plainly."""
+    path = str(models[0] / "Q8_0.gguf")
+    spec = LLM(path, speculative=drafting(path, draft_vocab=20))  # specials and ASCII 33-49: no letters
+    # Not accepting before its end, so not even EOS: 16 tokens cannot reach it.
+    params = SamplingParams(temperature=0, max_tokens=16, regex="[a-z]{200}")
+    ids = spec.tokenizer.encode(REPEAT)
+    assert spec.generate(ids, params)[0].token_ids == LLM(path).generate(ids, params)[0].token_ids
+    assert spec.engine.stats.drafted == 0
+
+
 def test_the_drafts_cache_is_freed_as_requests_end(pair):
     spec = pair[1]
     drafter = spec.engine.drafter

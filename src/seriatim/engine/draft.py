@@ -52,17 +52,36 @@ class DraftState:
 
 @dataclass
 class _Drafting:
-    """One sequence's drafts as they are decoded."""
+    """One sequence's drafts as they are decoded. A constrained request's grammar follows them (as the
+    verification's masks will), until `rollback`."""
 
     seq: Sequence
     n: int  # drafts wanted
     state: DraftState
     tokens: list[int] = field(default_factory=list)
     probs: list[torch.Tensor | None] = field(default_factory=list)  # each draft's distribution (sampled requests)
+    done: bool = False  # nothing more to draft: the grammar has ended, or allows nothing the draft can propose
 
-    def take(self, token: int, probs: torch.Tensor | None) -> None:
+    def take(self, pick: tuple[int, torch.Tensor | None] | None) -> None:
+        """Append a draft and its distribution, or with None (nothing could be drawn) end the drafting."""
+        if pick is None:
+            self.done = True
+            return
+        token, probs = pick
+        if (grammar := self.seq.sampling.grammar) is not None:
+            grammar.accept(token)
+            self.done = grammar.finished()
         self.tokens.append(token)
         self.probs.append(probs)
+
+    @property
+    def more(self) -> bool:
+        return not self.done and len(self.tokens) < self.n
+
+    def rollback(self) -> None:
+        """Take the grammar back to where the request is."""
+        if (grammar := self.seq.sampling.grammar) is not None:
+            grammar.rollback(len(self.tokens))
 
 
 class DraftModel:
@@ -118,20 +137,24 @@ class DraftModel:
             drafting.append(_Drafting(seq, n, state))
             feeds.append(tokens[start:])
         active = drafting
-        while active:
-            start = time.perf_counter()
-            logits = self._run([(d.state, tokens) for d, tokens in zip(active, feeds)])
-            # A draft's pass feeds one or two tokens a request (the target's, and the last draft kept); one that
-            # catches up on a prompt costs more, and is not what a draft costs.
-            if all(len(tokens) <= 2 for tokens in feeds):
-                self.pass_cost.record(len(active), time.perf_counter() - start)
-            for d, row in zip(active, logits):
-                d.take(*self._pick(d.seq, row, d.tokens))
-            active = [d for d in active if len(d.tokens) < d.n]
-            feeds = [d.tokens[-1:] for d in active]
+        try:
+            while active:
+                start = time.perf_counter()
+                logits = self._run([(d.state, tokens) for d, tokens in zip(active, feeds)])
+                # A draft's pass feeds one or two tokens a request (the target's, and the last draft kept); one
+                # that catches up on a prompt costs more, and is not what a draft costs.
+                if all(len(tokens) <= 2 for tokens in feeds):
+                    self.pass_cost.record(len(active), time.perf_counter() - start)
+                for d, row in zip(active, logits):
+                    d.take(self._pick(d.seq, row, d.tokens))
+                active = [d for d in active if d.more]
+                feeds = [d.tokens[-1:] for d in active]
+        finally:
+            for d in drafting:
+                d.rollback()
         for d in drafting:
             d.seq.draft = d.tokens
-            d.seq.draft_probs = None if d.seq.params.greedy else torch.stack(d.probs)
+            d.seq.draft_probs = None if d.seq.params.greedy or not d.probs else torch.stack(d.probs)
 
     def _keep_common_prefix(self, state: DraftState, tokens: list[int]) -> int:
         """Roll the cache back to the longest prefix it shares with `tokens`, leaving at least one token of
@@ -167,9 +190,13 @@ class DraftModel:
         return logits
 
     @staticmethod
-    def _pick(seq: Sequence, logits: torch.Tensor, drafted: list[int]) -> tuple[int, torch.Tensor | None]:
-        """The next draft after `drafted`, from the draft's logits [V] processed as the target's will be."""
+    def _pick(seq: Sequence, logits: torch.Tensor, drafted: list[int]) -> tuple[int, torch.Tensor | None] | None:
+        """The next draft after `drafted`, from the draft's logits [V] processed as the target's will be (its
+        grammar at `drafted`'s end); None where that leaves nothing (a grammar allowing only ids past a
+        `draft_vocab`)."""
         logprobs = process_rows(logits[None], seq.sampling.ahead(drafted))[0]
+        if logprobs.isnan().all():  # log_softmax of a row all -inf
+            return None
         if seq.params.greedy:
             return int(logprobs.argmax()), None
         probs = logprobs.exp()

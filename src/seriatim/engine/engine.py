@@ -295,9 +295,7 @@ class Engine:
         wanted = []  # a draft model's requests: drafted together
         for seq in seqs:
             params = seq.params
-            # A draft model's sampled drafts would need the grammar's masks as they are drawn: not done.
-            plain = params.trace or (params.constraint is not None and self.drafter is not None)
-            if not params.speculate or plain:
+            if not params.speculate or params.trace:
                 continue
             # A sampled request's draws follow its drafts, so their number must not depend on timings:
             # it takes the prior cost model, and a seeded request stays reproducible.

@@ -31,6 +31,10 @@ class GrammarState:
         """How many of `tokens`, taken in order from here, the grammar allows (a speculation's drafts)."""
         return self.matcher.validate_tokens(tokens)
 
+    def finished(self) -> bool:
+        """Whether the grammar has ended (taken its EOS): no token can follow."""
+        return self.matcher.is_stopped()
+
     def rollback(self, count: int) -> None:
         """Undo the last `count` accepted tokens."""
         if count and not self.matcher.rollback(count):
