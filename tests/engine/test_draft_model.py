@@ -138,6 +138,21 @@ def test_a_grammar_that_leaves_the_draft_nothing_gets_no_drafts(models):
     assert spec.engine.stats.drafted == 0
 
 
+def test_a_grammar_that_gives_up_on_a_draft_ends_its_request_alone(pair):
+    """After "b", the draft proposes "c", where llguidance gives up (an Earley row of 2,500 items against its
+    2,000): that request ends with plain decoding's error and tokens, the other in its batch goes on."""
+    plain, spec = pair
+    gives_up = 'start: "b" "c" x+\nx: ' + " | ".join(f'"a{i}"' for i in range(2500))
+    params = [SamplingParams(temperature=0, max_tokens=8, grammar=gives_up),
+              SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)]
+    failed, other = spec.generate(["one", "two"], params)
+    expected = plain.generate(["one", "two"], params)
+    assert failed.finish_reason == "error" and "items; max is 2000" in failed.error
+    assert (failed.token_ids, failed.error) == (expected[0].token_ids, expected[0].error)
+    assert other.token_ids == expected[1].token_ids and other.finish_reason == "length"
+    assert not spec.engine.has_unfinished() and not spec.engine.drafter.states
+
+
 def test_the_drafts_cache_is_freed_as_requests_end(pair):
     spec = pair[1]
     drafter = spec.engine.drafter
@@ -174,8 +189,9 @@ def test_a_draft_limited_to_the_first_ids_proposes_only_those(models):
     drafts = []
 
     def propose(wanted):
-        type(drafter).propose(drafter, wanted)
+        failed = type(drafter).propose(drafter, wanted)
         drafts.extend(t for seq, _ in wanted for t in seq.draft)
+        return failed
 
     drafter.propose = propose
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)

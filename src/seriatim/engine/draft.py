@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..grammar.state import GrammarError
 from ..model.paged_kv import PagedKVCache
 from ..model.quant import leading_rows
 from ..model.transformer import Transformer
@@ -61,6 +62,7 @@ class _Drafting:
     tokens: list[int] = field(default_factory=list)
     probs: list[torch.Tensor | None] = field(default_factory=list)  # each draft's distribution (sampled requests)
     done: bool = False  # nothing more to draft: the grammar has ended, or allows nothing the draft can propose
+    error: GrammarError | None = None  # llguidance gave up on a draft: the request cannot go on
 
     def take(self, pick: tuple[int, torch.Tensor | None] | None) -> None:
         """Append a draft and its distribution, or with None (nothing could be drawn) end the drafting."""
@@ -69,7 +71,11 @@ class _Drafting:
             return
         token, probs = pick
         if (grammar := self.seq.sampling.grammar) is not None:
-            grammar.accept(token)
+            try:
+                grammar.accept(token)
+            except GrammarError as e:
+                self.error, self.done = e, True
+                return
             self.done = grammar.finished()
         self.tokens.append(token)
         self.probs.append(probs)
@@ -79,8 +85,8 @@ class _Drafting:
         return not self.done and len(self.tokens) < self.n
 
     def rollback(self) -> None:
-        """Take the grammar back to where the request is."""
-        if (grammar := self.seq.sampling.grammar) is not None:
+        """Take the grammar back to where the request is (one that has given up cannot be)."""
+        if (grammar := self.seq.sampling.grammar) is not None and self.error is None:
             grammar.rollback(len(self.tokens))
 
 
@@ -122,10 +128,11 @@ class DraftModel:
         if (state := self.states.pop(request_id, None)) is not None:
             self.blocks.free_table(state.table)
 
-    def propose(self, wanted: list[tuple[Sequence, int]]) -> None:
+    def propose(self, wanted: list[tuple[Sequence, int]]) -> list[tuple[Sequence, GrammarError]]:
         """Set each sequence's `draft` to the draft model's next `n` tokens after its own (greedy: its argmax;
         sampled: drawn from its processed distribution with the request's generator, which is kept in
-        `draft_probs` [n, V] for the verification). A sequence the draft's cache has no room for gets none."""
+        `draft_probs` [n, V] for the verification). A sequence the draft's cache has no room for gets none.
+        Returns the sequences whose grammar llguidance gave up on at a draft: they cannot go on."""
         drafting, feeds = [], []
         for seq, n in wanted:
             state = self.states.setdefault(seq.request_id, DraftState())
@@ -153,8 +160,9 @@ class DraftModel:
             for d in drafting:
                 d.rollback()
         for d in drafting:
-            d.seq.draft = d.tokens
-            d.seq.draft_probs = None if d.seq.params.greedy or not d.probs else torch.stack(d.probs)
+            d.seq.draft = [] if d.error else d.tokens
+            d.seq.draft_probs = None if d.seq.params.greedy or not d.seq.draft else torch.stack(d.probs)
+        return [(d.seq, d.error) for d in drafting if d.error is not None]
 
     def _keep_common_prefix(self, state: DraftState, tokens: list[int]) -> int:
         """Roll the cache back to the longest prefix it shares with `tokens`, leaving at least one token of
