@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from seriatim import LLM, SamplingParams
+from seriatim.engine.draft import DraftModel
 from support.speculation import REPEAT, prompts
 from support.tiny_models import make_hf_llama
 
@@ -109,9 +110,9 @@ def test_sampled_drafting_is_seeded_and_streams_the_same(pair):
          max_tokens=24),
 ])
 def test_constrained_requests_draft_within_their_grammar(pair, kw):
-    """The draft decodes under the request's grammar, advanced along its own drafts and taken back after:
-    greedy output is plain decoding's, sampled output keeps to the grammar, and the request's grammar is
-    where its output is."""
+    """The draft decodes under a copy of the request's grammar, advanced along its drafts: greedy output is
+    plain decoding's (the request's own grammar left where its tokens put it), sampled output keeps to the
+    grammar."""
     plain, spec = pair
     ids = plain.tokenizer.encode(REPEAT)
     greedy = SamplingParams(temperature=0, **kw)
@@ -131,25 +132,47 @@ def test_a_grammar_that_leaves_the_draft_nothing_gets_no_drafts(models):
     nothing to draw, and the request decodes plainly."""
     path = str(models[0] / "Q8_0.gguf")
     spec = LLM(path, speculative=drafting(path, draft_vocab=20))  # specials and ASCII 33-49: no letters
+    drafter, asked = spec.engine.drafter, []
+
+    def propose(wanted):
+        asked.extend(n for _, n in wanted)
+        type(drafter).propose(drafter, wanted)
+
+    drafter.propose = propose
     # Not accepting before its end, so not even EOS: 16 tokens cannot reach it.
     params = SamplingParams(temperature=0, max_tokens=16, regex="[a-z]{200}")
     ids = spec.tokenizer.encode(REPEAT)
     assert spec.generate(ids, params)[0].token_ids == LLM(path).generate(ids, params)[0].token_ids
-    assert spec.engine.stats.drafted == 0
+    assert sum(asked) > 0 and spec.engine.stats.drafted == 0
 
 
-def test_a_grammar_that_gives_up_on_a_draft_ends_its_request_alone(pair):
-    """After "b", the draft proposes "c", where llguidance gives up (an Earley row of 2,500 items against its
-    2,000): that request ends with plain decoding's error and tokens, the other in its batch goes on."""
+GIVES_UP_AFTER_C = " | ".join(f'"a{i}"' for i in range(2500))  # an Earley row past llguidance's 2,000 items
+
+
+def test_a_grammar_that_gives_up_on_a_draft_ends_only_what_plain_decoding_ends(pair, monkeypatch):
+    """llguidance gives up on "c" after "b". Drafts are taken on a copy of the grammar, so a draft there ends
+    the drafting, not the request: one that takes "c" itself ends with plain decoding's error and tokens (the
+    other request in its batch goes on), and one the target steers to "d" finishes as plain decoding does,
+    even with a draft that always proposes "c"."""
     plain, spec = pair
-    gives_up = 'start: "b" "c" x+\nx: ' + " | ".join(f'"a{i}"' for i in range(2500))
-    params = [SamplingParams(temperature=0, max_tokens=8, grammar=gives_up),
+    grammar = f'start: "b" ("c" x+ | "d")\nx: {GIVES_UP_AFTER_C}'
+    c, d = spec.tokenizer.encode("c")[0], spec.tokenizer.encode("d")[0]
+    params = [SamplingParams(temperature=0, max_tokens=8, grammar=grammar, logit_bias={c: 100.0}),
               SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)]
     failed, other = spec.generate(["one", "two"], params)
     expected = plain.generate(["one", "two"], params)
     assert failed.finish_reason == "error" and "items; max is 2000" in failed.error
     assert (failed.token_ids, failed.error) == (expected[0].token_ids, expected[0].error)
     assert other.token_ids == expected[1].token_ids and other.finish_reason == "length"
+
+    pick = DraftModel._pick
+    monkeypatch.setattr(DraftModel, "_pick", staticmethod(lambda sampling, logits, drafted: (c, None)))
+    steered = SamplingParams(temperature=0, max_tokens=8, grammar=grammar, logit_bias={d: 100.0})
+    before = spec.engine.stats.drafted
+    out = spec.generate("one", steered)[0]
+    assert out.finish_reason == "stop" and out.token_ids == plain.generate("one", steered)[0].token_ids
+    assert spec.engine.stats.drafted == before  # every first draft was "c": none survived
+    monkeypatch.setattr(DraftModel, "_pick", pick)
     assert not spec.engine.has_unfinished() and not spec.engine.drafter.states
 
 
@@ -189,9 +212,8 @@ def test_a_draft_limited_to_the_first_ids_proposes_only_those(models):
     drafts = []
 
     def propose(wanted):
-        failed = type(drafter).propose(drafter, wanted)
+        type(drafter).propose(drafter, wanted)
         drafts.extend(t for seq, _ in wanted for t in seq.draft)
-        return failed
 
     drafter.propose = propose
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)

@@ -33,8 +33,8 @@ def methods(draft) -> dict[str, dict]:
             "draft": {"method": "draft", "model": str(draft), **every_pass}}
 
 
-# At most one "/" ('/' is token 17), then a long end no three tokens reach: the grammar's mask depends on the
-# tokens before (drafts included), and no end of text among the first three tokens.
+# At most two "/" in a row ('/' is token 17), then a long end no three tokens reach: the grammar's mask
+# depends on the tokens before (drafts included), and no end of text among the first three tokens.
 REGEX = "(/?/?[^/])*!#!#!#!#!#!#!#!#"
 
 

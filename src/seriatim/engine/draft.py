@@ -11,6 +11,7 @@ it compares tokens. Only a request's end does (`forget`), to free its blocks.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -21,12 +22,14 @@ from ..grammar.state import GrammarError
 from ..model.paged_kv import PagedKVCache
 from ..model.quant import leading_rows
 from ..model.transformer import Transformer
-from ..sampling import process_rows
+from ..sampling import SamplingState, process_rows
 from ..text.tokenizer import Tokenizer
 from .block_manager import BlockManager, BlockTable
 from .runner import Feed, ModelRunner, StepBatch
 from .sequence import Sequence
 from .speculation import PassCost, draw
+
+Pick = tuple[int, torch.Tensor | None]  # a draft, and the distribution it was drawn from (sampled requests)
 
 
 def check_pair(target: Transformer, target_tokenizer: Tokenizer, draft: Transformer, draft_tokenizer: Tokenizer,
@@ -53,28 +56,37 @@ class DraftState:
 
 @dataclass
 class _Drafting:
-    """One sequence's drafts as they are decoded. A constrained request's grammar follows them (as the
-    verification's masks will), until `rollback`."""
+    """One sequence's drafts as they are decoded, under `sampling`: the sequence's own sampling state but for
+    its grammar, a copy the drafts advance (as the verification's masks will be) and then leave. A draft that
+    llguidance gives up on ends the drafting only: the target may never take that token."""
 
     seq: Sequence
     n: int  # drafts wanted
     state: DraftState
+    sampling: SamplingState
     tokens: list[int] = field(default_factory=list)
     probs: list[torch.Tensor | None] = field(default_factory=list)  # each draft's distribution (sampled requests)
-    done: bool = False  # nothing more to draft: the grammar has ended, or allows nothing the draft can propose
-    error: GrammarError | None = None  # llguidance gave up on a draft: the request cannot go on
+    done: bool = False  # no more drafts: the grammar has ended, given up, or allows nothing the draft has
 
-    def take(self, pick: tuple[int, torch.Tensor | None] | None) -> None:
+    @classmethod
+    def of(cls, seq: Sequence, n: int, state: DraftState) -> _Drafting:
+        sampling = seq.sampling
+        if sampling.grammar is not None:
+            sampling = copy.copy(sampling)
+            sampling.grammar = sampling.grammar.copy()
+        return cls(seq, n, state, sampling)
+
+    def take(self, pick: Pick | None) -> None:
         """Append a draft and its distribution, or with None (nothing could be drawn) end the drafting."""
         if pick is None:
             self.done = True
             return
         token, probs = pick
-        if (grammar := self.seq.sampling.grammar) is not None:
+        if (grammar := self.sampling.grammar) is not None:
             try:
                 grammar.accept(token)
-            except GrammarError as e:
-                self.error, self.done = e, True
+            except GrammarError:
+                self.done = True
                 return
             self.done = grammar.finished()
         self.tokens.append(token)
@@ -83,11 +95,6 @@ class _Drafting:
     @property
     def more(self) -> bool:
         return not self.done and len(self.tokens) < self.n
-
-    def rollback(self) -> None:
-        """Take the grammar back to where the request is (one that has given up cannot be)."""
-        if (grammar := self.seq.sampling.grammar) is not None and self.error is None:
-            grammar.rollback(len(self.tokens))
 
 
 class DraftModel:
@@ -128,11 +135,10 @@ class DraftModel:
         if (state := self.states.pop(request_id, None)) is not None:
             self.blocks.free_table(state.table)
 
-    def propose(self, wanted: list[tuple[Sequence, int]]) -> list[tuple[Sequence, GrammarError]]:
+    def propose(self, wanted: list[tuple[Sequence, int]]) -> None:
         """Set each sequence's `draft` to the draft model's next `n` tokens after its own (greedy: its argmax;
         sampled: drawn from its processed distribution with the request's generator, which is kept in
-        `draft_probs` [n, V] for the verification). A sequence the draft's cache has no room for gets none.
-        Returns the sequences whose grammar llguidance gave up on at a draft: they cannot go on."""
+        `draft_probs` [n, V] for the verification). A sequence the draft's cache has no room for gets none."""
         drafting, feeds = [], []
         for seq, n in wanted:
             state = self.states.setdefault(seq.request_id, DraftState())
@@ -141,28 +147,23 @@ class DraftModel:
             if not self.blocks.grow(state.table, len(tokens) + n - 1):
                 self.forget(seq.request_id)
                 continue
-            drafting.append(_Drafting(seq, n, state))
+            drafting.append(_Drafting.of(seq, n, state))
             feeds.append(tokens[start:])
         active = drafting
-        try:
-            while active:
-                start = time.perf_counter()
-                logits = self._run([(d.state, tokens) for d, tokens in zip(active, feeds)])
-                # A draft's pass feeds one or two tokens a request (the target's, and the last draft kept); one
-                # that catches up on a prompt costs more, and is not what a draft costs.
-                if all(len(tokens) <= 2 for tokens in feeds):
-                    self.pass_cost.record(len(active), time.perf_counter() - start)
-                for d, row in zip(active, logits):
-                    d.take(self._pick(d.seq, row, d.tokens))
-                active = [d for d in active if d.more]
-                feeds = [d.tokens[-1:] for d in active]
-        finally:
-            for d in drafting:
-                d.rollback()
+        while active:
+            start = time.perf_counter()
+            logits = self._run([(d.state, tokens) for d, tokens in zip(active, feeds)])
+            # A draft's pass feeds one or two tokens a request (the target's, and the last draft kept); one that
+            # catches up on a prompt costs more, and is not what a draft costs.
+            if all(len(tokens) <= 2 for tokens in feeds):
+                self.pass_cost.record(len(active), time.perf_counter() - start)
+            for d, row in zip(active, logits):
+                d.take(self._pick(d.sampling, row, d.tokens))
+            active = [d for d in active if d.more]
+            feeds = [d.tokens[-1:] for d in active]
         for d in drafting:
-            d.seq.draft = [] if d.error else d.tokens
-            d.seq.draft_probs = None if d.seq.params.greedy or not d.seq.draft else torch.stack(d.probs)
-        return [(d.seq, d.error) for d in drafting if d.error is not None]
+            d.seq.draft = d.tokens
+            d.seq.draft_probs = None if d.seq.params.greedy or not d.probs else torch.stack(d.probs)
 
     def _keep_common_prefix(self, state: DraftState, tokens: list[int]) -> int:
         """Roll the cache back to the longest prefix it shares with `tokens`, leaving at least one token of
@@ -198,14 +199,14 @@ class DraftModel:
         return logits
 
     @staticmethod
-    def _pick(seq: Sequence, logits: torch.Tensor, drafted: list[int]) -> tuple[int, torch.Tensor | None] | None:
-        """The next draft after `drafted`, from the draft's logits [V] processed as the target's will be (its
-        grammar at `drafted`'s end); None where that leaves nothing (a grammar allowing only ids past a
-        `draft_vocab`)."""
-        logprobs = process_rows(logits[None], seq.sampling.ahead(drafted))[0]
+    def _pick(sampling: SamplingState, logits: torch.Tensor, drafted: list[int]) -> Pick | None:
+        """The next draft after `drafted`, from the draft's logits [V] processed as the target's will be (the
+        grammar in `sampling` at `drafted`'s end); None where that leaves nothing (a grammar allowing only ids
+        past a `draft_vocab`)."""
+        logprobs = process_rows(logits[None], sampling.ahead(drafted))[0]
         if logprobs.isnan().all():  # log_softmax of a row all -inf
             return None
-        if seq.params.greedy:
+        if sampling.params.greedy:
             return int(logprobs.argmax()), None
         probs = logprobs.exp()
-        return draw(probs, seq.sampling.generator), probs
+        return draw(probs, sampling.generator), probs

@@ -213,22 +213,15 @@ class Engine:
             delta.forward_pass = Pass(self.stats.steps, seconds, c.length)
             self.stats.generated_tokens += len(delta.token_ids)
             if seq.finished:
-                self._end(seq)
+                self._drop(seq)
+                if seq.finish_reason == "error":
+                    self.stats.aborted += 1
+                else:
+                    self.stats.finished += 1
             results.append((delta, seq))
         if self.speculation is not None:
-            deltas = {seq.request_id: delta for delta, seq in results}
-            for seq, error in self._propose(self.speculation, [seq for _, seq in results if not seq.finished]):
-                seq.fail(str(error), deltas[seq.request_id])
-                self._end(seq)
+            self._propose(self.speculation, [seq for _, seq in results if not seq.finished])
         return results
-
-    def _end(self, seq: Sequence) -> None:
-        """Count a request that has just finished, or failed, and forget it."""
-        self._drop(seq)
-        if seq.finish_reason == "error":
-            self.stats.aborted += 1
-        else:
-            self.stats.finished += 1
 
     def _advance(self, seq: Sequence, took: Taken | GrammarError) -> Delta:
         """Append what `seq` took this step, and any tokens its grammar then forces; one delta for them all. A
@@ -295,9 +288,8 @@ class Engine:
         seq.draft = []
         return verdict.tokens
 
-    def _propose(self, spec: Speculation, seqs: list[Sequence]) -> list[tuple[Sequence, GrammarError]]:
-        """Drafts for the next pass of those of `seqs` that may speculate, as many as the batch leaves room for.
-        Returns those whose grammar gave up on a draft (a draft model's: DraftModel.propose)."""
+    def _propose(self, spec: Speculation, seqs: list[Sequence]) -> None:
+        """Drafts for the next pass of those of `seqs` that may speculate, as many as the batch leaves room for."""
         running = len(self.scheduler.running)
         room = spec.drafts_per_sequence(running)
         wanted = []  # a draft model's requests: drafted together
@@ -316,12 +308,10 @@ class Engine:
             elif n := spec.wanted(seq.drafting, seq.drafting.model, most, cost, running,
                                   self.drafter.cost(cost, running)):
                 wanted.append((seq, n))
-        if not wanted:
-            return []
-        start = time.perf_counter()
-        failed = self.drafter.propose(wanted)
-        self.stats.draft_seconds += time.perf_counter() - start
-        return failed
+        if wanted:
+            start = time.perf_counter()
+            self.drafter.propose(wanted)
+            self.stats.draft_seconds += time.perf_counter() - start
 
     def _forward(self, chunks: list[Chunk]) -> torch.Tensor:
         for c in chunks:

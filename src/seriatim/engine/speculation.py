@@ -29,7 +29,7 @@ class Speculation:
     """Up to `k` drafts per pass. Prompt lookup drafts the continuation of the longest recurring suffix of
     `max_n` down to `min_n` tokens; lookahead adds the model's own predictions from earlier passes; a draft
     model (`model`: a registry name or path of a smaller model with the same vocabulary) decodes them
-    itself (draft.py). A request speculates unless it has a trace.
+    itself (draft.py). A request speculates unless it has a trace or asks not to (`speculate=False`).
 
     min_n = 2 by default: a lone recurring token predicts poorly (on SmolLM2 and Qwen2.5-Coder-0.5B about
     0.3 of first drafts kept, against 0.55-0.9 after two), and a pass that feeds k rejected drafts costs

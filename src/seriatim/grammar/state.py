@@ -31,6 +31,10 @@ class GrammarState:
         """How many of `tokens`, taken in order from here, the grammar allows (a speculation's drafts)."""
         return self.matcher.validate_tokens(tokens)
 
+    def copy(self) -> GrammarState:
+        """An independent state at the same place (a speculation's drafts advance it, then leave it)."""
+        return GrammarState(self.matcher.deep_copy(), self.width)
+
     def finished(self) -> bool:
         """Whether the grammar has ended (taken its EOS): no token can follow."""
         return self.matcher.is_stopped()
