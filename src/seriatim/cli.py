@@ -398,8 +398,6 @@ def _stopped_by_signals() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve" and argv is None:  # argv given: called in-process, which must not be replaced
-        exec_with_tcmalloc()
     handler = {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models, "pull": cmd_pull,
                "bench": cmd_bench, "serve": cmd_serve}[args.command]
     try:
@@ -413,5 +411,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `seriatim` program: `main` on the command line, where `serve` first starts again on tcmalloc
+    (hardware.exec_with_tcmalloc). `main` itself never replaces the process it is called in."""
+    if sys.argv[1:2] == ["serve"]:
+        exec_with_tcmalloc()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -112,11 +112,17 @@ def exec_with_tcmalloc() -> None:
     if "LD_PRELOAD" in os.environ or os.environ.get("SERIATIM_MALLOC") == "system" or sys.platform != "linux":
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, START_SIGNALS)  # until unblock_start_signals, exec or not
-    if (library := ctypes.util.find_library("tcmalloc_minimal")) is not None:
+    if (library := ctypes.util.find_library("tcmalloc_minimal")) is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
         os.execve(sys.executable, sys.orig_argv, {**os.environ, "LD_PRELOAD": library})
+    except OSError as e:  # this process goes on, on glibc's allocator
+        print(f"seriatim: warning: cannot start again on tcmalloc ({e})", file=sys.stderr)
 
 
 def unblock_start_signals() -> None:
-    """Deliver a SIGINT or SIGTERM that arrived while `exec_with_tcmalloc` had them blocked (if it did), to
-    the handlers installed by now."""
+    """Deliver a SIGINT or SIGTERM that arrived while `exec_with_tcmalloc` had them blocked, to the handlers
+    installed by now (`serve` unblocks them whether or not they were)."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, START_SIGNALS)
