@@ -95,8 +95,14 @@ def release_freed_memory() -> None:
     if (libc := _glibc()) is None:
         return
     libc.malloc_trim(0)
-    if (release := getattr(ctypes.CDLL(None), "MallocExtension_ReleaseFreeMemory", None)) is not None:
+    if (release := _tcmalloc_release()) is not None:
         release()
+
+
+@functools.cache
+def _tcmalloc_release():
+    """tcmalloc's call that returns its free pages, where the process runs on it (`exec_with_tcmalloc`)."""
+    return getattr(ctypes.CDLL(None), "MallocExtension_ReleaseFreeMemory", None)
 
 
 # Blocked by `exec_with_tcmalloc`, across its exec, until `unblock_start_signals`.

@@ -228,6 +228,15 @@ class SamplingState:
                                 torch.ones(len(tokens), device=self.device), accumulate=True)
         return later
 
+    def branch(self) -> SamplingState:
+        """This state with a grammar of its own at the same place (a draft model's drafts advance it and leave
+        it), sharing the rest: the generator draws on. Itself when it has no grammar."""
+        if self.grammar is None:
+            return self
+        branch = copy.copy(self)
+        branch.grammar = self.grammar.copy()
+        return branch
+
     def forced(self) -> list[int]:
         """Tokens the grammar forces next, to append without sampling (jump-forward). None are forced for a
         request that wants logprobs: each of its tokens is sampled, so each has the model's logprob."""

@@ -11,7 +11,6 @@ it compares tokens. Only a request's end does (`forget`), to free its blocks.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -67,14 +66,6 @@ class _Drafting:
     tokens: list[int] = field(default_factory=list)
     probs: list[torch.Tensor | None] = field(default_factory=list)  # each draft's distribution (sampled requests)
     done: bool = False  # no more drafts: the grammar has ended, given up, or allows nothing the draft has
-
-    @classmethod
-    def of(cls, seq: Sequence, n: int, state: DraftState) -> _Drafting:
-        sampling = seq.sampling
-        if sampling.grammar is not None:
-            sampling = copy.copy(sampling)
-            sampling.grammar = sampling.grammar.copy()
-        return cls(seq, n, state, sampling)
 
     def take(self, pick: Pick | None) -> None:
         """Append a draft and its distribution, or with None (nothing could be drawn) end the drafting."""
@@ -147,7 +138,7 @@ class DraftModel:
             if not self.blocks.grow(state.table, len(tokens) + n - 1):
                 self.forget(seq.request_id)
                 continue
-            drafting.append(_Drafting.of(seq, n, state))
+            drafting.append(_Drafting(seq, n, state, seq.sampling.branch()))
             feeds.append(tokens[start:])
         active = drafting
         while active:
