@@ -45,9 +45,13 @@ inline at::Tensor decode_attention_by(const at::Tensor& q, const at::Tensor& k, 
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   const AttendGroup attend = attend_for(dim);
   store_new_keys(k, v, k_cache, v_cache, rows, write);
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t tasks = batch * kv_heads;
+  at::parallel_for(0, tasks, 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> scores(group * width);
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t u = u0; u < u1; ++u) {
+      // Tasks taken from both ends in turn: the threads' contiguous shares of u then mix short and long
+      // rows (a prompt chunk's rows see 1, 2, ... keys; in order, the last thread got most of the work).
+      const int64_t t = u % 2 == 0 ? u / 2 : tasks - 1 - u / 2;
       const int64_t b = t / kv_heads, kvh = t % kv_heads;
       const int64_t* seq = sp + b * width;
       const CacheRows key{kc + kvh * capacity * dim, seq, dim}, value{vc + kvh * capacity * dim, seq, dim};
