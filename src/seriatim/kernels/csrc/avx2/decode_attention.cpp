@@ -1,8 +1,7 @@
 // One new query per sequence over its cached keys and values (csrc/decode_attention.cpp's op), with AVX2
-// and FMA: bfloat16 widened to float32 exactly, scores as float32 dot products (each key widened once for
-// all the query heads that share it), softmax, and the weighted sum of values, reading keys and values
-// where they lie in the cache. Specialised per head size (a multiple of 16), so a head's value sums stay
-// in registers.
+// and FMA: bfloat16 widened to float32 exactly, scores as float32 dot products, softmax, and the weighted
+// sum of values, reading keys and values where they lie in the cache. Keys and values are widened a block
+// at a time, once for all the query heads that share them. Specialised per head size (a multiple of 16).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -31,8 +30,8 @@ inline void prefetch_row(const BFloat16* p, int64_t dim) {
   for (int64_t d = 0; d < dim; d += 32) _mm_prefetch(reinterpret_cast<const char*>(p + d), _MM_HINT_T0);
 }
 
-// Rows j0 .. j0 + count of `rows` (key(j) or value(j)) widened to float32 into f [count, 8 V]; a block
-// shorter than `width` rows is padded with zeros.
+// Rows j0 .. j0 + count of `rows` (key(j) or value(j)) widened to float32 into f [width, 8 V], rows count ..
+// width zeroed (score lanes that scores_of does not keep).
 template <int V, typename Rows>
 void widen_rows(Rows rows, int64_t j0, int64_t count, int64_t length, int64_t width, float* f) {
   for (int64_t i = 0; i < width; ++i) {

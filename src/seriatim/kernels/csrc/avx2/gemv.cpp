@@ -31,8 +31,9 @@ using namespace seriatim;
 constexpr int64_t kBlock = kInt4Block;
 constexpr int64_t kSpan = 32;  // columns per activation scale, and per widening of the int16 sums
 constexpr int kMaxRows = 4;  // activation rows per pass over a weight block (2 R int16 sums in registers)
-// Bytes ahead of the weights being read. int4 blocks prefetch every cache line of the span this far ahead:
-// with two lines per span, the hardware prefetcher alone streamed a lone decode row's weights at ~15 GB/s.
+// Bytes ahead of the weights being read (both kernels). An int4 span's 16 cache lines are all prefetched
+// this far (two spans) ahead: the hardware prefetcher alone does not keep up with a lone row's stream. The
+// last spans of the buffer prefetch past its end, which costs a few lines and never faults.
 constexpr int kPrefetch = 2048;
 
 // ---- int4 ---------------------------------------------------------------------------------------------
