@@ -32,9 +32,10 @@ constexpr int64_t kBlock = kInt4Block;
 constexpr int64_t kSpan = 32;  // columns per activation scale, and per widening of the int16 sums
 constexpr int kMaxRows = 4;  // activation rows per pass over a weight block (2 R int16 sums in registers)
 // Bytes ahead of the weights being read (both kernels). An int4 span's 16 cache lines are all prefetched
-// this far (two spans) ahead: the hardware prefetcher alone does not keep up with a lone row's stream. The
-// last spans of the buffer prefetch past its end, which costs a few lines and never faults.
-constexpr int kPrefetch = 2048;
+// this far (eight spans) ahead: the hardware prefetcher alone does not keep up with a lone row's stream, and
+// a lone row consumes a span fast enough that two spans ahead is too late. The last spans of the buffer
+// prefetch past its end, which costs a few lines and never faults.
+constexpr int kPrefetch = 8192;
 
 // ---- int4 ---------------------------------------------------------------------------------------------
 
