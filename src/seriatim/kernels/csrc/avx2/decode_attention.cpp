@@ -63,21 +63,20 @@ inline __m256 sum8_each(const __m256 a[8]) {
   return _mm256_permutevar8x32_ps(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-// Scores of the `group` query heads sharing a key/value head (q: [group, 8 V] bfloat16) against `length`
-// keys -> s[g * length + j] = scale * q_g . k_j: each score a float32 sum over the head's lanes in one fixed
-// order. Keys are widened to float32 kKeys at a time, once for all the heads, whose eight dot products
-// per block then run side by side.
+// Scores of the `group` query heads sharing a key/value head (q: [group, 8 V] bfloat16, widened into
+// `queries` [group, 8 V]) against `length` keys -> s[g * length + j] = scale * q_g . k_j: each score a
+// float32 sum over the head's lanes in one fixed order. Keys are widened to float32 kKeys at a time, once
+// for all the heads, whose eight dot products per block then run side by side.
 template <int V, typename Key>
-void scores_of(const BFloat16* q, int64_t group, int64_t length, float scale, Key key, float* s) {
-  std::vector<float> queries(group * 8 * V);
-  for (int64_t i = 0; i < group * V; ++i) _mm256_storeu_ps(queries.data() + 8 * i, load_bf16(q + 8 * i));
+void scores_of(const BFloat16* q, int64_t group, int64_t length, float scale, Key key, float* queries, float* s) {
+  for (int64_t i = 0; i < group * V; ++i) _mm256_storeu_ps(queries + 8 * i, load_bf16(q + 8 * i));
   alignas(32) float keys[kKeys * 8 * V];
   const __m256 sc = _mm256_set1_ps(scale);
   for (int64_t j0 = 0; j0 < length; j0 += kKeys) {
     const int64_t count = std::min(kKeys, length - j0);
     widen_rows<V>(key, j0, count, length, kKeys, keys);
     for (int64_t g = 0; g < group; ++g) {
-      const float* qg = queries.data() + g * 8 * V;
+      const float* qg = queries + g * 8 * V;
       __m256 acc[kKeys];
       for (int i = 0; i < kKeys; ++i) acc[i] = _mm256_setzero_ps();
       for (int d = 0; d < V; ++d) {
@@ -112,17 +111,19 @@ inline float softmax_numerators(float* s, int64_t length) {
 template <int V, typename Key, typename Value>
 void attend_group(const BFloat16* q, int64_t group, int64_t length, float scale, Key key, Value value,
                   std::vector<float>& scores, BFloat16* out) {
-  scores_of<V>(q, group, length, scale, key, scores.data());
-  std::vector<float> inv(group);
+  // Per head: its query widened to float32, then its float32 sums of values, then 1 / its softmax's sum.
+  std::vector<float> work(group * (2 * 8 * V + 1));
+  float *sums = work.data() + group * 8 * V, *inv = sums + group * 8 * V;
+  scores_of<V>(q, group, length, scale, key, work.data(), scores.data());
+  std::fill_n(sums, group * 8 * V, 0.f);
   for (int64_t g = 0; g < group; ++g) inv[g] = softmax_numerators(scores.data() + g * length, length);
-  std::vector<float> sums(group * 8 * V);  // per head, float32 sums of its values
   alignas(32) float values[kValues * 8 * V];
   for (int64_t j0 = 0; j0 < length; j0 += kValues) {
     const int64_t count = std::min(kValues, length - j0);
     widen_rows<V>(value, j0, count, length, count, values);
     for (int64_t g = 0; g < group; ++g) {
       const float* p = scores.data() + g * length + j0;
-      float* total = sums.data() + g * 8 * V;
+      float* total = sums + g * 8 * V;
       __m256 sum[V];
       for (int d = 0; d < V; ++d) sum[d] = _mm256_loadu_ps(total + 8 * d);
       for (int64_t i = 0; i < count; ++i) {
@@ -135,7 +136,7 @@ void attend_group(const BFloat16* q, int64_t group, int64_t length, float scale,
   for (int64_t g = 0; g < group; ++g) {
     const __m256 scale_g = _mm256_set1_ps(inv[g]);
     for (int d = 0; d < V; ++d)
-      store_bf16(out + g * 8 * V + 8 * d, _mm256_mul_ps(_mm256_loadu_ps(sums.data() + g * 8 * V + 8 * d), scale_g));
+      store_bf16(out + g * 8 * V + 8 * d, _mm256_mul_ps(_mm256_loadu_ps(sums + g * 8 * V + 8 * d), scale_g));
   }
 }
 
